@@ -1,0 +1,15 @@
+//! Parley's JetStream layer: the one definition of every stream, consumer name and bucket, and
+//! the event store (optimistic append with dedup, aggregate loading from cache and snapshots).
+
+pub mod setup;
+pub mod store;
+
+pub use setup::{Buckets, JetStreamSettings, connect, ensure, subjects};
+pub use store::{Aggregate, AppendContext, EventStore, ExecuteError, Outcome, StoreError};
+
+/// Stream names: part of the public contract (API.md, "Event streams").
+pub mod streams {
+    pub const CHATS: &str = "CHATS";
+    pub const USERS: &str = "USERS";
+    pub const RECEIPTS: &str = "RECEIPTS";
+}

@@ -1,0 +1,179 @@
+//! Stream and bucket definitions, created or updated idempotently at start-up (`parley streams`).
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+
+
+use crate::streams;
+
+/// Subject builders. Every token comes from a typed, validated id, never from user text.
+pub mod subjects {
+    use parley_schemas::{ChatId, UserId};
+
+    pub fn chat(id: ChatId) -> String {
+        format!("chats.{id}")
+    }
+    pub fn user(id: UserId) -> String {
+        format!("users.{id}")
+    }
+    pub fn receipts(id: ChatId) -> String {
+        format!("receipts.{id}")
+    }
+    /// Where JetStream republishes each stored chat event for live delivery.
+    pub fn live_chat(id: ChatId) -> String {
+        format!("live.chats.{id}")
+    }
+    /// Core NATS: membership changes for one user (gateways subscribe for connected users).
+    pub fn notify_user(id: UserId) -> String {
+        format!("notify.user.{id}")
+    }
+    /// Core NATS: a device was removed; gateways close its sockets.
+    pub const DEVICE_REVOKED: &str = "notify.devices.revoked";
+}
+
+/// Retention and safety settings of the streams (`PARLEY_*_MAX_AGE`, …).
+#[derive(Debug, Clone)]
+pub struct JetStreamSettings {
+    pub chats_max_age: Duration,
+    pub users_max_age: Duration,
+    pub receipts_max_age: Duration,
+    /// Window inside which JetStream drops a repeated `Nats-Msg-Id`.
+    pub duplicate_window: Duration,
+    /// 1 on a single server, 3 on a cluster.
+    pub replicas: usize,
+}
+
+impl Default for JetStreamSettings {
+    fn default() -> Self {
+        let days = |d: u64| Duration::from_secs(d * 24 * 3600);
+        Self {
+            chats_max_age: days(30),
+            users_max_age: Duration::ZERO,
+            receipts_max_age: days(30),
+            duplicate_window: Duration::from_secs(120),
+            replicas: 1,
+        }
+    }
+}
+
+/// The KV buckets the services share.
+#[derive(Clone)]
+pub struct Buckets {
+    /// handle → user_id; create-only writes reserve a handle before registration is appended.
+    pub handles: kv::Store,
+    /// user_id → argon2id PHC string. Kept out of the event streams on purpose.
+    pub credentials: kv::Store,
+    /// sha256(token) → {user_id, device_id}; deleting a key revokes the token everywhere.
+    pub sessions: kv::Store,
+    /// "<low user>_<high user>" → chat_id: one DM per pair.
+    pub dms: kv::Store,
+    /// "<aggregate>.<id>" → snapshot of the aggregate's state.
+    pub snapshots: kv::Store,
+    /// Idempotency records of `POST`s, kept 25 h.
+    pub idempotency: kv::Store,
+}
+
+pub async fn connect(url: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+    async_nats::ConnectOptions::new()
+        .name("parley")
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("cannot create or update stream {name}: {source}")]
+    Stream {
+        name: &'static str,
+        #[source]
+        source: async_nats::jetstream::context::CreateStreamError,
+    },
+    #[error("cannot create bucket {name}: {source}")]
+    Bucket {
+        name: &'static str,
+        #[source]
+        source: async_nats::jetstream::context::KeyValueError,
+    },
+}
+
+fn stream_config(
+    name: &'static str,
+    subject: &str,
+    max_age: Duration,
+    s: &JetStreamSettings,
+) -> stream::Config {
+    stream::Config {
+        name: name.to_owned(),
+        subjects: vec![format!("{subject}.*")],
+        storage: stream::StorageType::File,
+        max_age,
+        duplicate_window: s.duplicate_window,
+        num_replicas: s.replicas,
+        allow_direct: true,
+        // Events are facts: nobody deletes single messages (deletion is crypto-shredding).
+        deny_delete: true,
+        max_message_size: 256 * 1024,
+        ..Default::default()
+    }
+}
+
+/// Creates or updates every stream and bucket. Safe to run any number of times, concurrently.
+pub async fn ensure(
+    js: &jetstream::Context,
+    s: &JetStreamSettings,
+) -> Result<Buckets, SetupError> {
+    let mut chats = stream_config(streams::CHATS, "chats", s.chats_max_age, s);
+    // Only stored events are republished, in stream order: the live feed of the gateways.
+    chats.republish = Some(stream::Republish {
+        source: "chats.*".into(),
+        destination: "live.chats.{{wildcard(1)}}".into(),
+        headers_only: false,
+    });
+    let defs = [
+        chats,
+        stream_config(streams::USERS, "users", s.users_max_age, s),
+        stream_config(streams::RECEIPTS, "receipts", s.receipts_max_age, s),
+    ];
+    for (cfg, name) in defs
+        .into_iter()
+        .zip([streams::CHATS, streams::USERS, streams::RECEIPTS])
+    {
+        js.create_or_update_stream(cfg)
+            .await
+            .map_err(|source| SetupError::Stream { name, source })?;
+    }
+    let bucket = |name: &'static str, max_age: Duration| async move {
+        // async-nats's create_key_value first reads account info, which it cannot parse from a
+        // 2.9 server; so the bucket's stream is declared here exactly as a KV bucket's stream.
+        let cfg = stream::Config {
+            name: format!("KV_{name}"),
+            subjects: vec![format!("$KV.{name}.>")],
+            max_messages_per_subject: 1,
+            max_age,
+            storage: stream::StorageType::File,
+            num_replicas: s.replicas,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        };
+        js.create_or_update_stream(cfg)
+            .await
+            .map_err(|source| SetupError::Stream { name, source })?;
+        js.get_key_value(name)
+            .await
+            .map_err(|source| SetupError::Bucket { name, source })
+    };
+    Ok(Buckets {
+        handles: bucket("handles", Duration::ZERO).await?,
+        credentials: bucket("credentials", Duration::ZERO).await?,
+        sessions: bucket("sessions", Duration::ZERO).await?,
+        dms: bucket("dms", Duration::ZERO).await?,
+        snapshots: bucket("snapshots", Duration::ZERO).await?,
+        idempotency: bucket("idempotency", Duration::from_secs(25 * 3600)).await?,
+    })
+}

@@ -1,0 +1,406 @@
+//! The event store: append with optimistic concurrency and dedup, and aggregate loading whose
+//! cost does not grow with history (an in-memory cache, plus snapshots in the `snapshots` bucket).
+//!
+//! Appends carry `Nats-Expected-Last-Subject-Sequence` (the stream sequence of the aggregate's
+//! last event, 0 for a new one), so two writers on one aggregate can never both win: the loser
+//! catches up and decides again, a bounded number of times. Inside one process the writers of an
+//! aggregate queue on its mutex instead, so conflicts only arise between processes.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex as StdMutex, Weak};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{
+    self, context::PublishErrorKind, kv, stream::DirectGetErrorKind, stream::Stream,
+};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use parley_schemas::cloudevent::{self, CONTENT_TYPE, DomainEvent, EventMeta, StoredEvent};
+use parley_schemas::{EventId, UserId};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+/// Attempts of decide → append before giving up with [`ExecuteError::Conflict`].
+const MAX_ATTEMPTS: usize = 16;
+
+/// What the store needs to know about an aggregate. `evolve` must be pure.
+pub trait Aggregate: Default + Clone + Serialize + DeserializeOwned + Send + Sync + 'static {
+    type Event: DomainEvent + Clone + std::fmt::Debug;
+    /// Subject prefix, e.g. `chats` for `chats.<id>`.
+    const PREFIX: &'static str;
+    const STREAM: &'static str;
+    /// Bump when the serialised state changes shape: older snapshots are then ignored.
+    const SNAPSHOT_VERSION: u32;
+    fn evolve(self, event: &Self::Event) -> Self;
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Loaded<A> {
+    state: A,
+    /// The aggregate's version: the `sequence` of its last event, 0 when it has none.
+    version: u64,
+    /// The stream sequence of its last event: the expected-last-subject-sequence of the next append.
+    last_stream_seq: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Snapshot<A> {
+    schema: u32,
+    #[serde(flatten)]
+    loaded: Loaded<A>,
+}
+
+/// The facts of one command that every event it produces carries.
+#[derive(Debug, Clone)]
+pub struct AppendContext {
+    pub actor: UserId,
+    pub time: DateTime<Utc>,
+    /// Base of the `Nats-Msg-Id`s (from the command's idempotency key); `None` uses event ids.
+    pub msg_id: Option<String>,
+}
+
+impl AppendContext {
+    pub fn new(actor: UserId) -> Self {
+        Self {
+            actor,
+            time: Utc::now(),
+            msg_id: None,
+        }
+    }
+}
+
+/// The result of a command: the aggregate's version after it, and the events it stored (empty
+/// when the decision was to change nothing). A retry inside the duplicate window yields the
+/// events of the first attempt.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub version: u64,
+    pub appended: Vec<EventMeta>,
+}
+
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum StoreError {
+    #[error("NATS request failed: {0}")]
+    Nats(String),
+    #[error("stored event {stream_seq} cannot be decoded: {reason}")]
+    Corrupt { stream_seq: u64, reason: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecuteError<R> {
+    #[error("rejected")]
+    Rejected(R),
+    #[error("gave up after {MAX_ATTEMPTS} conflicting attempts")]
+    Conflict,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+type Entry<A> = Arc<Mutex<Loaded<A>>>;
+
+struct Inner<A: Aggregate> {
+    js: jetstream::Context,
+    stream: Stream,
+    snapshots: kv::Store,
+    cache: moka::future::Cache<Uuid, Entry<A>>,
+    /// Aggregates changed since their last snapshot; flushed every `snapshot_interval`.
+    dirty: StdMutex<HashSet<Uuid>>,
+}
+
+/// Event store for one aggregate kind. Cheap to clone.
+pub struct EventStore<A: Aggregate> {
+    inner: Arc<Inner<A>>,
+}
+
+impl<A: Aggregate> Clone for EventStore<A> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+fn nats_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Nats(e.to_string())
+}
+
+impl<A: Aggregate> EventStore<A> {
+    /// `cache_capacity` aggregates are kept in memory; every changed aggregate is snapshotted
+    /// within `snapshot_interval`, so its state outlives the stream's retention.
+    pub async fn new(
+        js: jetstream::Context,
+        snapshots: kv::Store,
+        cache_capacity: u64,
+        snapshot_interval: Duration,
+    ) -> Result<Self, StoreError> {
+        let stream = js.get_stream(A::STREAM).await.map_err(nats_err)?;
+        let inner = Arc::new(Inner {
+            js,
+            stream,
+            snapshots,
+            cache: moka::future::Cache::new(cache_capacity),
+            dirty: StdMutex::new(HashSet::new()),
+        });
+        tokio::spawn(snapshot_loop(Arc::downgrade(&inner), snapshot_interval));
+        Ok(Self { inner })
+    }
+
+    pub fn subject(id: Uuid) -> String {
+        format!("{}.{}", A::PREFIX, id.hyphenated())
+    }
+
+    /// Runs `f` on the aggregate's current state and version (0: it does not exist).
+    pub async fn read<T>(&self, id: Uuid, f: impl FnOnce(&A, u64) -> T) -> Result<T, StoreError> {
+        let entry = self.entry(id).await?;
+        let mut loaded = entry.lock().await;
+        // Another process may have appended since we cached it: reads answer from the stream.
+        self.catch_up(id, &mut loaded).await?;
+        Ok(f(&loaded.state, loaded.version))
+    }
+
+    /// Decides on the current state and appends the events, retrying on conflict.
+    pub async fn execute<R>(
+        &self,
+        id: Uuid,
+        ctx: &AppendContext,
+        decide: impl Fn(&A) -> Result<Vec<A::Event>, R>,
+    ) -> Result<Outcome, ExecuteError<R>> {
+        let entry = self.entry(id).await?;
+        let mut loaded = entry.lock().await;
+        for _ in 0..MAX_ATTEMPTS {
+            let events = decide(&loaded.state).map_err(ExecuteError::Rejected)?;
+            if events.is_empty() {
+                return Ok(Outcome {
+                    version: loaded.version,
+                    appended: Vec::new(),
+                });
+            }
+            match self.append(id, &mut loaded, ctx, events).await {
+                Ok(appended) => {
+                    self.mark_dirty(id);
+                    return Ok(Outcome {
+                        version: loaded.version,
+                        appended,
+                    });
+                }
+                Err(AppendError::WrongLastSequence) => {
+                    self.catch_up(id, &mut loaded).await?;
+                }
+                Err(AppendError::Store(e)) => {
+                    // The cached state may be behind what was stored: reload next time.
+                    drop(loaded);
+                    self.inner.cache.invalidate(&id).await;
+                    return Err(e.into());
+                }
+            }
+        }
+        Err(ExecuteError::Conflict)
+    }
+
+    async fn append(
+        &self,
+        id: Uuid,
+        loaded: &mut Loaded<A>,
+        ctx: &AppendContext,
+        events: Vec<A::Event>,
+    ) -> Result<Vec<EventMeta>, AppendError> {
+        let subject = Self::subject(id);
+        let mut appended = Vec::with_capacity(events.len());
+        for (i, event) in events.into_iter().enumerate() {
+            let meta = EventMeta {
+                id: EventId::new(),
+                subject: id.hyphenated().to_string(),
+                time: ctx.time,
+                sequence: loaded.version + 1,
+                actor: ctx.actor,
+            };
+            let msg_id = match &ctx.msg_id {
+                Some(base) => format!("{base}:{i}"),
+                None => meta.id.to_string(),
+            };
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", msg_id.as_str());
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                loaded.last_stream_seq.to_string().as_str(),
+            );
+            headers.insert("Content-Type", CONTENT_TYPE);
+            let payload = Bytes::from(cloudevent::encode(&meta, &event));
+            let ack = self
+                .inner
+                .js
+                .publish_with_headers(subject.clone(), headers, payload)
+                .await
+                .map_err(|e| AppendError::Store(nats_err(e)))?
+                .await;
+            let ack = match ack {
+                Ok(ack) => ack,
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    return Err(AppendError::WrongLastSequence);
+                }
+                Err(e) => return Err(AppendError::Store(nats_err(e))),
+            };
+            if ack.duplicate {
+                // A retry of a command already stored inside the duplicate window: answer with
+                // what the first attempt stored, and bring the state up to date.
+                let original = self.event_at(ack.sequence).await?;
+                self.catch_up(id, loaded).await?;
+                appended.push(original.meta);
+                continue;
+            }
+            loaded.state = std::mem::take(&mut loaded.state).evolve(&event);
+            loaded.version = meta.sequence;
+            loaded.last_stream_seq = ack.sequence;
+            appended.push(meta);
+        }
+        Ok(appended)
+    }
+
+    async fn event_at(&self, stream_seq: u64) -> Result<StoredEvent<A::Event>, StoreError> {
+        let msg = self
+            .inner
+            .stream
+            .direct_get(stream_seq)
+            .await
+            .map_err(nats_err)?;
+        cloudevent::decode(&msg.payload).map_err(|e| StoreError::Corrupt {
+            stream_seq,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Applies the aggregate's events stored after `loaded.last_stream_seq`, one direct get each.
+    async fn catch_up(&self, id: Uuid, loaded: &mut Loaded<A>) -> Result<usize, StoreError> {
+        let subject = Self::subject(id);
+        let mut applied = 0;
+        loop {
+            let next = self
+                .inner
+                .stream
+                .direct_get_next_for_subject(subject.as_str(), Some(loaded.last_stream_seq + 1))
+                .await;
+            let msg = match next {
+                Ok(msg) => msg,
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(applied),
+                Err(e) => return Err(nats_err(e)),
+            };
+            let stored: StoredEvent<A::Event> =
+                cloudevent::decode(&msg.payload).map_err(|e| StoreError::Corrupt {
+                    stream_seq: msg.sequence,
+                    reason: e.to_string(),
+                })?;
+            if stored.meta.sequence != loaded.version + 1 {
+                tracing::error!(
+                    aggregate = %subject,
+                    expected = loaded.version + 1,
+                    found = stored.meta.sequence,
+                    "aggregate sequence is not contiguous"
+                );
+            }
+            loaded.state = std::mem::take(&mut loaded.state).evolve(&stored.event);
+            loaded.version = stored.meta.sequence;
+            loaded.last_stream_seq = msg.sequence;
+            applied += 1;
+        }
+    }
+
+    async fn entry(&self, id: Uuid) -> Result<Entry<A>, StoreError> {
+        self.inner
+            .cache
+            .try_get_with(id, async {
+                let mut loaded = self.load_snapshot(id).await;
+                let applied = self.catch_up(id, &mut loaded).await?;
+                if applied > 0 {
+                    self.mark_dirty(id);
+                }
+                Ok::<_, StoreError>(Arc::new(Mutex::new(loaded)))
+            })
+            .await
+            .map_err(|e: Arc<StoreError>| (*e).clone())
+    }
+
+    async fn load_snapshot(&self, id: Uuid) -> Loaded<A> {
+        let empty = Loaded {
+            state: A::default(),
+            version: 0,
+            last_stream_seq: 0,
+        };
+        let key = Self::subject(id);
+        match self.inner.snapshots.get(key.as_str()).await {
+            Ok(Some(bytes)) => match serde_json::from_slice::<Snapshot<A>>(&bytes) {
+                Ok(s) if s.schema == A::SNAPSHOT_VERSION => s.loaded,
+                Ok(_) => empty,
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "ignoring unreadable snapshot");
+                    empty
+                }
+            },
+            Ok(None) => empty,
+            Err(e) => {
+                // A snapshot is an optimisation: without one we read the stream.
+                tracing::warn!(%key, error = %e, "snapshot read failed");
+                empty
+            }
+        }
+    }
+
+    fn mark_dirty(&self, id: Uuid) {
+        if let Ok(mut d) = self.inner.dirty.lock() {
+            d.insert(id);
+        }
+    }
+
+    /// Writes snapshots of every changed aggregate now (also done periodically).
+    pub async fn flush_snapshots(&self) {
+        flush(&self.inner).await;
+    }
+}
+
+enum AppendError {
+    WrongLastSequence,
+    Store(StoreError),
+}
+
+impl From<StoreError> for AppendError {
+    fn from(e: StoreError) -> Self {
+        AppendError::Store(e)
+    }
+}
+
+async fn snapshot_loop<A: Aggregate>(inner: Weak<Inner<A>>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(inner) = inner.upgrade() else { return };
+        flush(&inner).await;
+    }
+}
+
+async fn flush<A: Aggregate>(inner: &Inner<A>) {
+    let ids: Vec<Uuid> = match inner.dirty.lock() {
+        Ok(mut d) => d.drain().collect(),
+        Err(_) => return,
+    };
+    for id in ids {
+        let Some(entry) = inner.cache.get(&id).await else {
+            continue;
+        };
+        let bytes = {
+            let loaded = entry.lock().await;
+            serde_json::to_vec(&Snapshot {
+                schema: A::SNAPSHOT_VERSION,
+                loaded: (*loaded).clone(),
+            })
+        };
+        let key = format!("{}.{}", A::PREFIX, id.hyphenated());
+        match bytes {
+            Ok(bytes) => {
+                if let Err(e) = inner.snapshots.put(key.as_str(), bytes.into()).await {
+                    tracing::warn!(%key, error = %e, "snapshot write failed");
+                }
+            }
+            Err(e) => tracing::warn!(%key, error = %e, "snapshot encode failed"),
+        }
+    }
+}

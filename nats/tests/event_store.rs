@@ -1,0 +1,215 @@
+//! The event store against a private, real `nats-server`.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use parley_nats::{Aggregate, AppendContext, EventStore, ExecuteError, JetStreamSettings, streams};
+use parley_schemas::cloudevent::{self, StoredEvent};
+use parley_schemas::events::MessageSent;
+use parley_schemas::{ChatEvent, ChatId, MessageId, UserId};
+use parley_test_support::NatsServer;
+use serde::{Deserialize, Serialize};
+
+/// A minimal aggregate: counts the messages of a chat.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct Counter {
+    messages: u64,
+}
+
+impl Aggregate for Counter {
+    type Event = ChatEvent;
+    const PREFIX: &'static str = "chats";
+    const STREAM: &'static str = streams::CHATS;
+    const SNAPSHOT_VERSION: u32 = 1;
+    fn evolve(mut self, _event: &ChatEvent) -> Self {
+        self.messages += 1;
+        self
+    }
+}
+
+fn message(sender: UserId, id: MessageId) -> ChatEvent {
+    ChatEvent::MessageSent(MessageSent {
+        message_id: id,
+        sender_id: sender,
+        body: "hi".into(),
+        reply_to: None,
+        attachments: vec![],
+    })
+}
+
+async fn setup(server: &NatsServer) -> (jetstream::Context, EventStore<Counter>, EventStore<Counter>) {
+    let client = parley_nats::connect(&server.url()).await.unwrap();
+    let js = jetstream::new(client);
+    let buckets = parley_nats::ensure(&js, &JetStreamSettings::default()).await.unwrap();
+    // Two stores stand for two command-api processes: separate caches, one stream.
+    let a = EventStore::new(js.clone(), buckets.snapshots.clone(), 1000, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let b = EventStore::new(js.clone(), buckets.snapshots, 1000, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    (js, a, b)
+}
+
+async fn sequences(js: &jetstream::Context, chat: ChatId) -> Vec<u64> {
+    let stream = js.get_stream(streams::CHATS).await.unwrap();
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: format!("chats.{chat}"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let pending = consumer.cached_info().num_pending;
+    let mut msgs = consumer.messages().await.unwrap();
+    while (out.len() as u64) < pending {
+        let msg = tokio::time::timeout(Duration::from_secs(5), msgs.next())
+            .await
+            .expect("stream read timed out")
+            .unwrap()
+            .unwrap();
+        let ev: StoredEvent<ChatEvent> = cloudevent::decode(&msg.payload).unwrap();
+        out.push(ev.meta.sequence);
+    }
+    out
+}
+
+#[tokio::test]
+async fn concurrent_appends_from_two_processes_give_contiguous_sequences_with_nothing_lost() {
+    let server = NatsServer::start().await;
+    let (js, a, b) = setup(&server).await;
+    let chat = ChatId::new();
+    let sender = UserId::new();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..25 {
+                let ctx = AppendContext::new(sender);
+                let id = MessageId::new();
+                store
+                    .execute(*chat.as_uuid(), &ctx, |_: &Counter| Ok::<_, ()>(vec![message(sender, id)]))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let seqs = sequences(&js, chat).await;
+    assert_eq!(seqs, (1..=200).collect::<Vec<u64>>());
+    let (count, version) = a.read(*chat.as_uuid(), |s, v| (s.messages, v)).await.unwrap();
+    assert_eq!((count, version), (200, 200));
+}
+
+#[tokio::test]
+async fn a_retried_append_with_the_same_msg_id_is_stored_once() {
+    let server = NatsServer::start().await;
+    let (js, a, b) = setup(&server).await;
+    let chat = ChatId::new();
+    let sender = UserId::new();
+    let id = MessageId::new();
+    let mut ctx = AppendContext::new(sender);
+    ctx.msg_id = Some("idem-key-1".into());
+    let first = a
+        .execute(*chat.as_uuid(), &ctx, |_: &Counter| Ok::<_, ()>(vec![message(sender, id)]))
+        .await
+        .unwrap();
+    // The retry lands on another process whose cache knows nothing: still one event.
+    let again = b
+        .execute(*chat.as_uuid(), &ctx, |_: &Counter| Ok::<_, ()>(vec![message(sender, id)]))
+        .await
+        .unwrap();
+    assert_eq!(sequences(&js, chat).await, vec![1]);
+    assert_eq!(first.appended[0].id, again.appended[0].id);
+    assert_eq!(again.appended[0].sequence, 1);
+}
+
+#[tokio::test]
+async fn a_rejected_decision_appends_nothing() {
+    let server = NatsServer::start().await;
+    let (js, a, _) = setup(&server).await;
+    let chat = ChatId::new();
+    let res = a
+        .execute(*chat.as_uuid(), &AppendContext::new(UserId::new()), |_: &Counter| {
+            Err::<Vec<ChatEvent>, _>("no")
+        })
+        .await;
+    assert!(matches!(res, Err(ExecuteError::Rejected("no"))));
+    assert!(sequences(&js, chat).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_cold_load_starts_from_the_snapshot_and_reads_only_newer_events() {
+    let server = NatsServer::start().await;
+    let (js, a, _) = setup(&server).await;
+    let chat = ChatId::new();
+    let sender = UserId::new();
+    let append = |store: EventStore<Counter>| async move {
+        let id = MessageId::new();
+        store
+            .execute(*chat.as_uuid(), &AppendContext::new(sender), |_: &Counter| {
+                Ok::<_, ()>(vec![message(sender, id)])
+            })
+            .await
+            .unwrap()
+    };
+    for _ in 0..30 {
+        append(a.clone()).await;
+    }
+    a.flush_snapshots().await;
+    append(a.clone()).await;
+    // Purge the first 30 events: only the snapshot can now account for them.
+    js.get_stream(streams::CHATS)
+        .await
+        .unwrap()
+        .purge()
+        .filter(format!("chats.{chat}"))
+        .sequence(31)
+        .await
+        .unwrap();
+    let kv = js.get_key_value("snapshots").await.unwrap();
+    let fresh = EventStore::<Counter>::new(js.clone(), kv, 10, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let (count, version) = fresh.read(*chat.as_uuid(), |s, v| (s.messages, v)).await.unwrap();
+    assert_eq!((count, version), (31, 31));
+}
+
+#[tokio::test]
+async fn stored_chat_events_are_republished_on_the_live_subject_in_order() {
+    let server = NatsServer::start().await;
+    let (js, a, _) = setup(&server).await;
+    let chat = ChatId::new();
+    let sender = UserId::new();
+    let mut live = js
+        .get_stream(streams::CHATS)
+        .await
+        .map(|_| ())
+        .map(|_| async_nats::connect(server.url()))
+        .unwrap()
+        .await
+        .unwrap()
+        .subscribe(format!("live.chats.{chat}"))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let id = MessageId::new();
+        a.execute(*chat.as_uuid(), &AppendContext::new(sender), |_: &Counter| {
+            Ok::<_, ()>(vec![message(sender, id)])
+        })
+        .await
+        .unwrap();
+    }
+    for want in 1..=3u64 {
+        let msg = tokio::time::timeout(Duration::from_secs(5), live.next())
+            .await
+            .expect("no republished event")
+            .unwrap();
+        let ev: StoredEvent<ChatEvent> = cloudevent::decode(&msg.payload).unwrap();
+        assert_eq!(ev.meta.sequence, want);
+    }
+}

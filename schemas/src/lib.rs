@@ -1,0 +1,15 @@
+//! Parley's shared language: typed ids, validated values, commands, events, their CloudEvents
+//! encoding and the JSON Schemas analysts read them with.
+
+pub mod cloudevent;
+pub mod events;
+pub mod ids;
+pub mod json_schema;
+pub mod values;
+
+pub use cloudevent::{DecodeError, DomainEvent, EventMeta, StoredEvent};
+pub use events::{ChatEvent, ChatKind, ReceiptEvent, Role, UserEvent};
+pub use ids::{AttachmentId, ChatId, DeviceId, EventId, IdError, MessageId, UserId};
+pub use values::{
+    ChatTitle, DeviceName, DisplayName, Handle, MessageBody, Password, Platform, ValueError,
+};

@@ -1,0 +1,198 @@
+//! Test harness: a private `nats-server -js` per test on a free port with a temporary store,
+//! a fresh PostgreSQL database per test, and `eventually` for deadline-bounded waits.
+//!
+//! Nothing here is a fake: tests talk to real servers. If a server cannot be started the test
+//! panics with the reason; it is never skipped.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+
+/// A `nats-server` child process with JetStream, killed (and its store removed) on drop.
+///
+/// The server runs under a tiny shell watchdog that kills it when our stdin pipe closes, so a
+/// test binary that dies without running destructors leaves no server behind.
+pub struct NatsServer {
+    child: Child,
+    port: u16,
+    store: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// Starts a fresh server on a free loopback port; panics loudly if it cannot.
+    pub async fn start() -> NatsServer {
+        let store = tempfile::tempdir().expect("temporary JetStream store");
+        let port = free_port();
+        let child = spawn_nats(port, store.path().to_path_buf());
+        let server = NatsServer { child, port, store };
+        server.wait_ready().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        // Closing the watchdog's stdin makes it `kill -9` the server, then exit.
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port with the same store, after `kill`.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.child = spawn_nats(self.port, self.store.path().to_path_buf());
+        self.wait_ready().await;
+    }
+
+    async fn wait_ready(&self) {
+        let url = self.url();
+        let ready: Result<(), async_nats::Error> = eventually_result(Duration::from_secs(10), || async {
+            let client = async_nats::connect(&url).await?;
+            let info = client.request("$JS.API.INFO", "".into()).await?;
+            let text = String::from_utf8_lossy(&info.payload);
+            if text.contains("account_info_response") && !text.contains("\"error\"") {
+                Ok::<(), async_nats::Error>(())
+            } else {
+                Err(format!("JetStream not ready: {text}").into())
+            }
+        })
+        .await;
+        if let Err(e) = ready {
+            panic!("nats-server on port {} did not start with JetStream: {e}", self.port);
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn_nats(port: u16, store: PathBuf) -> Child {
+    let script = format!(
+        "nats-server -a 127.0.0.1 -p {port} -js -sd '{}' & pid=$!; read _; kill -9 $pid",
+        store.display()
+    );
+    Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run nats-server (is it installed? ./dev stack): {e}"))
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A fresh, migrated-by-the-caller PostgreSQL database, dropped when the test ends.
+pub struct TestDb {
+    pub url: String,
+    name: String,
+    admin: PgConnectOptions,
+}
+
+impl TestDb {
+    /// Creates `parley_test_<uuid>` on the server named by `DATABASE_URL`.
+    pub async fn create() -> TestDb {
+        let base = std::env::var("DATABASE_URL").unwrap_or_else(|_| {
+            panic!("DATABASE_URL is not set: run the tests with ./dev test (see README)")
+        });
+        let admin: PgConnectOptions = base
+            .parse()
+            .unwrap_or_else(|e| panic!("DATABASE_URL {base:?} is not a PostgreSQL URL: {e}"));
+        let name = format!("parley_test_{}", uuid::Uuid::now_v7().simple());
+        let mut conn = admin
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL at {base}: {e}"));
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("cannot create test database {name}: {e}"));
+        let _ = conn.close().await;
+        let url = admin.clone().database(&name).to_url_lossy().to_string();
+        TestDb { url, name, admin }
+    }
+
+    pub async fn pool(&self) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(5)
+            .connect(&self.url)
+            .await
+            .expect("connect to the test database")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Drop runs inside or outside a runtime; a plain thread with its own runtime works in both.
+        let admin = self.admin.clone();
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            if let Ok(rt) = rt {
+                rt.block_on(async move {
+                    if let Ok(mut conn) = admin.connect().await {
+                        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .execute(&mut conn)
+                            .await;
+                    }
+                });
+            }
+        })
+        .join();
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `deadline` with `what`.
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Retries a fallible `attempt` until it succeeds or `deadline` passes, returning the last error.
+pub async fn eventually_result<T, E, F, Fut>(deadline: Duration, mut attempt: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let start = Instant::now();
+    loop {
+        match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(e) if start.elapsed() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
+        }
+    }
+}
