@@ -3,6 +3,7 @@
 
 pub mod cloudevent;
 pub mod events;
+pub mod frames;
 pub mod ids;
 pub mod json_schema;
 pub mod values;

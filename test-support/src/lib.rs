@@ -196,3 +196,39 @@ where
         }
     }
 }
+
+/// A private NATS server, a fresh database, and the connected `Infra` on top of them.
+pub struct TestStack {
+    pub nats: NatsServer,
+    pub db: TestDb,
+    pub infra: parley_platform::Infra,
+    pub config: parley_platform::InfraConfig,
+}
+
+impl TestStack {
+    pub async fn start() -> TestStack {
+        let nats = NatsServer::start().await;
+        let db = TestDb::create().await;
+        let config = parley_platform::InfraConfig {
+            nats_url: nats.url(),
+            database_url: db.url.clone(),
+            pg_max_connections: 8,
+            ..Default::default()
+        };
+        let infra = parley_platform::Infra::connect(&config, tokio_util::sync::CancellationToken::new())
+            .await
+            .expect("connect the test stack");
+        TestStack {
+            nats,
+            db,
+            infra,
+            config,
+        }
+    }
+}
+
+impl Drop for TestStack {
+    fn drop(&mut self) {
+        self.infra.shutdown.cancel();
+    }
+}

@@ -1,0 +1,103 @@
+//! The connections every service runs on, made once per process and shared by all services in
+//! it (`parley up`) — NATS, JetStream with its buckets, PostgreSQL, the token checker.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use parley_nats::{Buckets, JetStreamSettings};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Authenticator;
+
+/// The migrations of every read model, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Where the dependencies are, and how to set them up (`NATS_URL`, `DATABASE_URL`, …).
+#[derive(Debug, Clone)]
+pub struct InfraConfig {
+    pub nats_url: String,
+    pub database_url: String,
+    pub pg_max_connections: u32,
+    pub jetstream: JetStreamSettings,
+}
+
+impl Default for InfraConfig {
+    fn default() -> Self {
+        Self {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            database_url: "postgres://parley:parley@127.0.0.1:5432/parley".into(),
+            pg_max_connections: 16,
+            jetstream: JetStreamSettings::default(),
+        }
+    }
+}
+
+/// Cheap handles to the shared dependencies; clone freely.
+#[derive(Clone)]
+pub struct Infra {
+    /// Core NATS, for live subjects and notifications.
+    pub nats: async_nats::Client,
+    /// JetStream, for the streams and consumers.
+    pub js: jetstream::Context,
+    /// The KV buckets (handles, sessions, snapshots, …).
+    pub buckets: Buckets,
+    /// The read models.
+    pub pg: PgPool,
+    /// Token checks with a revocation-aware cache.
+    pub auth: Authenticator,
+    /// Fired when the process should stop.
+    pub shutdown: CancellationToken,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InfraError {
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Nats {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    #[error("cannot set up JetStream streams and buckets: {0}")]
+    Setup(#[from] parley_nats::setup::SetupError),
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Postgres(#[from] sqlx::Error),
+    #[error("cannot migrate PostgreSQL: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl Infra {
+    /// Connects, creates or updates streams and buckets, and migrates the database: every
+    /// service does this at start, idempotently, so any start order works.
+    pub async fn connect(cfg: &InfraConfig, shutdown: CancellationToken) -> Result<Infra, InfraError> {
+        let nats = tokio::time::timeout(Duration::from_secs(10), parley_nats::connect(&cfg.nats_url))
+            .await
+            .map_err(|_| InfraError::Nats {
+                url: cfg.nats_url.clone(),
+                source: async_nats::ConnectError::from(async_nats::ConnectErrorKind::TimedOut),
+            })?
+            .map_err(|source| InfraError::Nats {
+                url: cfg.nats_url.clone(),
+                source,
+            })?;
+        let js = jetstream::new(nats.clone());
+        let buckets = parley_nats::ensure(&js, &cfg.jetstream).await?;
+        let pg = crate::pg_pool(&cfg.database_url, cfg.pg_max_connections).await?;
+        MIGRATOR.run(&pg).await?;
+        let auth = Authenticator::new(buckets.sessions.clone(), shutdown.clone());
+        Ok(Infra {
+            nats,
+            js,
+            buckets,
+            pg,
+            auth,
+            shutdown,
+        })
+    }
+}
+
+impl axum::extract::FromRef<Infra> for Authenticator {
+    fn from_ref(infra: &Infra) -> Authenticator {
+        infra.auth.clone()
+    }
+}

@@ -1,0 +1,162 @@
+//! The public JSON shapes shared by query-api and push-gateway: a message as history shows it,
+//! chat updates, and the WebSocket frames (API.md, "Push gateway").
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::cloudevent::StoredEvent;
+use crate::events::{ChatEvent, ChatKind, MemberRole};
+use crate::ids::{AttachmentId, ChatId, DeviceId, MessageId, UserId};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttachmentView {
+    pub attachment_id: AttachmentId,
+    pub content_type: String,
+    pub size: u64,
+    pub filename: Option<String>,
+}
+
+/// A message as history and `newMessage` frames show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessageView {
+    pub message_id: MessageId,
+    pub sequence: u64,
+    pub sender_id: UserId,
+    /// `None` once deleted.
+    pub body: Option<String>,
+    pub reply_to: Option<MessageId>,
+    pub attachments: Vec<AttachmentView>,
+    pub sent_at: DateTime<Utc>,
+    pub edited_at: Option<DateTime<Utc>>,
+    pub deleted: bool,
+    pub reactions: BTreeMap<String, Vec<UserId>>,
+}
+
+/// The `update` of a `chatUpdate` frame: the event's kind, who did it, when, and its facts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatUpdate {
+    #[serde(flatten)]
+    pub change: Change,
+    pub actor: UserId,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Change {
+    Created {
+        chat_kind: ChatKind,
+        title: Option<String>,
+        members: Vec<MemberRole>,
+    },
+    ParticipantsModified {
+        added: Vec<UserId>,
+        removed: Vec<UserId>,
+        promoted: Vec<UserId>,
+    },
+}
+
+/// What a device sees for one chat event: a new message or an update to the chat.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChatItem {
+    Message(MessageView),
+    Update(ChatUpdate),
+}
+
+/// Renders a stored chat event into what devices see.
+pub fn render(event: &StoredEvent<ChatEvent>) -> ChatItem {
+    let meta = &event.meta;
+    let update = |change| {
+        ChatItem::Update(ChatUpdate {
+            change,
+            actor: meta.actor,
+            at: meta.time,
+        })
+    };
+    match &event.event {
+        ChatEvent::MessageSent(m) => ChatItem::Message(MessageView {
+            message_id: m.message_id,
+            sequence: meta.sequence,
+            sender_id: m.sender_id,
+            body: Some(m.body.clone()),
+            reply_to: m.reply_to,
+            attachments: Vec::new(),
+            sent_at: meta.time,
+            edited_at: None,
+            deleted: false,
+            reactions: BTreeMap::new(),
+        }),
+        ChatEvent::Created(c) => update(Change::Created {
+            chat_kind: c.kind,
+            title: c.title.clone(),
+            members: c.members.clone(),
+        }),
+        ChatEvent::ParticipantsModified(p) => update(Change::ParticipantsModified {
+            added: p.added.clone(),
+            removed: p.removed.clone(),
+            promoted: p.promoted.clone(),
+        }),
+    }
+}
+
+/// Frames the gateway sends.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type")]
+pub enum ServerFrame<'a> {
+    #[serde(rename = "ready")]
+    Ready { user_id: UserId, device_id: DeviceId },
+    #[serde(rename = "newMessage")]
+    NewMessage {
+        chat_id: ChatId,
+        sequence: u64,
+        message: &'a MessageView,
+    },
+    #[serde(rename = "chatUpdate")]
+    ChatUpdate {
+        chat_id: ChatId,
+        sequence: u64,
+        update: &'a ChatUpdate,
+    },
+    #[serde(rename = "pong")]
+    Pong,
+    #[serde(rename = "error")]
+    Error { code: &'static str, detail: String },
+}
+
+impl ServerFrame<'_> {
+    pub fn for_item(chat_id: ChatId, sequence: u64, item: &ChatItem) -> ServerFrame<'_> {
+        match item {
+            ChatItem::Message(message) => ServerFrame::NewMessage {
+                chat_id,
+                sequence,
+                message,
+            },
+            ChatItem::Update(update) => ServerFrame::ChatUpdate {
+                chat_id,
+                sequence,
+                update,
+            },
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        // Plain data with string keys: serialisation cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Frames a client sends.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", deny_unknown_fields)]
+pub enum ClientFrame {
+    #[serde(rename = "auth")]
+    Auth { token: String },
+    #[serde(rename = "ack")]
+    Ack { chat_id: ChatId, sequence: u64 },
+    #[serde(rename = "typing")]
+    Typing { chat_id: ChatId },
+    #[serde(rename = "ping")]
+    Ping,
+}
