@@ -1,1 +1,173 @@
-//! placeholder
+//! The `parley` binary's library: builds any service, or all of them on one address, from one
+//! set of settings. Tests and `parley up` call the same `App::build`.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use axum::Router;
+use axum::routing::get;
+use parley_command_api::CommandConfig;
+use parley_platform::{Infra, InfraConfig};
+use parley_projectors::ProjectorConfig;
+use parley_push_gateway::GatewayConfig;
+use parley_query_api::QueryConfig;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Every setting of every service.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    pub infra: InfraConfig,
+    pub command: CommandConfig,
+    pub query: QueryConfig,
+    pub gateway: GatewayConfig,
+    pub projectors: ProjectorConfig,
+}
+
+/// Which services one process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Everything, HTTP and WebSocket on one address (`parley up`).
+    All,
+    CommandApi,
+    QueryApi,
+    PushGateway,
+    /// Background consumers only; no listener.
+    Projectors,
+}
+
+impl Role {
+    fn serves_http(self) -> bool {
+        self != Role::Projectors
+    }
+    fn runs_projectors(self) -> bool {
+        matches!(self, Role::All | Role::Projectors)
+    }
+}
+
+/// A built, not yet running, Parley process.
+pub struct App {
+    listener: Option<tokio::net::TcpListener>,
+    router: Router,
+    tracker: TaskTracker,
+    infra: Infra,
+}
+
+impl App {
+    /// Connects, sets up streams and migrations, starts background work, binds `addr` (port 0
+    /// works).
+    pub async fn build(
+        settings: Settings,
+        role: Role,
+        addr: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<App> {
+        let infra = Infra::connect(&settings.infra, shutdown).await?;
+        let tracker = TaskTracker::new();
+        let mut router = Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/v1/openapi.json", get(|| async { axum::Json(openapi()) }));
+        if matches!(role, Role::All | Role::CommandApi) {
+            router = router.merge(parley_command_api::router(&infra, settings.command.clone()).await?);
+        }
+        if matches!(role, Role::All | Role::QueryApi) {
+            router = router.merge(parley_query_api::router(&infra, settings.query.clone()));
+        }
+        if matches!(role, Role::All | Role::PushGateway) {
+            router = router.merge(parley_push_gateway::router(&infra, settings.gateway.clone()));
+        }
+        let router = router.fallback(parley_platform::problem::not_found_fallback);
+        if role.runs_projectors() {
+            parley_projectors::spawn(&infra, settings.projectors.clone(), &tracker).await?;
+        }
+        let listener = if role.serves_http() {
+            Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr}"))?,
+            )
+        } else {
+            None
+        };
+        Ok(App {
+            listener,
+            router,
+            tracker,
+            infra,
+        })
+    }
+
+    /// The bound port (0 when the role serves no HTTP).
+    pub fn port(&self) -> u16 {
+        self.listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.port())
+            .unwrap_or(0)
+    }
+
+    /// Serves until the shutdown token fires, then lets background work finish its batch.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let shutdown = self.infra.shutdown.clone();
+        if let Some(listener) = self.listener {
+            tracing::info!(addr = %listener.local_addr()?, "listening");
+            let stop = shutdown.clone();
+            axum::serve(listener, self.router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await?;
+        } else {
+            shutdown.cancelled().await;
+        }
+        self.tracker.close();
+        self.tracker.wait().await;
+        Ok(())
+    }
+}
+
+/// The OpenAPI 3.1 document of every HTTP route, as served at `/v1/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+    let mut doc = parley_command_api::openapi();
+    doc.merge(parley_query_api::openapi());
+    doc.merge(ws_doc());
+    doc.info.title = "Parley API".into();
+    doc.info.version = "1".into();
+    doc.info.description = Some(
+        "Commands, queries and the WebSocket of Parley. Errors are RFC 9457 problem+json. \
+         See API.md for the full contract."
+            .into(),
+    );
+    let components = doc.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "bearer",
+        SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+    );
+    doc
+}
+
+fn ws_doc() -> utoipa::openapi::OpenApi {
+    #[derive(utoipa::OpenApi)]
+    #[openapi(paths(ws))]
+    struct WsDoc;
+    use utoipa::OpenApi;
+    WsDoc::openapi()
+}
+
+/// WebSocket upgrade: frames are described in docs/delivery.md.
+#[utoipa::path(get, path = "/v1/ws",
+    description = "Upgrade to a WebSocket. Authenticate with `Authorization: Bearer`, or with a first text frame `{\"type\":\"auth\",\"token\":\"…\"}` within 5 s. Server frames: ready, newMessage, chatUpdate, receipt, presence, typing, pong, error. Client frames: ack, typing, ping.",
+    responses(
+        (status = 101, description = "switching protocols"),
+        (status = 401, body = parley_platform::Problem, description = "bad token in the header"),
+        (status = 429, body = parley_platform::Problem, description = "too many connections for this user"),
+    ))]
+#[allow(dead_code)]
+async fn ws() {}
+
+/// Parses durations like `30d`, `2m`, `500ms`; `0` means "forever" for retention.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    if s == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}

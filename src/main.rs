@@ -1,1 +1,149 @@
-fn main() {}
+//! `parley`: run any Parley service, or all of them in one process (`parley up`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use parley::{App, Role, Settings, parse_duration};
+use parley_nats::JetStreamSettings;
+use parley_platform::InfraConfig;
+
+#[derive(Parser)]
+#[command(name = "parley", version, about = "Parley chat platform")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    opts: Opts,
+}
+
+/// Settings shared by every command; each has an environment variable.
+#[derive(clap::Args)]
+struct Opts {
+    /// NATS server with JetStream.
+    #[arg(long, global = true, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// PostgreSQL database of the read models.
+    #[arg(long, global = true, env = "DATABASE_URL",
+          default_value = "postgres://parley:parley@127.0.0.1:5432/parley")]
+    database_url: String,
+    /// PostgreSQL pool size per process.
+    #[arg(long, global = true, env = "PARLEY_PG_MAX_CONNECTIONS", default_value_t = 16)]
+    pg_max_connections: u32,
+    /// Retention of the CHATS stream (`0`: forever).
+    #[arg(long, global = true, env = "PARLEY_CHATS_MAX_AGE", default_value = "30d", value_parser = parse_duration)]
+    chats_max_age: Duration,
+    /// Retention of the USERS stream (`0`: forever).
+    #[arg(long, global = true, env = "PARLEY_USERS_MAX_AGE", default_value = "0", value_parser = parse_duration)]
+    users_max_age: Duration,
+    /// Retention of the RECEIPTS stream (`0`: forever).
+    #[arg(long, global = true, env = "PARLEY_RECEIPTS_MAX_AGE", default_value = "30d", value_parser = parse_duration)]
+    receipts_max_age: Duration,
+    /// JetStream duplicate window for `Nats-Msg-Id`.
+    #[arg(long, global = true, env = "PARLEY_DUPLICATE_WINDOW", default_value = "2m", value_parser = parse_duration)]
+    duplicate_window: Duration,
+    /// Stream replicas: 1 on one server, 3 on a cluster.
+    #[arg(long, global = true, env = "PARLEY_REPLICAS", default_value_t = 1)]
+    replicas: usize,
+    /// Most members of a group.
+    #[arg(long, global = true, env = "PARLEY_MAX_GROUP_MEMBERS", default_value_t = 100)]
+    max_group_members: usize,
+    /// Most members of a channel.
+    #[arg(long, global = true, env = "PARLEY_MAX_CHANNEL_MEMBERS", default_value_t = 100_000)]
+    max_channel_members: usize,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Every service in one process, on one address.
+    Up {
+        #[arg(long, env = "PARLEY_ADDR", default_value = "127.0.0.1:8080")]
+        addr: SocketAddr,
+    },
+    /// command-api alone.
+    CommandApi {
+        #[arg(long, env = "PARLEY_COMMAND_ADDR", default_value = "127.0.0.1:8081")]
+        addr: SocketAddr,
+    },
+    /// query-api alone.
+    QueryApi {
+        #[arg(long, env = "PARLEY_QUERY_ADDR", default_value = "127.0.0.1:8082")]
+        addr: SocketAddr,
+    },
+    /// push-gateway alone.
+    PushGateway {
+        #[arg(long, env = "PARLEY_GATEWAY_ADDR", default_value = "127.0.0.1:8083")]
+        addr: SocketAddr,
+    },
+    /// The projectors alone (no listener).
+    Projectors,
+    /// Run the PostgreSQL migrations, then exit.
+    Migrate,
+    /// Create or update the JetStream streams and buckets, then exit.
+    Streams,
+    /// Print the OpenAPI document.
+    Openapi,
+}
+
+impl Opts {
+    fn settings(&self) -> Settings {
+        let mut s = Settings {
+            infra: InfraConfig {
+                nats_url: self.nats_url.clone(),
+                database_url: self.database_url.clone(),
+                pg_max_connections: self.pg_max_connections,
+                jetstream: JetStreamSettings {
+                    chats_max_age: self.chats_max_age,
+                    users_max_age: self.users_max_age,
+                    receipts_max_age: self.receipts_max_age,
+                    duplicate_window: self.duplicate_window,
+                    replicas: self.replicas,
+                },
+            },
+            ..Default::default()
+        };
+        s.command.max_group_members = self.max_group_members;
+        s.command.max_channel_members = self.max_channel_members;
+        s
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    parley_platform::telemetry::init();
+    let cli = Cli::parse();
+    let settings = cli.opts.settings();
+    let (role, addr) = match cli.command {
+        Command::Up { addr } => (Role::All, addr),
+        Command::CommandApi { addr } => (Role::CommandApi, addr),
+        Command::QueryApi { addr } => (Role::QueryApi, addr),
+        Command::PushGateway { addr } => (Role::PushGateway, addr),
+        Command::Projectors => (Role::Projectors, SocketAddr::from(([127, 0, 0, 1], 0))),
+        Command::Migrate => {
+            let pool = parley_platform::pg_pool(&settings.infra.database_url, 2)
+                .await
+                .context("connect to PostgreSQL")?;
+            parley_platform::MIGRATOR.run(&pool).await.context("migrate")?;
+            tracing::info!("migrations applied");
+            return Ok(());
+        }
+        Command::Streams => {
+            let client = parley_nats::connect(&settings.infra.nats_url)
+                .await
+                .context("connect to NATS")?;
+            let js = async_nats::jetstream::new(client);
+            parley_nats::ensure(&js, &settings.infra.jetstream).await?;
+            tracing::info!("streams and buckets are in place");
+            return Ok(());
+        }
+        Command::Openapi => {
+            let doc = parley::openapi().to_pretty_json()?;
+            std::io::Write::write_all(&mut std::io::stdout(), doc.as_bytes())?;
+            return Ok(());
+        }
+    };
+    let shutdown = parley_platform::shutdown::on_signal();
+    let app = App::build(settings, role, addr, shutdown).await?;
+    app.run_until_stopped().await
+}

@@ -1,1 +1,51 @@
-//! placeholder
+//! command-api: HTTP → decide → append. Handlers validate input, call a pure decider through
+//! the event store, and answer from what was appended; they never touch the read models except
+//! to check a reply target.
+
+pub mod domain;
+mod error;
+mod http;
+mod idempotency;
+mod state;
+
+use std::time::Duration;
+
+pub use error::ApiError;
+pub use http::openapi;
+pub use state::CommandState;
+
+/// Limits and tuning of command-api (`PARLEY_*` settings; see README).
+#[derive(Debug, Clone)]
+pub struct CommandConfig {
+    pub max_group_members: usize,
+    pub max_channel_members: usize,
+    pub max_devices: usize,
+    /// Aggregates kept in memory per kind.
+    pub cache_capacity: u64,
+    /// How soon a changed aggregate gets a snapshot.
+    pub snapshot_interval: Duration,
+    /// Largest JSON request body.
+    pub max_body_bytes: usize,
+}
+
+impl Default for CommandConfig {
+    fn default() -> Self {
+        Self {
+            max_group_members: 100,
+            max_channel_members: 100_000,
+            max_devices: 5,
+            cache_capacity: 100_000,
+            snapshot_interval: Duration::from_secs(5),
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// The command routes, state applied.
+pub async fn router(
+    infra: &parley_platform::Infra,
+    config: CommandConfig,
+) -> Result<axum::Router, ApiError> {
+    let state = CommandState::new(infra, config).await?;
+    Ok(http::router(state))
+}

@@ -1,7 +1,7 @@
 //! Extractors whose rejections are problem+json with a useful detail, never axum's plain text.
 
-use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
@@ -44,6 +44,25 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathIds
             Ok(Path(v)) => Ok(PathIds(v)),
             Err(PathRejection::FailedToDeserializePathParams(e)) => {
                 Err(Problem::not_found(format!("no such resource: {}", e.body_text())))
+            }
+            Err(e) => Err(Problem::bad_request(e.body_text())),
+        }
+    }
+}
+
+/// `Query<T>` whose rejection is a 400 problem+json naming the bad parameter (for example
+/// `limit: invalid digit found in string`), never axum's plain text.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(ApiQuery(v)),
+            // "Failed to deserialize query string: limit: invalid digit found in string"
+            Err(QueryRejection::FailedToDeserializeQueryString(e)) => {
+                Err(Problem::bad_request(e.body_text()))
             }
             Err(e) => Err(Problem::bad_request(e.body_text())),
         }

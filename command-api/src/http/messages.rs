@@ -1,0 +1,154 @@
+//! `POST /v1/chats/{chat_id}/messages` (sendMessage).
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::post;
+use axum::Router;
+use chrono::{DateTime, Utc};
+use parley_nats::AppendContext;
+use parley_platform::{ApiJson, PathIds, Principal};
+use parley_schemas::{AttachmentId, ChatId, MessageBody, MessageId};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::{answer, respond};
+use crate::domain::chat::{self, ChatCommand};
+use crate::domain::Rejection;
+use crate::error::ApiError;
+use crate::idempotency::{self, IdempotencyKey};
+use crate::state::CommandState;
+
+pub fn router() -> Router<CommandState> {
+    Router::new().route("/v1/chats/{chat_id}/messages", post(send))
+}
+
+/// Most attachments one message may carry.
+const MAX_ATTACHMENTS: usize = 10;
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SendRequest {
+    /// 1..4000 characters, not only whitespace.
+    body: String,
+    /// A message of the same chat.
+    #[schema(value_type = Option<String>, format = Uuid)]
+    reply_to: Option<MessageId>,
+    /// At most 10.
+    #[serde(default)]
+    #[schema(value_type = Vec<String>)]
+    attachments: Vec<AttachmentId>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SendResponse {
+    #[schema(value_type = String, format = Uuid)]
+    message_id: MessageId,
+    #[schema(value_type = String, format = Uuid)]
+    chat_id: ChatId,
+    sequence: u64,
+    sent_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct Ids {
+    message_id: MessageId,
+}
+
+#[utoipa::path(post, path = "/v1/chats/{chat_id}/messages", request_body = SendRequest,
+    params(("chat_id" = String, Path, format = Uuid),
+           ("Idempotency-Key" = Option<String>, Header, description = "1..64 printable ASCII")),
+    security(("bearer" = [])),
+    responses(
+        (status = 201, body = SendResponse),
+        (status = 400, body = parley_platform::Problem),
+        (status = 404, body = parley_platform::Problem, description = "unknown chat or not a member"),
+        (status = 413, body = parley_platform::Problem),
+        (status = 422, body = parley_platform::Problem, description = "bad body, reply_to or attachments"),
+    ))]
+pub async fn send(
+    State(state): State<CommandState>,
+    me: Principal,
+    PathIds(chat_id): PathIds<ChatId>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<SendRequest>,
+) -> Result<Response, ApiError> {
+    let key = IdempotencyKey::from_headers(&headers)?;
+    let state = &state;
+    let body = MessageBody::parse(req.body.clone()).map_err(|e| ApiError::Invalid(e.to_string()))?;
+    if req.attachments.len() > MAX_ATTACHMENTS {
+        return Err(ApiError::Invalid(format!("at most {MAX_ATTACHMENTS} attachments")));
+    }
+    if !req.attachments.is_empty() {
+        // Uploads (POST /v1/attachments) do not exist yet, so no id can name one.
+        return Err(ApiError::Invalid("unknown attachment".into()));
+    }
+    let scope = format!("messages:{}:{chat_id}", me.user_id);
+    let ids = || Ids { message_id: MessageId::new() };
+    let req = &req;
+    let res = idempotency::once(state, &scope, key, req, ids, |ids, msg_id| async move {
+        if let Some(target) = req.reply_to {
+            check_reply_target(state, me.user_id, chat_id, target).await?;
+        }
+        let cmd = ChatCommand::SendMessage {
+            actor: me.user_id,
+            message_id: ids.message_id,
+            body,
+            reply_to: req.reply_to,
+        };
+        let mut ctx = AppendContext::new(me.user_id);
+        ctx.msg_id = msg_id;
+        let outcome = state
+            .chats
+            .execute(*chat_id.as_uuid(), &ctx, |s| chat::decide(s, &cmd))
+            .await?;
+        let meta = outcome
+            .appended
+            .first()
+            .ok_or_else(|| ApiError::Internal("send appended nothing".into()))?;
+        Ok(answer(
+            StatusCode::CREATED,
+            &SendResponse { message_id: ids.message_id, chat_id, sequence: meta.sequence, sent_at: meta.time },
+        ))
+    })
+    .await?;
+    Ok(respond(res))
+}
+
+/// A reply must name a message of the same chat. Messages are not aggregate state, so this
+/// reads the read model; if the read model is behind the chat, it waits (up to 2 s) for it to
+/// catch up before deciding the target does not exist.
+async fn check_reply_target(
+    state: &CommandState,
+    me: parley_schemas::UserId,
+    chat_id: ChatId,
+    target: MessageId,
+) -> Result<(), ApiError> {
+    let version = state
+        .chats
+        .read(*chat_id.as_uuid(), |c, v| c.is_member(me).then_some(v))
+        .await?
+        .ok_or(ApiError::Rejected(Rejection::NotFound))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let row: Option<(bool, i64)> = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM messages WHERE chat_id = $1 AND message_id = $2), \
+             COALESCE((SELECT last_sequence FROM chats WHERE chat_id = $1), 0)",
+        )
+        .bind(chat_id.as_uuid())
+        .bind(target.as_uuid())
+        .fetch_optional(&state.pg)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        let (found, projected) = row.unwrap_or((false, 0));
+        if found {
+            return Ok(());
+        }
+        if projected as u64 >= version || tokio::time::Instant::now() >= deadline {
+            return Err(ApiError::Invalid("reply_to does not name a message of this chat".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

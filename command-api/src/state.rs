@@ -1,0 +1,60 @@
+//! The command-api's shared state: cheap handles only.
+
+use std::sync::Arc;
+
+use parley_nats::{Buckets, EventStore};
+use parley_platform::{Authenticator, Infra};
+
+use crate::CommandConfig;
+use crate::domain::{chat::Chat, user::User};
+use crate::error::ApiError;
+
+#[derive(Clone)]
+pub struct CommandState {
+    /// Chat aggregates (cached, snapshotted).
+    pub chats: EventStore<Chat>,
+    /// User aggregates (cached, snapshotted).
+    pub users: EventStore<User>,
+    /// Reservations, credentials, sessions, idempotency records.
+    pub buckets: Buckets,
+    /// Core NATS, for device-revocation notices.
+    pub nats: async_nats::Client,
+    /// Read models, consulted only to validate reply targets.
+    pub pg: sqlx::PgPool,
+    pub auth: Authenticator,
+    pub config: Arc<CommandConfig>,
+}
+
+impl CommandState {
+    pub async fn new(infra: &Infra, config: CommandConfig) -> Result<Self, ApiError> {
+        let chats = EventStore::new(
+            infra.js.clone(),
+            infra.buckets.snapshots.clone(),
+            config.cache_capacity,
+            config.snapshot_interval,
+        )
+        .await?;
+        let users = EventStore::new(
+            infra.js.clone(),
+            infra.buckets.snapshots.clone(),
+            config.cache_capacity,
+            config.snapshot_interval,
+        )
+        .await?;
+        Ok(Self {
+            chats,
+            users,
+            buckets: infra.buckets.clone(),
+            nats: infra.nats.clone(),
+            pg: infra.pg.clone(),
+            auth: infra.auth.clone(),
+            config: Arc::new(config),
+        })
+    }
+}
+
+impl axum::extract::FromRef<CommandState> for Authenticator {
+    fn from_ref(s: &CommandState) -> Authenticator {
+        s.auth.clone()
+    }
+}

@@ -1,0 +1,247 @@
+//! The chats projection: `chats`, `members`, `messages` and `chat_updates` from the `CHATS`
+//! stream. `chats.last_sequence` is the per-chat checkpoint: an event applies only when it is
+//! exactly the next one, so redelivery changes nothing and a gap is never papered over.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use parley_schemas::frames::{self, ChatItem};
+use parley_schemas::{ChatEvent, StoredEvent};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::runner::{Delivered, Disposition, checkpoint, decode_all};
+
+struct MessageRow {
+    chat_id: Uuid,
+    sequence: i64,
+    message_id: Uuid,
+    sender_id: Uuid,
+    body: String,
+    reply_to: Option<Uuid>,
+    sent_at: DateTime<Utc>,
+}
+
+struct ChatProgress {
+    sequence: i64,
+    at: DateTime<Utc>,
+    last_message_seq: Option<i64>,
+}
+
+pub async fn apply(
+    pg: &PgPool,
+    batch: Vec<Delivered>,
+    out_of_order_delay: Duration,
+) -> Result<Vec<Disposition>, sqlx::Error> {
+    let events = decode_all::<ChatEvent>("chats", &batch);
+    let chat_ids: Vec<Uuid> = events
+        .iter()
+        .flatten()
+        .filter_map(|e| Uuid::parse_str(&e.meta.subject).ok())
+        .collect();
+    let mut tx = pg.begin().await?;
+    // Lock the chats of this batch so two projector instances never interleave on one chat.
+    let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT chat_id, last_sequence FROM chats WHERE chat_id = ANY($1) ORDER BY chat_id FOR UPDATE",
+    )
+    .bind(&chat_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut versions: HashMap<Uuid, i64> = rows.into_iter().collect();
+    let mut progress: HashMap<Uuid, ChatProgress> = HashMap::new();
+    let mut messages: Vec<MessageRow> = Vec::new();
+    let mut out = Vec::with_capacity(events.len());
+    for event in &events {
+        let Some(event) = event else {
+            out.push(Disposition::Term);
+            continue;
+        };
+        let Ok(chat_id) = Uuid::parse_str(&event.meta.subject) else {
+            tracing::error!(subject = %event.meta.subject, "chat event with a non-UUID subject");
+            out.push(Disposition::Term);
+            continue;
+        };
+        let current = versions.get(&chat_id).copied().unwrap_or(0);
+        let seq = event.meta.sequence as i64;
+        if seq <= current {
+            out.push(Disposition::Ack);
+            continue;
+        }
+        if seq != current + 1 {
+            out.push(Disposition::Retry(out_of_order_delay));
+            continue;
+        }
+        let is_message = apply_one(&mut tx, chat_id, event, &mut messages).await?;
+        versions.insert(chat_id, seq);
+        let p = progress.entry(chat_id).or_insert(ChatProgress {
+            sequence: seq,
+            at: event.meta.time,
+            last_message_seq: None,
+        });
+        p.sequence = seq;
+        p.at = event.meta.time;
+        if is_message {
+            p.last_message_seq = Some(seq);
+        }
+        out.push(Disposition::Ack);
+    }
+    insert_messages(&mut tx, &messages).await?;
+    update_chats(&mut tx, &progress).await?;
+    checkpoint(&mut tx, "chats", &batch).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// Applies one event; messages are only collected, to be inserted in bulk. True for a message.
+async fn apply_one(
+    tx: &mut sqlx::PgConnection,
+    chat_id: Uuid,
+    event: &StoredEvent<ChatEvent>,
+    messages: &mut Vec<MessageRow>,
+) -> Result<bool, sqlx::Error> {
+    let seq = event.meta.sequence as i64;
+    match &event.event {
+        ChatEvent::MessageSent(m) => {
+            messages.push(MessageRow {
+                chat_id,
+                sequence: seq,
+                message_id: *m.message_id.as_uuid(),
+                sender_id: *m.sender_id.as_uuid(),
+                body: m.body.clone(),
+                reply_to: m.reply_to.map(|r| *r.as_uuid()),
+                sent_at: event.meta.time,
+            });
+            return Ok(true);
+        }
+        ChatEvent::Created(c) => {
+            sqlx::query(
+                "INSERT INTO chats (chat_id, kind, title, created_at, last_sequence, last_activity_at) \
+                 VALUES ($1, $2, $3, $4, $5, $4) ON CONFLICT (chat_id) DO NOTHING",
+            )
+            .bind(chat_id)
+            .bind(c.kind.as_str())
+            .bind(&c.title)
+            .bind(event.meta.time)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+            let users: Vec<Uuid> = c.members.iter().map(|m| *m.user_id.as_uuid()).collect();
+            let roles: Vec<&str> = c.members.iter().map(|m| m.role.as_str()).collect();
+            sqlx::query(
+                "INSERT INTO members (chat_id, user_id, role, joined_seq) \
+                 SELECT $1, u, r, $4 FROM UNNEST($2::uuid[], $3::text[]) AS t(u, r) \
+                 ON CONFLICT (chat_id, user_id) DO NOTHING",
+            )
+            .bind(chat_id)
+            .bind(&users)
+            .bind(&roles)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+        }
+        ChatEvent::ParticipantsModified(p) => {
+            let added: Vec<Uuid> = p.added.iter().map(|u| *u.as_uuid()).collect();
+            let removed: Vec<Uuid> = p.removed.iter().map(|u| *u.as_uuid()).collect();
+            let promoted: Vec<Uuid> = p.promoted.iter().map(|u| *u.as_uuid()).collect();
+            sqlx::query(
+                "INSERT INTO members (chat_id, user_id, role, joined_seq) \
+                 SELECT $1, u, 'member', $3 FROM UNNEST($2::uuid[]) AS t(u) \
+                 ON CONFLICT (chat_id, user_id) DO UPDATE \
+                 SET role = 'member', joined_seq = EXCLUDED.joined_seq, left_seq = NULL, \
+                     read_up_to = 0, delivered_up_to = 0",
+            )
+            .bind(chat_id)
+            .bind(&added)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE members SET left_seq = $3 WHERE chat_id = $1 AND user_id = ANY($2)")
+                .bind(chat_id)
+                .bind(&removed)
+                .bind(seq)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE members SET role = 'admin' WHERE chat_id = $1 AND user_id = ANY($2)")
+                .bind(chat_id)
+                .bind(&promoted)
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    if let ChatItem::Update(update) = frames::render(event) {
+        sqlx::query(
+            "INSERT INTO chat_updates (chat_id, sequence, \"update\") VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(chat_id)
+        .bind(seq)
+        .bind(sqlx::types::Json(&update))
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(false)
+}
+
+async fn insert_messages(tx: &mut sqlx::PgConnection, rows: &[MessageRow]) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut chat = Vec::with_capacity(rows.len());
+    let mut seq = Vec::with_capacity(rows.len());
+    let mut id = Vec::with_capacity(rows.len());
+    let mut sender = Vec::with_capacity(rows.len());
+    let mut body = Vec::with_capacity(rows.len());
+    let mut reply = Vec::with_capacity(rows.len());
+    let mut at = Vec::with_capacity(rows.len());
+    for r in rows {
+        chat.push(r.chat_id);
+        seq.push(r.sequence);
+        id.push(r.message_id);
+        sender.push(r.sender_id);
+        body.push(r.body.as_str());
+        reply.push(r.reply_to);
+        at.push(r.sent_at);
+    }
+    sqlx::query(
+        "INSERT INTO messages (chat_id, sequence, message_id, sender_id, body, reply_to, sent_at) \
+         SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::uuid[], $4::uuid[], $5::text[], $6::uuid[], $7::timestamptz[]) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&chat)
+    .bind(&seq)
+    .bind(&id)
+    .bind(&sender)
+    .bind(&body)
+    .bind(&reply)
+    .bind(&at)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+async fn update_chats(
+    tx: &mut sqlx::PgConnection,
+    progress: &HashMap<Uuid, ChatProgress>,
+) -> Result<(), sqlx::Error> {
+    if progress.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = progress.keys().copied().collect();
+    let seqs: Vec<i64> = ids.iter().map(|i| progress[i].sequence).collect();
+    let ats: Vec<DateTime<Utc>> = ids.iter().map(|i| progress[i].at).collect();
+    let msgs: Vec<Option<i64>> = ids.iter().map(|i| progress[i].last_message_seq).collect();
+    sqlx::query(
+        "UPDATE chats c SET last_sequence = v.seq, last_activity_at = v.at, \
+                last_message_seq = COALESCE(v.msg, c.last_message_seq) \
+         FROM UNNEST($1::uuid[], $2::bigint[], $3::timestamptz[], $4::bigint[]) AS v(chat_id, seq, at, msg) \
+         WHERE c.chat_id = v.chat_id",
+    )
+    .bind(&ids)
+    .bind(&seqs)
+    .bind(&ats)
+    .bind(&msgs)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! The consumer loop every projector shares: pull what is ready (up to a batch), hand it to the
+//! projection, then ack, nak or term each message as the projection says — only after its
+//! transaction committed, so a crash anywhere redelivers and never skips.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    AckKind,
+    consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
+};
+use futures::StreamExt;
+use parley_platform::Infra;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectorError {
+    #[error("cannot set up consumer {name}: {cause}")]
+    Consumer { name: String, cause: String },
+}
+
+/// What to do with a message once its batch is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Applied (or already applied before).
+    Ack,
+    /// Not yet applicable (an earlier event of the aggregate is missing): redeliver later.
+    Retry(Duration),
+    /// Undecodable: it will never apply. Logged where decided.
+    Term,
+}
+
+/// A message of a batch: the stream sequence and the payload.
+pub struct Delivered {
+    pub stream_seq: u64,
+    pub payload: bytes::Bytes,
+}
+
+pub struct Runner {
+    name: &'static str,
+    consumer: PullConsumer,
+    batch: usize,
+    shutdown: CancellationToken,
+}
+
+impl Runner {
+    pub async fn new(
+        infra: &Infra,
+        name: &'static str,
+        stream: &str,
+        config: &crate::ProjectorConfig,
+        from_start: bool,
+    ) -> Result<Self, ProjectorError> {
+        let err = |cause: String| ProjectorError::Consumer {
+            name: name.to_owned(),
+            cause,
+        };
+        let stream = infra.js.get_stream(stream).await.map_err(|e| err(e.to_string()))?;
+        let durable = format!("proj-{name}");
+        let consumer = stream
+            .get_or_create_consumer(
+                &durable,
+                pull::Config {
+                    durable_name: Some(durable.clone()),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(30),
+                    max_ack_pending: (config.batch * 4) as i64,
+                    deliver_policy: if from_start {
+                        DeliverPolicy::All
+                    } else {
+                        DeliverPolicy::New
+                    },
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        Ok(Self {
+            name,
+            consumer,
+            batch: config.batch,
+            shutdown: infra.shutdown.clone(),
+        })
+    }
+
+    /// Runs until shutdown. Transient failures (PostgreSQL or NATS down) back off and retry;
+    /// nothing is acked that was not applied.
+    pub async fn run<F, Fut>(self, mut apply: F)
+    where
+        F: FnMut(Vec<Delivered>) -> Fut,
+        Fut: Future<Output = Result<Vec<Disposition>, sqlx::Error>>,
+    {
+        let mut backoff = Duration::from_millis(100);
+        'outer: loop {
+            let messages = match self.consumer.stream().max_messages_per_batch(self.batch).messages().await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(projector = self.name, error = %e, "pull failed; retrying");
+                    if self.pause(&mut backoff).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            // Whatever is ready, up to a batch: one event waits for nobody, a backlog moves in
+            // batches.
+            let mut chunks = messages.ready_chunks(self.batch);
+            loop {
+                let chunk = tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    c = chunks.next() => c,
+                };
+                let Some(chunk) = chunk else { continue 'outer };
+                let mut msgs = Vec::with_capacity(chunk.len());
+                for m in chunk {
+                    match m {
+                        Ok(m) => msgs.push(m),
+                        Err(e) => tracing::debug!(projector = self.name, error = %e, "pull status"),
+                    }
+                }
+                if msgs.is_empty() {
+                    continue;
+                }
+                let batch: Vec<Delivered> = msgs
+                    .iter()
+                    .map(|m| Delivered {
+                        stream_seq: m.info().map(|i| i.stream_sequence).unwrap_or(0),
+                        payload: m.payload.clone(),
+                    })
+                    .collect();
+                match apply(batch).await {
+                    Ok(dispositions) => {
+                        backoff = Duration::from_millis(100);
+                        for (m, d) in msgs.iter().zip(dispositions) {
+                            let kind = match d {
+                                Disposition::Ack => AckKind::Ack,
+                                Disposition::Retry(delay) => AckKind::Nak(Some(delay)),
+                                Disposition::Term => AckKind::Term,
+                            };
+                            if let Err(e) = m.ack_with(kind).await {
+                                // Unacked messages come back after ack_wait and are skipped as
+                                // already applied.
+                                tracing::warn!(projector = self.name, error = %e, "ack failed");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(projector = self.name, error = %e, "batch failed; redelivering");
+                        for m in &msgs {
+                            let _ = m.ack_with(AckKind::Nak(Some(backoff))).await;
+                        }
+                        if self.pause(&mut backoff).await {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sleeps with exponential backoff; true when shutting down.
+    async fn pause(&self, backoff: &mut Duration) -> bool {
+        let d = *backoff;
+        *backoff = (*backoff * 2).min(Duration::from_secs(5));
+        tokio::select! {
+            _ = self.shutdown.cancelled() => true,
+            _ = tokio::time::sleep(d) => false,
+        }
+    }
+}
+
+/// Decodes a batch; undecodable messages are logged and become `None` (termed by the caller).
+pub fn decode_all<E: parley_schemas::DomainEvent>(
+    projector: &str,
+    batch: &[Delivered],
+) -> Vec<Option<parley_schemas::StoredEvent<E>>> {
+    batch
+        .iter()
+        .map(|d| match parley_schemas::cloudevent::decode::<E>(&d.payload) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                tracing::error!(projector, stream_seq = d.stream_seq, error = %e, "undecodable event; terminating it");
+                None
+            }
+        })
+        .collect()
+}
+
+/// Records the stream-level progress of a projection, inside its batch transaction.
+pub async fn checkpoint(
+    tx: &mut sqlx::PgConnection,
+    projection: &str,
+    batch: &[Delivered],
+) -> Result<(), sqlx::Error> {
+    let Some(max) = batch.iter().map(|d| d.stream_seq).max() else {
+        return Ok(());
+    };
+    sqlx::query(
+        "INSERT INTO projector_checkpoints (projection, stream_seq, updated_at) VALUES ($1, $2, now()) \
+         ON CONFLICT (projection) DO UPDATE SET stream_seq = GREATEST(projector_checkpoints.stream_seq, EXCLUDED.stream_seq), updated_at = now()",
+    )
+    .bind(projection)
+    .bind(max as i64)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+

@@ -1,0 +1,108 @@
+//! The users projection: `users` and `devices` from the `USERS` stream; `users.version` is the
+//! per-user checkpoint. A device added to a user who is already in chats starts its cursors at
+//! each chat's current sequence: older events are history, not inbox.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use parley_schemas::UserEvent;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::runner::{Delivered, Disposition, checkpoint, decode_all};
+
+pub async fn apply(
+    pg: &PgPool,
+    batch: Vec<Delivered>,
+    out_of_order_delay: Duration,
+) -> Result<Vec<Disposition>, sqlx::Error> {
+    let events = decode_all::<UserEvent>("users", &batch);
+    let ids: Vec<Uuid> = events
+        .iter()
+        .flatten()
+        .filter_map(|e| Uuid::parse_str(&e.meta.subject).ok())
+        .collect();
+    let mut tx = pg.begin().await?;
+    let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT user_id, version FROM users WHERE user_id = ANY($1) ORDER BY user_id FOR UPDATE",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut versions: HashMap<Uuid, i64> = rows.into_iter().collect();
+    let mut out = Vec::with_capacity(events.len());
+    for event in &events {
+        let Some(event) = event else {
+            out.push(Disposition::Term);
+            continue;
+        };
+        let Ok(user_id) = Uuid::parse_str(&event.meta.subject) else {
+            out.push(Disposition::Term);
+            continue;
+        };
+        let current = versions.get(&user_id).copied().unwrap_or(0);
+        let seq = event.meta.sequence as i64;
+        if seq <= current {
+            out.push(Disposition::Ack);
+            continue;
+        }
+        if seq != current + 1 {
+            out.push(Disposition::Retry(out_of_order_delay));
+            continue;
+        }
+        match &event.event {
+            UserEvent::Registered(r) => {
+                sqlx::query(
+                    "INSERT INTO users (user_id, handle, display_name, created_at, version) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id) DO NOTHING",
+                )
+                .bind(user_id)
+                .bind(&r.handle)
+                .bind(&r.display_name)
+                .bind(event.meta.time)
+                .bind(seq)
+                .execute(&mut *tx)
+                .await?;
+            }
+            UserEvent::DeviceAdded(d) => {
+                sqlx::query(
+                    "INSERT INTO devices (device_id, user_id, device_name, platform, created_at) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (device_id) DO NOTHING",
+                )
+                .bind(d.device_id.as_uuid())
+                .bind(user_id)
+                .bind(&d.device_name)
+                .bind(&d.platform)
+                .bind(event.meta.time)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO device_cursors (device_id, chat_id, acked_up_to) \
+                     SELECT $1, m.chat_id, c.last_sequence FROM members m JOIN chats c USING (chat_id) \
+                     WHERE m.user_id = $2 AND m.left_seq IS NULL ON CONFLICT DO NOTHING",
+                )
+                .bind(d.device_id.as_uuid())
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            UserEvent::DeviceRemoved(d) => {
+                sqlx::query("UPDATE devices SET removed_at = $2 WHERE device_id = $1")
+                    .bind(d.device_id.as_uuid())
+                    .bind(event.meta.time)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        sqlx::query("UPDATE users SET version = $2 WHERE user_id = $1")
+            .bind(user_id)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+        versions.insert(user_id, seq);
+        out.push(Disposition::Ack);
+    }
+    checkpoint(&mut tx, "users", &batch).await?;
+    tx.commit().await?;
+    Ok(out)
+}

@@ -1,0 +1,736 @@
+//! One authenticated WebSocket connection: subscribe first, then replay the device's inbox from
+//! PostgreSQL, then live; client frames (ack, typing, ping); and the way it ends.
+//!
+//! All per-chat state lives in this one task, so the seam needs no locks: live events, replayed
+//! rows and membership notices are all offers to the same [`ChatCursor`], which sends exactly
+//! the next sequence and nothing else. Queries run in spawned tasks and come back as messages,
+//! so a slow query never stops the connection from reading its client.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
+use futures::stream::SplitStream;
+use futures::{StreamExt, future};
+use parley_nats::subjects;
+use parley_platform::Principal;
+use parley_schemas::frames::ClientFrame;
+use parley_schemas::ChatId;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::gateway::AppState;
+use crate::hub::{ConnId, LiveItem, LiveMsg, Subscriber};
+use crate::inbox::{self, BATCH, Membership, Replayed};
+use crate::seam::{ChatCursor, Verdict};
+use crate::stop::{StopReason, Stopper};
+use crate::wire::{
+    MembershipChange, MembershipNotice, SequenceOnly, Typing, error_frame, pong_frame,
+    ready_frame, typing_subject,
+};
+use crate::writer::{self, Closing};
+
+/// At most one typing indicator per connection and chat in this interval.
+const TYPING_THROTTLE: Duration = Duration::from_secs(3);
+/// How often the connection re-reads its memberships: repairs a missed `notify.user` notice or
+/// a live event lost with no later event to reveal the gap.
+const MEMBERSHIP_RESYNC: Duration = Duration::from_secs(30);
+/// Catch-up queries of one connection in flight at once.
+const FETCHES_PER_CONNECTION: usize = 4;
+/// Live frames held per chat while the events before them are fetched, so the seam does not
+/// cost a second round trip; beyond this they are dropped and fetched again.
+const REORDER_WINDOW: usize = 256;
+/// Chats whose stream head is read concurrently on connect.
+const HEAD_READS_IN_FLIGHT: usize = 16;
+/// Waiting for the client's close reply, so the socket closes cleanly.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// Serves an authenticated connection until it ends, then closes it.
+pub(crate) async fn run(socket: WebSocket, gw: AppState, me: Principal, chats_stream: Stream<()>) {
+    let id = gw.next_conn_id();
+    let stopper = Arc::new(Stopper::new(gw.infra.shutdown.child_token()));
+    let _listing = gw.registry.list(me.device_id, id, Arc::clone(&stopper));
+    let queue = gw.config.queue_frames.max(1);
+    let (sink, mut stream) = socket.split();
+    let (out, out_rx) = mpsc::channel(queue);
+    let (close_tx, close_rx) = oneshot::channel();
+    let writer = tokio::spawn(writer::run(sink, out_rx, close_rx));
+    let (live_tx, mut live_rx) = mpsc::channel(queue);
+    let (fetched_tx, mut fetched_rx) = mpsc::unbounded_channel();
+
+    let mut conn = Connection {
+        gw,
+        me,
+        id,
+        stopper: Arc::clone(&stopper),
+        out,
+        live_tx,
+        fetched_tx,
+        chats: HashMap::new(),
+        fetch_permits: Arc::new(Semaphore::new(FETCHES_PER_CONNECTION)),
+        chats_stream,
+    };
+    let reason = match conn.start().await {
+        Ok(mut notices) => {
+            conn.serve(&mut stream, &mut notices, &mut live_rx, &mut fetched_rx)
+                .await
+        }
+        Err(reason) => reason,
+    };
+    tracing::debug!(conn = id, user = %me.user_id, ?reason, "connection ends");
+    // Cancels this connection's pending fetches too.
+    stopper.stop(reason);
+    conn.leave_all();
+    let _ = close_tx.send(Closing {
+        frame: reason.close_frame(),
+        // A client cut off for not reading, or a revoked device, gets nothing more.
+        flush_queued: !matches!(reason, StopReason::SlowConsumer | StopReason::Revoked),
+    });
+    let _ = tokio::time::timeout(CLOSE_LINGER * 2, writer).await;
+    if reason != StopReason::ClientGone {
+        linger(&mut stream).await;
+    }
+}
+
+/// Reads until the client answers our close (or a deadline), so the socket is not reset with
+/// unread data, which could destroy the close frame before the client reads it.
+pub(crate) async fn linger(stream: &mut SplitStream<WebSocket>) {
+    let _ = tokio::time::timeout(CLOSE_LINGER, async {
+        while let Some(Ok(msg)) = stream.next().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+struct Chat {
+    cursor: ChatCursor,
+    /// In the hub's feed for this chat.
+    subscribed: bool,
+    /// A catch-up query is scheduled or running (at most one per chat).
+    fetching: bool,
+    /// Consecutive catch-ups that made no progress: spaces out retries while the projector lags.
+    misses: u32,
+    /// Live frames beyond the next sequence, kept while the events before them are fetched.
+    reorder: BTreeMap<u64, (Utf8Bytes, bool)>,
+    last_typing: Option<Instant>,
+}
+
+impl Chat {
+    fn new(cursor: ChatCursor) -> Self {
+        Self {
+            cursor,
+            subscribed: false,
+            fetching: false,
+            misses: 0,
+            reorder: BTreeMap::new(),
+            last_typing: None,
+        }
+    }
+}
+
+struct Fetched {
+    chat: ChatId,
+    result: Result<Vec<Replayed>, sqlx::Error>,
+}
+
+struct Connection {
+    gw: AppState,
+    me: Principal,
+    id: ConnId,
+    stopper: Arc<Stopper>,
+    /// Frames to the writer; bounded, so a client that does not read pushes back.
+    out: mpsc::Sender<Message>,
+    /// Handed to the hub for this connection's chats; bounded by `queue_frames`.
+    live_tx: mpsc::Sender<LiveMsg>,
+    fetched_tx: mpsc::UnboundedSender<Fetched>,
+    chats: HashMap<ChatId, Chat>,
+    fetch_permits: Arc<Semaphore>,
+    chats_stream: Stream<()>,
+}
+
+/// What a handler tells the loop: carry on, or stop for this reason.
+type Step = Result<(), StopReason>;
+
+impl Connection {
+    /// Subscribes (membership notices, then every chat's live feed), reads the inbox cursors,
+    /// learns how far each chat goes, says `ready`, and starts the catch-ups.
+    async fn start(&mut self) -> Result<async_nats::Subscriber, StopReason> {
+        let nats = self.gw.infra.nats.clone();
+        let notices = nats
+            .subscribe(subjects::notify_user(self.me.user_id))
+            .await
+            .map_err(|e| unavailable("subscribe to membership notices", &e))?;
+        // The notice subscription must be in effect before memberships are read, or a chat
+        // joined in between would be seen by neither.
+        nats.flush()
+            .await
+            .map_err(|e| unavailable("flush NATS", &e))?;
+        let memberships = inbox::memberships(&self.gw.infra.pg, self.me.user_id, self.me.device_id)
+            .await
+            .map_err(|e| unavailable("read memberships", &e))?;
+        for m in &memberships {
+            self.chats.insert(m.chat, Chat::new(cursor_for(m)));
+        }
+        let live: Vec<ChatId> = self
+            .chats
+            .iter()
+            .filter(|(_, c)| c.cursor.is_member())
+            .map(|(id, _)| *id)
+            .collect();
+        let joined = future::join_all(
+            live.iter()
+                .map(|&chat| self.gw.hub.join(chat, self.subscriber())),
+        )
+        .await;
+        for (chat, result) in live.iter().zip(joined) {
+            if let Some(c) = self.chats.get_mut(chat) {
+                c.subscribed = true;
+            }
+            result.map_err(|e| unavailable("join live feed", &e))?;
+        }
+        // Every live subscription is in effect from here: anything stored later arrives live,
+        // anything stored earlier is at or below the stream head read next.
+        nats.flush()
+            .await
+            .map_err(|e| unavailable("flush NATS", &e))?;
+        let heads: Vec<(ChatId, Result<u64, StopReason>)> = futures::stream::iter(live)
+            .map(|chat| {
+                let stream = &self.chats_stream;
+                async move { (chat, stream_head(stream, chat).await) }
+            })
+            .buffer_unordered(HEAD_READS_IN_FLIGHT)
+            .collect()
+            .await;
+        for (chat, head) in heads {
+            let head = head?;
+            if let Some(c) = self.chats.get_mut(&chat) {
+                c.cursor.learn(head);
+            }
+        }
+        self.emit(ready_frame(self.me.user_id, self.me.device_id))
+            .await?;
+        let chats: Vec<ChatId> = self.chats.keys().copied().collect();
+        for chat in chats {
+            self.fetch(chat, Duration::ZERO);
+        }
+        Ok(notices)
+    }
+
+    async fn serve(
+        &mut self,
+        client: &mut SplitStream<WebSocket>,
+        notices: &mut async_nats::Subscriber,
+        live: &mut mpsc::Receiver<LiveMsg>,
+        fetched: &mut mpsc::UnboundedReceiver<Fetched>,
+    ) -> StopReason {
+        let idle_timeout = self.gw.config.idle_timeout;
+        let idle = tokio::time::sleep(idle_timeout);
+        tokio::pin!(idle);
+        let mut resync =
+            tokio::time::interval_at(Instant::now() + MEMBERSHIP_RESYNC, MEMBERSHIP_RESYNC);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let stop = self.stopper.token().clone();
+        loop {
+            let step = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return self.stopper.reason(),
+                _ = &mut idle => return StopReason::Idle,
+                frame = client.next() => {
+                    idle.as_mut().reset(Instant::now() + idle_timeout);
+                    self.on_client(frame).await
+                }
+                Some(msg) = live.recv() => self.on_live(msg).await,
+                Some(done) = fetched.recv() => self.on_fetched(done).await,
+                notice = notices.next() => match notice {
+                    Some(msg) => self.on_notice(&msg.payload).await,
+                    None => Err(StopReason::Unavailable),
+                },
+                _ = resync.tick() => self.resync().await,
+            };
+            if let Err(reason) = step {
+                return reason;
+            }
+        }
+    }
+
+    // ---- client frames ----
+
+    async fn on_client(&mut self, frame: Option<Result<Message, axum::Error>>) -> Step {
+        let text = match frame {
+            None => return Err(StopReason::ClientGone),
+            Some(Err(error)) => {
+                // tungstenite reports an over-limit frame only through its error text.
+                if error.to_string().contains("Space limit exceeded") {
+                    let max = self.gw.config.max_frame_bytes;
+                    self.emit(error_frame(
+                        "bad_frame",
+                        format!("frames are limited to {max} bytes"),
+                    ))
+                    .await?;
+                    return Err(StopReason::Oversized);
+                }
+                return Err(StopReason::ClientGone);
+            }
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Binary(_))) => {
+                return self
+                    .emit(error_frame("bad_frame", "frames are JSON text, not binary"))
+                    .await;
+            }
+            // The protocol layer answers pings itself; both still count as activity.
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Ok(()),
+            Some(Ok(Message::Close(_))) => return Err(StopReason::ClientGone),
+        };
+        match serde_json::from_str::<ClientFrame>(&text) {
+            Ok(ClientFrame::Ping) => self.emit(pong_frame()).await,
+            Ok(ClientFrame::Ack { chat_id, sequence }) => self.on_ack(chat_id, sequence).await,
+            Ok(ClientFrame::Typing { chat_id }) => {
+                self.on_typing(chat_id).await;
+                Ok(())
+            }
+            Ok(ClientFrame::Auth { .. }) => {
+                self.emit(error_frame("bad_frame", "already authenticated"))
+                    .await
+            }
+            Err(error) => {
+                let mut detail = error.to_string();
+                detail.truncate(200);
+                self.emit(error_frame("bad_frame", detail)).await
+            }
+        }
+    }
+
+    async fn on_ack(&mut self, chat: ChatId, sequence: u64) -> Step {
+        let highest = self.chats.get(&chat).map(|c| c.cursor.highest_sent());
+        match highest {
+            Some(highest) if sequence <= highest => {
+                if sequence > 0 {
+                    self.gw
+                        .acks
+                        .record(self.me.user_id, self.me.device_id, chat, sequence);
+                }
+                Ok(())
+            }
+            Some(highest) => {
+                self.emit(error_frame(
+                    "bad_ack",
+                    format!("sequence {sequence} of chat {chat} was not delivered here (highest is {highest})"),
+                ))
+                .await
+            }
+            None => {
+                self.emit(error_frame(
+                    "bad_ack",
+                    format!("chat {chat} is not delivered on this connection"),
+                ))
+                .await
+            }
+        }
+    }
+
+    async fn on_typing(&mut self, chat: ChatId) {
+        let now = Instant::now();
+        let Some(c) = self.chats.get_mut(&chat) else {
+            return;
+        };
+        if !c.cursor.is_member()
+            || c.last_typing
+                .is_some_and(|t| now.duration_since(t) < TYPING_THROTTLE)
+        {
+            return;
+        }
+        c.last_typing = Some(now);
+        let typing = Typing {
+            chat_id: chat,
+            user_id: self.me.user_id,
+        };
+        let payload = serde_json::to_vec(&typing).unwrap_or_default();
+        if let Err(error) = self
+            .gw
+            .infra
+            .nats
+            .publish(typing_subject(chat), payload.into())
+            .await
+        {
+            tracing::debug!(%error, "typing indicator not published");
+        }
+    }
+
+    // ---- live events ----
+
+    async fn on_live(&mut self, msg: LiveMsg) -> Step {
+        let me = self.me.user_id;
+        let Some(c) = self.chats.get_mut(&msg.chat) else {
+            return Ok(());
+        };
+        match &*msg.item {
+            LiveItem::Typing { user_id, frame } => {
+                if *user_id != me && c.cursor.is_member() {
+                    let frame = frame.clone();
+                    return self.emit(frame).await;
+                }
+                Ok(())
+            }
+            LiveItem::Event(event) => match &event.frame {
+                Some(frame) => {
+                    let candidate = Candidate {
+                        sequence: event.sequence,
+                        frame: frame.clone(),
+                        removes_me: event.removed.contains(&me),
+                    };
+                    self.deliver(msg.chat, std::iter::once(candidate), true)
+                        .await
+                        .map(|_| ())
+                }
+                None => {
+                    if c.cursor.unrenderable(event.sequence) {
+                        self.fetch(msg.chat, Duration::ZERO);
+                    }
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    // ---- catch-up ----
+
+    /// Schedules a catch-up query for `chat` after `delay`, unless one is pending or the chat
+    /// has nothing left to catch up.
+    fn fetch(&mut self, chat: ChatId, delay: Duration) {
+        let Some(c) = self.chats.get_mut(&chat) else {
+            return;
+        };
+        if c.fetching || !c.cursor.behind() {
+            return;
+        }
+        c.fetching = true;
+        let from = c.cursor.next_expected();
+        let to = c.cursor.upper_bound();
+        let pg = self.gw.infra.pg.clone();
+        let local = Arc::clone(&self.fetch_permits);
+        let global = Arc::clone(&self.gw.pg_permits);
+        let done = self.fetched_tx.clone();
+        let stop = self.stopper.token().clone();
+        tokio::spawn(async move {
+            let query = async {
+                tokio::time::sleep(delay).await;
+                let _local = local.acquire_owned().await;
+                let _global = global.acquire_owned().await;
+                inbox::events(&pg, chat, from, to).await
+            };
+            let result = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = query => r,
+            };
+            let _ = done.send(Fetched { chat, result });
+        });
+    }
+
+    async fn on_fetched(&mut self, done: Fetched) -> Step {
+        let me = self.me.user_id;
+        let retry = self.gw.config.catch_up_retry;
+        let Some(c) = self.chats.get_mut(&done.chat) else {
+            return Ok(());
+        };
+        c.fetching = false;
+        let rows = match done.result {
+            Ok(rows) => rows,
+            Err(error) => {
+                tracing::warn!(chat = %done.chat, %error, "catch-up query failed; retrying");
+                c.misses = c.misses.saturating_add(1);
+                let delay = backoff(retry, c.misses);
+                self.fetch(done.chat, delay);
+                return Ok(());
+            }
+        };
+        let full = rows.len() == BATCH;
+        let before = c.cursor.next_expected();
+        let candidates = rows.into_iter().map(|r| Candidate {
+            removes_me: r.removed.contains(&me),
+            sequence: r.sequence,
+            frame: r.frame,
+        });
+        let gap = self.deliver(done.chat, candidates, false).await?;
+        let Some(c) = self.chats.get_mut(&done.chat) else {
+            return Ok(());
+        };
+        if c.cursor.next_expected() > before {
+            c.misses = 0;
+        } else {
+            c.misses = c.misses.saturating_add(1);
+        }
+        // A full batch means more rows are waiting; otherwise what is missing is not
+        // projected yet, so give the projector a moment.
+        let delay = if full && !gap {
+            Duration::ZERO
+        } else {
+            backoff(retry, c.misses)
+        };
+        self.ensure_live(done.chat).await?;
+        self.fetch(done.chat, delay);
+        Ok(())
+    }
+
+    /// Offers `candidates` (in sequence order) to the chat's cursor and sends what is due,
+    /// then whatever the reorder window holds next. Returns whether a gap stopped it.
+    async fn deliver(
+        &mut self,
+        chat: ChatId,
+        candidates: impl Iterator<Item = Candidate>,
+        live: bool,
+    ) -> Result<bool, StopReason> {
+        let Some(c) = self.chats.get_mut(&chat) else {
+            return Ok(false);
+        };
+        let mut out = Vec::new();
+        let mut gap = false;
+        let mut ended = false;
+        for cand in candidates {
+            match c.cursor.offer(cand.sequence, cand.removes_me) {
+                Verdict::Drop => {}
+                Verdict::Send { ends } => {
+                    out.push(cand.frame);
+                    if ends {
+                        ended = true;
+                        break;
+                    }
+                }
+                Verdict::Gap => {
+                    if live && c.reorder.len() < REORDER_WINDOW {
+                        c.reorder
+                            .insert(cand.sequence, (cand.frame, cand.removes_me));
+                    }
+                    gap = true;
+                    break;
+                }
+            }
+        }
+        // Held live frames that are now due go out right behind.
+        while !ended && let Some(entry) = c.reorder.first_entry() {
+            let seq = *entry.key();
+            if seq > c.cursor.next_expected() {
+                break;
+            }
+            let (frame, removes_me) = entry.remove();
+            if let Verdict::Send { ends } = c.cursor.offer(seq, removes_me) {
+                out.push(frame);
+                ended = ends;
+            }
+        }
+        if ended {
+            c.reorder.clear();
+        }
+        for frame in out {
+            self.emit(frame).await?;
+        }
+        if ended {
+            self.leave(chat);
+        } else if gap {
+            self.fetch(chat, Duration::ZERO);
+        }
+        Ok(gap)
+    }
+
+    // ---- membership ----
+
+    async fn on_notice(&mut self, payload: &[u8]) -> Step {
+        let notice: MembershipNotice = match serde_json::from_slice(payload) {
+            Ok(n) => n,
+            Err(error) => {
+                tracing::warn!(%error, "malformed membership notice");
+                return Ok(());
+            }
+        };
+        let chat = notice.chat_id;
+        let state = self
+            .chats
+            .get(&chat)
+            .map(|c| (c.cursor.ended(), c.cursor.highest_sent()));
+        match (notice.change, state) {
+            (MembershipChange::Added, Some((false, _))) => {
+                // Still delivering this chat (perhaps a removal not yet sent): resume at the
+                // re-add once the removal is out.
+                if let Some(c) = self.chats.get_mut(&chat) {
+                    c.cursor.added_at(notice.sequence);
+                }
+                self.ensure_live(chat).await?;
+                self.fetch(chat, Duration::ZERO);
+            }
+            (MembershipChange::Added, Some((true, ended_at))) if notice.sequence <= ended_at => {}
+            (MembershipChange::Added, _) => {
+                let acked = inbox::acked_up_to(&self.gw.infra.pg, self.me.device_id, chat)
+                    .await
+                    .unwrap_or_else(|error| {
+                        // Starting at the join is always allowed; at worst some events repeat.
+                        tracing::warn!(%chat, %error, "cannot read device cursor");
+                        0
+                    });
+                let join = notice.sequence;
+                let mut cursor = ChatCursor::new(acked.max(join.saturating_sub(1)), join, None);
+                cursor.learn(join);
+                self.retrack(chat, cursor).await?;
+            }
+            (MembershipChange::Removed, Some((false, _))) => {
+                // The removal event itself ends the chat, in order; this only makes sure it
+                // is fetched even if its live copy was lost.
+                if let Some(c) = self.chats.get_mut(&chat) {
+                    c.cursor.learn(notice.sequence);
+                }
+                self.fetch(chat, Duration::ZERO);
+            }
+            (MembershipChange::Removed, _) => {}
+        }
+        Ok(())
+    }
+
+    /// Re-reads memberships: picks up chats whose notice was missed, and learns each chat's
+    /// projected version, which reveals a live event lost with nothing after it.
+    async fn resync(&mut self) -> Step {
+        let memberships =
+            match inbox::memberships(&self.gw.infra.pg, self.me.user_id, self.me.device_id).await
+            {
+                Ok(m) => m,
+                Err(error) => {
+                    tracing::warn!(%error, "membership resync failed");
+                    return Ok(());
+                }
+            };
+        for m in memberships {
+            let state = self
+                .chats
+                .get(&m.chat)
+                .map(|c| (c.cursor.ended(), c.cursor.highest_sent()));
+            match state {
+                Some((false, _)) => {
+                    if let Some(c) = self.chats.get_mut(&m.chat) {
+                        c.cursor.learn(m.last_sequence);
+                    }
+                    self.fetch(m.chat, Duration::ZERO);
+                }
+                Some((true, ended_at)) if m.left_seq.is_some() || m.joined_seq <= ended_at => {}
+                _ => self.retrack(m.chat, cursor_for(&m)).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts (or restarts, after a removal) delivering `chat` from `cursor`.
+    async fn retrack(&mut self, chat: ChatId, cursor: ChatCursor) -> Step {
+        match self.chats.get_mut(&chat) {
+            Some(c) => {
+                // Keeps `fetching`: a query still in flight must not get a twin.
+                c.cursor = cursor;
+                c.reorder.clear();
+                c.misses = 0;
+            }
+            None => {
+                self.chats.insert(chat, Chat::new(cursor));
+            }
+        }
+        self.ensure_live(chat).await?;
+        self.fetch(chat, Duration::ZERO);
+        Ok(())
+    }
+
+    /// Joins the chat's live feed if the user is a member and it is not joined yet, then
+    /// learns the stream head (events stored before the subscription took effect).
+    async fn ensure_live(&mut self, chat: ChatId) -> Step {
+        let needed = self
+            .chats
+            .get(&chat)
+            .is_some_and(|c| !c.subscribed && c.cursor.is_member());
+        if !needed {
+            return Ok(());
+        }
+        let joined = self.gw.hub.join(chat, self.subscriber()).await;
+        if let Some(c) = self.chats.get_mut(&chat) {
+            c.subscribed = true;
+        }
+        joined.map_err(|e| unavailable("join live feed", &e))?;
+        self.gw
+            .infra
+            .nats
+            .flush()
+            .await
+            .map_err(|e| unavailable("flush NATS", &e))?;
+        let head = stream_head(&self.chats_stream, chat).await?;
+        if let Some(c) = self.chats.get_mut(&chat) {
+            c.cursor.learn(head);
+        }
+        Ok(())
+    }
+
+    fn leave(&mut self, chat: ChatId) {
+        if let Some(c) = self.chats.get_mut(&chat)
+            && c.subscribed
+        {
+            c.subscribed = false;
+            self.gw.hub.leave(chat, self.id);
+        }
+    }
+
+    fn leave_all(&mut self) {
+        let chats: Vec<ChatId> = self.chats.keys().copied().collect();
+        for chat in chats {
+            self.leave(chat);
+        }
+    }
+
+    fn subscriber(&self) -> Subscriber {
+        Subscriber {
+            conn: self.id,
+            tx: self.live_tx.clone(),
+            stopper: Arc::clone(&self.stopper),
+        }
+    }
+
+    /// Queues a frame for the writer, waiting for room: replay goes at the client's pace. While
+    /// it waits, live events pile up in the bounded live queue, whose overflow stops us.
+    async fn emit(&self, frame: Utf8Bytes) -> Step {
+        tokio::select! {
+            biased;
+            _ = self.stopper.token().cancelled() => Err(self.stopper.reason()),
+            sent = self.out.send(Message::Text(frame)) => sent.map_err(|_| StopReason::ClientGone),
+        }
+    }
+}
+
+struct Candidate {
+    sequence: u64,
+    frame: Utf8Bytes,
+    removes_me: bool,
+}
+
+fn cursor_for(m: &Membership) -> ChatCursor {
+    let mut cursor = ChatCursor::new(m.cursor, m.joined_seq, m.left_seq);
+    cursor.learn(m.last_sequence);
+    cursor
+}
+
+/// The chat's latest stored sequence, read from the stream leader (a replica could be behind).
+async fn stream_head(stream: &Stream<()>, chat: ChatId) -> Result<u64, StopReason> {
+    match stream
+        .get_last_raw_message_by_subject(&subjects::chat(chat))
+        .await
+    {
+        Ok(msg) => Ok(serde_json::from_slice::<SequenceOnly>(&msg.payload)
+            .map(|s| s.sequence)
+            .unwrap_or(0)),
+        Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(0),
+        Err(e) => Err(unavailable("read the chat's stream head", &e)),
+    }
+}
+
+fn backoff(base: Duration, misses: u32) -> Duration {
+    base.saturating_mul(1 << misses.saturating_sub(1).min(5))
+}
+
+fn unavailable(what: &str, error: &dyn std::fmt::Display) -> StopReason {
+    tracing::warn!(%error, "cannot {what}; closing the connection");
+    StopReason::Unavailable
+}

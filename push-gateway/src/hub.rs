@@ -1,0 +1,298 @@
+//! The process-wide live feed: one core NATS subscription per chat (its `live.chats.<id>` and
+//! `typing.<id>`), shared by every connection tracking the chat. Each event is decoded, rendered
+//! and serialised once here, and the same frame bytes are handed to every connection.
+//!
+//! Fan-out never waits: a connection whose queue is full is stopped as a slow consumer (it
+//! catches up from its inbox when it reconnects), so one stalled client cannot hold up the
+//! chat for everyone else.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use async_nats::Client;
+use axum::extract::ws::Utf8Bytes;
+use futures::StreamExt;
+use parley_nats::subjects;
+use parley_schemas::cloudevent::decode;
+use parley_schemas::frames::{ServerFrame, render};
+use parley_schemas::{ChatEvent, ChatId, UserId};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::stop::{StopReason, Stopper};
+use crate::wire::{SequenceOnly, Typing, typing_frame, typing_subject};
+
+/// Identifies one WebSocket connection inside this process.
+pub(crate) type ConnId = u64;
+
+/// One chat's live item, as queued to a connection.
+#[derive(Debug, Clone)]
+pub(crate) struct LiveMsg {
+    pub chat: ChatId,
+    pub item: Arc<LiveItem>,
+}
+
+#[derive(Debug)]
+pub(crate) enum LiveItem {
+    Event(LiveEvent),
+    Typing { user_id: UserId, frame: Utf8Bytes },
+}
+
+#[derive(Debug)]
+pub(crate) struct LiveEvent {
+    pub sequence: u64,
+    /// The serialised `newMessage`/`chatUpdate` frame; `None` when this build cannot render
+    /// the event's type, so connections fetch the projector's rendering from PostgreSQL.
+    pub frame: Option<Utf8Bytes>,
+    /// Users a `participants_modified` removes.
+    pub removed: Vec<UserId>,
+}
+
+/// A connection's interest in a chat.
+#[derive(Clone)]
+pub(crate) struct Subscriber {
+    pub conn: ConnId,
+    pub tx: mpsc::Sender<LiveMsg>,
+    pub stopper: Arc<Stopper>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FeedState {
+    Subscribing,
+    /// The SUBs are queued on the NATS connection: a `flush` after this point guarantees the
+    /// server routes every later event to us.
+    Subscribed,
+    Failed,
+}
+
+struct Feed {
+    generation: u64,
+    subscribers: Arc<RwLock<Vec<Subscriber>>>,
+    state: watch::Receiver<FeedState>,
+    cancel: CancellationToken,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot subscribe to the live feed of chat {0}")]
+pub(crate) struct HubError(ChatId);
+
+pub(crate) struct Hub {
+    nats: Client,
+    feeds: Mutex<HashMap<ChatId, Feed>>,
+    next_generation: std::sync::atomic::AtomicU64,
+    shutdown: CancellationToken,
+}
+
+impl Hub {
+    pub(crate) fn new(nats: Client, shutdown: CancellationToken) -> Arc<Self> {
+        Arc::new(Self {
+            nats,
+            feeds: Mutex::new(HashMap::new()),
+            next_generation: std::sync::atomic::AtomicU64::new(0),
+            shutdown,
+        })
+    }
+
+    /// Adds `sub` to the chat's feed, subscribing on first use. Returns once the subscription is
+    /// queued on the NATS connection; the caller flushes the connection to make it effective.
+    pub(crate) async fn join(self: &Arc<Self>, chat: ChatId, sub: Subscriber) -> Result<(), HubError> {
+        let mut state = {
+            let mut feeds = lock(&self.feeds);
+            match feeds.get(&chat) {
+                Some(feed) => {
+                    write(&feed.subscribers).push(sub);
+                    feed.state.clone()
+                }
+                None => {
+                    let generation = self
+                        .next_generation
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let subscribers = Arc::new(RwLock::new(vec![sub]));
+                    let (state_tx, state_rx) = watch::channel(FeedState::Subscribing);
+                    let cancel = self.shutdown.child_token();
+                    tokio::spawn(Arc::clone(self).run_feed(
+                        chat,
+                        generation,
+                        Arc::clone(&subscribers),
+                        state_tx,
+                        cancel.clone(),
+                    ));
+                    feeds.insert(
+                        chat,
+                        Feed {
+                            generation,
+                            subscribers,
+                            state: state_rx.clone(),
+                            cancel,
+                        },
+                    );
+                    state_rx
+                }
+            }
+        };
+        loop {
+            match *state.borrow_and_update() {
+                FeedState::Subscribed => return Ok(()),
+                FeedState::Failed => return Err(HubError(chat)),
+                FeedState::Subscribing => {}
+            }
+            if state.changed().await.is_err() {
+                return Err(HubError(chat));
+            }
+        }
+    }
+
+    /// Removes the connection from the chat's feed; the last one out unsubscribes.
+    pub(crate) fn leave(&self, chat: ChatId, conn: ConnId) {
+        let mut feeds = lock(&self.feeds);
+        let empty = match feeds.get(&chat) {
+            Some(feed) => {
+                let mut subs = write(&feed.subscribers);
+                subs.retain(|s| s.conn != conn);
+                subs.is_empty()
+            }
+            None => false,
+        };
+        if empty && let Some(feed) = feeds.remove(&chat) {
+            feed.cancel.cancel();
+        }
+    }
+
+    async fn run_feed(
+        self: Arc<Self>,
+        chat: ChatId,
+        generation: u64,
+        subscribers: Arc<RwLock<Vec<Subscriber>>>,
+        state: watch::Sender<FeedState>,
+        cancel: CancellationToken,
+    ) {
+        let subscribed = async {
+            let live = self.nats.subscribe(subjects::live_chat(chat)).await?;
+            let typing = self.nats.subscribe(typing_subject(chat)).await?;
+            Ok::<_, async_nats::SubscribeError>((live, typing))
+        }
+        .await;
+        let (mut live, mut typing) = match subscribed {
+            Ok(subs) => subs,
+            Err(error) => {
+                tracing::warn!(%chat, %error, "live subscription failed");
+                self.forget(chat, generation);
+                let _ = state.send(FeedState::Failed);
+                return;
+            }
+        };
+        let _ = state.send(FeedState::Subscribed);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                msg = live.next() => match msg {
+                    Some(msg) => {
+                        if let Some(event) = live_event(chat, &msg.payload) {
+                            fan_out(&subscribers, chat, LiveItem::Event(event));
+                        }
+                    }
+                    None => break,
+                },
+                msg = typing.next() => match msg {
+                    Some(msg) => {
+                        if let Some(item) = typing_item(chat, &msg.payload) {
+                            fan_out(&subscribers, chat, item);
+                        }
+                    }
+                    None => break,
+                },
+            }
+        }
+        // The NATS client is gone: these connections would wait for live events forever.
+        self.forget(chat, generation);
+        for sub in read(&subscribers).iter() {
+            sub.stopper.stop(StopReason::Unavailable);
+        }
+    }
+
+    fn forget(&self, chat: ChatId, generation: u64) {
+        let mut feeds = lock(&self.feeds);
+        if feeds.get(&chat).is_some_and(|f| f.generation == generation) {
+            feeds.remove(&chat);
+        }
+    }
+}
+
+fn fan_out(subscribers: &RwLock<Vec<Subscriber>>, chat: ChatId, item: LiveItem) {
+    let is_event = matches!(item, LiveItem::Event(_));
+    let msg = LiveMsg {
+        chat,
+        item: Arc::new(item),
+    };
+    for sub in read(subscribers).iter() {
+        match sub.tx.try_send(msg.clone()) {
+            Ok(()) => {}
+            // Typing is best effort; a missed chat event would need the inbox anyway, so the
+            // client is cut off and replays it on reconnect instead of buffering without bound.
+            Err(mpsc::error::TrySendError::Full(_)) if is_event => {
+                sub.stopper.stop(StopReason::SlowConsumer);
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Decodes and renders a republished chat event once for every connection.
+fn live_event(chat: ChatId, payload: &[u8]) -> Option<LiveEvent> {
+    match decode::<ChatEvent>(payload) {
+        Ok(event) => {
+            if event.meta.subject != chat.to_string() {
+                tracing::warn!(%chat, subject = %event.meta.subject, "live event for another chat; ignored");
+                return None;
+            }
+            let sequence = event.meta.sequence;
+            let frame = ServerFrame::for_item(chat, sequence, &render(&event)).to_json();
+            let removed = match &event.event {
+                ChatEvent::ParticipantsModified(p) => p.removed.clone(),
+                _ => Vec::new(),
+            };
+            Some(LiveEvent {
+                sequence,
+                frame: Some(frame.into()),
+                removed,
+            })
+        }
+        Err(error) => match serde_json::from_slice::<SequenceOnly>(payload) {
+            Ok(s) => {
+                tracing::debug!(%chat, %error, sequence = s.sequence, "live event not renderable here; will read it from PostgreSQL");
+                Some(LiveEvent {
+                    sequence: s.sequence,
+                    frame: None,
+                    removed: Vec::new(),
+                })
+            }
+            Err(_) => {
+                tracing::warn!(%chat, %error, "undecodable live event; ignored");
+                None
+            }
+        },
+    }
+}
+
+fn typing_item(chat: ChatId, payload: &[u8]) -> Option<LiveItem> {
+    let typing: Typing = serde_json::from_slice(payload).ok()?;
+    if typing.chat_id != chat {
+        return None;
+    }
+    Some(LiveItem::Typing {
+        user_id: typing.user_id,
+        frame: typing_frame(&typing),
+    })
+}
+
+// The maps are only touched in short non-async sections; a panic while holding one leaves
+// plain data behind, so a poisoned lock is still safe to use.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,150 @@
+//! Who is connected to this process: connections per user (for the per-user limit) and per
+//! device (so a revoked device's sockets close at once).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use parley_schemas::{DeviceId, UserId};
+
+use crate::hub::ConnId;
+use crate::stop::{StopReason, Stopper};
+
+pub(crate) struct Registry {
+    max_per_user: usize,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    users: HashMap<UserId, usize>,
+    devices: HashMap<DeviceId, HashMap<ConnId, Arc<Stopper>>>,
+}
+
+/// A reserved connection slot of a user; released on drop.
+pub(crate) struct Slot {
+    registry: Arc<Registry>,
+    user: UserId,
+}
+
+/// A connection listed under its device; unlisted on drop.
+pub(crate) struct Listing {
+    registry: Arc<Registry>,
+    device: DeviceId,
+    conn: ConnId,
+}
+
+impl Registry {
+    pub(crate) fn new(max_per_user: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max_per_user,
+            inner: Mutex::new(Inner::default()),
+        })
+    }
+
+    /// Takes one of the user's connection slots, or `None` when all are in use.
+    pub(crate) fn reserve(self: &Arc<Self>, user: UserId) -> Option<Slot> {
+        let mut inner = self.lock();
+        let count = inner.users.entry(user).or_insert(0);
+        if *count >= self.max_per_user {
+            return None;
+        }
+        *count += 1;
+        Some(Slot {
+            registry: Arc::clone(self),
+            user,
+        })
+    }
+
+    pub(crate) fn list(
+        self: &Arc<Self>,
+        device: DeviceId,
+        conn: ConnId,
+        stopper: Arc<Stopper>,
+    ) -> Listing {
+        self.lock()
+            .devices
+            .entry(device)
+            .or_default()
+            .insert(conn, stopper);
+        Listing {
+            registry: Arc::clone(self),
+            device,
+            conn,
+        }
+    }
+
+    /// Stops every connection of the device; returns how many there were.
+    pub(crate) fn revoke(&self, device: DeviceId) -> usize {
+        let inner = self.lock();
+        let Some(conns) = inner.devices.get(&device) else {
+            return 0;
+        };
+        for stopper in conns.values() {
+            stopper.stop(StopReason::Revoked);
+        }
+        conns.len()
+    }
+
+    // Never held across an await; a poisoned map is still consistent plain data.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut inner = self.registry.lock();
+        if let Some(count) = inner.users.get_mut(&self.user) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                inner.users.remove(&self.user);
+            }
+        }
+    }
+}
+
+impl Drop for Listing {
+    fn drop(&mut self) {
+        let mut inner = self.registry.lock();
+        if let Some(conns) = inner.devices.get_mut(&self.device) {
+            conns.remove(&self.conn);
+            if conns.is_empty() {
+                inner.devices.remove(&self.device);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_util::sync::CancellationToken;
+
+    #[test]
+    fn slots_are_limited_per_user_and_released_on_drop() {
+        let r = Registry::new(2);
+        let u = UserId::new();
+        let a = r.reserve(u).unwrap();
+        let _b = r.reserve(u).unwrap();
+        assert!(r.reserve(u).is_none());
+        assert!(r.reserve(UserId::new()).is_some(), "other users are not affected");
+        drop(a);
+        assert!(r.reserve(u).is_some());
+    }
+
+    #[test]
+    fn revoking_a_device_stops_its_listed_connections_only() {
+        let r = Registry::new(5);
+        let (d1, d2) = (DeviceId::new(), DeviceId::new());
+        let s1 = Arc::new(Stopper::new(CancellationToken::new()));
+        let s2 = Arc::new(Stopper::new(CancellationToken::new()));
+        let _l1 = r.list(d1, 1, Arc::clone(&s1));
+        let l2 = r.list(d2, 2, Arc::clone(&s2));
+        assert_eq!(r.revoke(d1), 1);
+        assert!(s1.token().is_cancelled());
+        assert_eq!(s1.reason(), StopReason::Revoked);
+        assert!(!s2.token().is_cancelled());
+        drop(l2);
+        assert_eq!(r.revoke(d2), 0);
+    }
+}

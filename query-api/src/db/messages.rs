@@ -1,0 +1,147 @@
+//! Reads of `messages`: history pages and single messages, as `MessageView`s.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use parley_schemas::frames::{AttachmentView, MessageView};
+use parley_schemas::{ChatId, MessageId, UserId};
+use sqlx::types::Json;
+use sqlx::{FromRow, PgExecutor, PgPool};
+use uuid::Uuid;
+
+use super::{bound, seq};
+
+/// The columns every message read selects, in `MessageRow` order.
+pub(crate) const MESSAGE_COLUMNS: &str =
+    "message_id, sequence, sender_id, body, reply_to, attachments, sent_at, edited_at, deleted";
+
+#[derive(FromRow)]
+pub(crate) struct MessageRow {
+    message_id: Uuid,
+    sequence: i64,
+    sender_id: Uuid,
+    body: Option<String>,
+    reply_to: Option<Uuid>,
+    attachments: Json<serde_json::Value>,
+    sent_at: DateTime<Utc>,
+    edited_at: Option<DateTime<Utc>>,
+    deleted: bool,
+}
+
+impl MessageRow {
+    pub(crate) fn into_view(self) -> MessageView {
+        let message_id = MessageId::from_uuid(self.message_id);
+        MessageView {
+            message_id,
+            sequence: seq(self.sequence),
+            sender_id: UserId::from_uuid(self.sender_id),
+            // The projector clears the body on deletion; this makes sure no read can show one.
+            body: if self.deleted { None } else { self.body },
+            reply_to: self.reply_to.map(MessageId::from_uuid),
+            attachments: attachments(message_id, self.attachments.0),
+            sent_at: self.sent_at,
+            edited_at: self.edited_at,
+            deleted: self.deleted,
+            // Reactions are not projected yet.
+            reactions: BTreeMap::new(),
+        }
+    }
+}
+
+/// The `attachments` column is a JSON array of `AttachmentView`s. One malformed value must not
+/// make a whole history page fail, so it is logged and shown as no attachments.
+fn attachments(message_id: MessageId, value: serde_json::Value) -> Vec<AttachmentView> {
+    match serde_json::from_value(value) {
+        Ok(list) => list,
+        Err(error) => {
+            tracing::warn!(%message_id, %error, "unreadable attachments in the read model");
+            Vec::new()
+        }
+    }
+}
+
+/// Where a history page starts and which way it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cursor {
+    /// The newest messages with a sequence below the bound (`u64::MAX`: the newest of all).
+    Before(u64),
+    /// The oldest messages with a sequence above the bound.
+    After(u64),
+}
+
+/// One page of history, oldest first; `has_more` says whether the page's direction goes on.
+pub(crate) struct Page {
+    pub messages: Vec<MessageView>,
+    pub has_more: bool,
+}
+
+/// Keyset pagination over the primary key `(chat_id, sequence)`: one index range scan, the
+/// page size plus one row to learn `has_more`.
+pub(crate) async fn page(
+    pg: &PgPool,
+    chat: ChatId,
+    cursor: Cursor,
+    limit: u32,
+) -> Result<Page, sqlx::Error> {
+    let (sql, bound_seq) = match cursor {
+        Cursor::Before(s) => (
+            format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = $1 AND sequence < $2 \
+                 ORDER BY sequence DESC LIMIT $3"
+            ),
+            bound(s),
+        ),
+        Cursor::After(s) => (
+            format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = $1 AND sequence > $2 \
+                 ORDER BY sequence ASC LIMIT $3"
+            ),
+            bound(s),
+        ),
+    };
+    let mut rows: Vec<MessageRow> = sqlx::query_as(&sql)
+        .bind(chat.as_uuid())
+        .bind(bound_seq)
+        .bind(i64::from(limit) + 1)
+        .fetch_all(pg)
+        .await?;
+    let has_more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    if matches!(cursor, Cursor::Before(_)) {
+        rows.reverse();
+    }
+    Ok(Page {
+        messages: rows.into_iter().map(MessageRow::into_view).collect(),
+        has_more,
+    })
+}
+
+/// The messages at the given `(chat, sequence)` positions, in no particular order.
+pub(crate) async fn at_positions<'e>(
+    db: impl PgExecutor<'e>,
+    positions: &[(ChatId, i64)],
+) -> Result<Vec<(ChatId, MessageView)>, sqlx::Error> {
+    if positions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let chats: Vec<Uuid> = positions.iter().map(|(c, _)| *c.as_uuid()).collect();
+    let seqs: Vec<i64> = positions.iter().map(|(_, s)| *s).collect();
+    #[derive(FromRow)]
+    struct Located {
+        chat_id: Uuid,
+        #[sqlx(flatten)]
+        message: MessageRow,
+    }
+    let rows: Vec<Located> = sqlx::query_as(&format!(
+        "SELECT chat_id, {MESSAGE_COLUMNS} FROM messages \
+         WHERE (chat_id, sequence) IN (SELECT * FROM unnest($1::uuid[], $2::bigint[]))"
+    ))
+    .bind(chats)
+    .bind(seqs)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (ChatId::from_uuid(r.chat_id), r.message.into_view()))
+        .collect())
+}

@@ -1,0 +1,58 @@
+//! Reads of `users` and `devices`: who the caller is.
+
+use chrono::{DateTime, Utc};
+use parley_schemas::{DeviceId, UserId};
+use sqlx::{FromRow, PgPool};
+use uuid::Uuid;
+
+use crate::me::{DeviceView, MeView};
+
+#[derive(FromRow)]
+struct UserRow {
+    user_id: Uuid,
+    handle: String,
+    display_name: String,
+}
+
+#[derive(FromRow)]
+struct DeviceRow {
+    device_id: Uuid,
+    device_name: String,
+    platform: Option<String>,
+    created_at: DateTime<Utc>,
+}
+
+/// The user with its active devices, oldest first; `None` while the user is not projected.
+pub(crate) async fn me(pg: &PgPool, user: UserId) -> Result<Option<MeView>, sqlx::Error> {
+    let mut tx = super::snapshot(pg).await?;
+    let row: Option<UserRow> =
+        sqlx::query_as("SELECT user_id, handle, display_name FROM users WHERE user_id = $1")
+            .bind(user.as_uuid())
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let devices: Vec<DeviceRow> = sqlx::query_as(
+        "SELECT device_id, device_name, platform, created_at FROM devices \
+         WHERE user_id = $1 AND removed_at IS NULL ORDER BY created_at, device_id",
+    )
+    .bind(user.as_uuid())
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Some(MeView {
+        user_id: UserId::from_uuid(row.user_id),
+        handle: row.handle,
+        display_name: row.display_name,
+        devices: devices
+            .into_iter()
+            .map(|d| DeviceView {
+                device_id: DeviceId::from_uuid(d.device_id),
+                device_name: d.device_name,
+                platform: d.platform,
+                created_at: d.created_at,
+            })
+            .collect(),
+    }))
+}

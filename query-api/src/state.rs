@@ -1,0 +1,35 @@
+//! `QueryState`: the cheap handles every query handler shares.
+
+use std::sync::Arc;
+
+use axum::extract::FromRef;
+use parley_platform::{Authenticator, Infra};
+use sqlx::PgPool;
+
+use crate::QueryConfig;
+
+#[derive(Clone)]
+pub(crate) struct QueryState {
+    /// The read models; every query is answered from here.
+    pub pg: PgPool,
+    /// Bearer-token checks; the `Principal` extractor finds it through `FromRef`.
+    pub auth: Authenticator,
+    /// Page sizes and the read-your-writes wait.
+    pub config: Arc<QueryConfig>,
+}
+
+impl QueryState {
+    pub fn new(infra: &Infra, config: QueryConfig) -> Self {
+        Self {
+            pg: infra.pg.clone(),
+            auth: infra.auth.clone(),
+            config: Arc::new(config),
+        }
+    }
+}
+
+impl FromRef<QueryState> for Authenticator {
+    fn from_ref(state: &QueryState) -> Authenticator {
+        state.auth.clone()
+    }
+}
