@@ -101,6 +101,7 @@ pub(crate) struct AttachmentDoc {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use std::collections::BTreeSet;
 

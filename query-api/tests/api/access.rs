@@ -21,7 +21,9 @@ async fn chat_routes_return_404_when_caller_is_not_a_member_exactly_as_for_unkno
     let alice = app.user("alice").await;
     let mallory = app.user("mallory").await;
     let token = app.login(mallory, "laptop").await;
-    let chat = app.chat("group", Some("private"), &[(alice, "admin")]).await;
+    let chat = app
+        .chat("group", Some("private"), &[(alice, "admin")])
+        .await;
     app.message(chat, alice, "secret").await;
 
     for (route, unknown) in chat_routes(&chat.to_string())
@@ -42,7 +44,9 @@ async fn chat_routes_return_404_when_caller_has_left_the_chat() {
     let alice = app.user("alice").await;
     let bob = app.user("bob").await;
     let token = app.login(bob, "phone").await;
-    let chat = app.chat("group", None, &[(alice, "admin"), (bob, "member")]).await;
+    let chat = app
+        .chat("group", None, &[(alice, "admin"), (bob, "member")])
+        .await;
     app.get_json(&format!("/v1/chats/{chat}"), &token).await;
     let left = app.bump(chat).await;
     sqlx::query("UPDATE members SET left_seq = $3 WHERE chat_id = $1 AND user_id = $2")
@@ -69,7 +73,15 @@ async fn chat_routes_return_404_for_chat_ids_that_are_not_canonical_uuids() {
     let braced = format!("{{{chat}}}");
     let simple = chat.as_uuid().simple().to_string();
 
-    for id in ["abc", "*", "a.b", ">", "%20", braced.as_str(), simple.as_str()] {
+    for id in [
+        "abc",
+        "*",
+        "a.b",
+        ">",
+        "%20",
+        braced.as_str(),
+        simple.as_str(),
+    ] {
         for route in chat_routes(id) {
             assert_problem(app.get(&route, &token).await, StatusCode::NOT_FOUND).await;
         }
@@ -95,7 +107,13 @@ async fn every_route_returns_401_without_a_valid_bearer_token() {
         let url = format!("{}{route}", app.base);
         let none = app.http.get(&url).send().await.unwrap();
         assert_problem(none, StatusCode::UNAUTHORIZED).await;
-        let bad = app.http.get(&url).bearer_auth("not-a-token").send().await.unwrap();
+        let bad = app
+            .http
+            .get(&url)
+            .bearer_auth("not-a-token")
+            .send()
+            .await
+            .unwrap();
         assert_problem(bad, StatusCode::UNAUTHORIZED).await;
         let basic = app
             .http
@@ -126,7 +144,9 @@ async fn a_revoked_token_stops_working() {
     parley_test_support::eventually(
         std::time::Duration::from_secs(5),
         "the revoked token to be refused",
-        || async { (app.get("/v1/me", &token).await.status() == StatusCode::UNAUTHORIZED).then_some(()) },
+        || async {
+            (app.get("/v1/me", &token).await.status() == StatusCode::UNAUTHORIZED).then_some(())
+        },
     )
     .await;
 }

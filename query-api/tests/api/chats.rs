@@ -12,9 +12,15 @@ async fn chat_list_shows_current_chats_by_recent_activity_with_unread_counts_and
     let group = app
         .chat("group", Some("team"), &[(alice, "admin"), (bob, "member")])
         .await;
-    let dm = app.chat("dm", None, &[(alice, "member"), (bob, "member")]).await;
-    let empty = app.chat("channel", Some("news"), &[(alice, "member")]).await;
-    let left = app.chat("group", Some("left"), &[(alice, "member"), (bob, "admin")]).await;
+    let dm = app
+        .chat("dm", None, &[(alice, "member"), (bob, "member")])
+        .await;
+    let empty = app
+        .chat("channel", Some("news"), &[(alice, "member")])
+        .await;
+    let left = app
+        .chat("group", Some("left"), &[(alice, "member"), (bob, "admin")])
+        .await;
     let others = app.chat("dm", None, &[(bob, "member")]).await;
 
     // group: bob 3, alice 1, one of bob's deleted; alice has read bob's first.
@@ -22,19 +28,23 @@ async fn chat_list_shows_current_chats_by_recent_activity_with_unread_counts_and
     app.message(group, alice, "a1").await;
     let deleted = app.message(group, bob, "b2").await;
     app.message(group, bob, "b3").await;
-    sqlx::query("UPDATE messages SET deleted = true, body = NULL WHERE chat_id = $1 AND sequence = $2")
-        .bind(group.as_uuid())
-        .bind(deleted)
-        .execute(app.pg())
-        .await
-        .unwrap();
-    sqlx::query("UPDATE members SET read_up_to = $3, muted = true WHERE chat_id = $1 AND user_id = $2")
-        .bind(group.as_uuid())
-        .bind(alice.as_uuid())
-        .bind(first)
-        .execute(app.pg())
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE messages SET deleted = true, body = NULL WHERE chat_id = $1 AND sequence = $2",
+    )
+    .bind(group.as_uuid())
+    .bind(deleted)
+    .execute(app.pg())
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE members SET read_up_to = $3, muted = true WHERE chat_id = $1 AND user_id = $2",
+    )
+    .bind(group.as_uuid())
+    .bind(alice.as_uuid())
+    .bind(first)
+    .execute(app.pg())
+    .await
+    .unwrap();
     // The dm is the most recent activity; the chats alice left or never joined are not hers.
     app.message(left, bob, "after alice").await;
     let last = app.message(dm, bob, "hi alice").await;
@@ -49,7 +59,10 @@ async fn chat_list_shows_current_chats_by_recent_activity_with_unread_counts_and
     let list = app.get_json("/v1/chats", &token).await;
 
     let chats = list["chats"].as_array().unwrap();
-    let ids: Vec<&str> = chats.iter().map(|c| c["chat_id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = chats
+        .iter()
+        .map(|c| c["chat_id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, [dm.to_string(), group.to_string(), empty.to_string()]);
 
     let (d, g, e) = (&chats[0], &chats[1], &chats[2]);
@@ -63,7 +76,10 @@ async fn chat_list_shows_current_chats_by_recent_activity_with_unread_counts_and
     assert_eq!(d["muted"], false);
 
     assert_eq!(g["title"], "team");
-    assert_eq!(g["unread_count"], 1, "b3 only: b1 is read, a1 is alice's, b2 is deleted");
+    assert_eq!(
+        g["unread_count"], 1,
+        "b3 only: b1 is read, a1 is alice's, b2 is deleted"
+    );
     assert_eq!(g["muted"], true);
     assert_eq!(g["last_message"]["body"], "b3");
 

@@ -51,9 +51,14 @@ async fn min_sequence_never_reached_is_503_with_retry_after() {
     ] {
         let started = std::time::Instant::now();
         let res = app.get(&route, &token).await;
-        assert!(started.elapsed() >= Duration::from_millis(300), "{route} did not wait");
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "{route} did not wait"
+        );
         assert_eq!(
-            res.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+            res.headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()),
             Some("1"),
             "{route}"
         );
@@ -72,7 +77,9 @@ async fn min_sequence_reached_while_waiting_answers_with_the_new_state() {
     let mut pending = tokio::spawn(app.http.get(url).bearer_auth(&token).send());
     // Not a synchronisation sleep: the read must still be waiting, since sequence 2 is absent.
     assert!(
-        tokio::time::timeout(Duration::from_millis(150), &mut pending).await.is_err(),
+        tokio::time::timeout(Duration::from_millis(150), &mut pending)
+            .await
+            .is_err(),
         "answered before the read model reached min_sequence"
     );
     let seq = app.message(chat, alice, "just sent").await;
@@ -104,12 +111,14 @@ async fn min_sequence_lets_a_user_added_while_waiting_read_the_chat() {
         .execute(&mut *tx)
         .await
         .unwrap();
-    sqlx::query("INSERT INTO members (chat_id, user_id, role, joined_seq) VALUES ($1, $2, 'member', 2)")
-        .bind(chat.as_uuid())
-        .bind(bob.as_uuid())
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO members (chat_id, user_id, role, joined_seq) VALUES ($1, $2, 'member', 2)",
+    )
+    .bind(chat.as_uuid())
+    .bind(bob.as_uuid())
+    .execute(&mut *tx)
+    .await
+    .unwrap();
     tx.commit().await.unwrap();
 
     let res = pending.await.unwrap().unwrap();
@@ -127,7 +136,9 @@ async fn min_sequence_reached_still_returns_404_to_a_non_member() {
     let token = app.login(mallory, "laptop").await;
     let chat = app.chat("group", None, &[(alice, "admin")]).await;
 
-    let res = app.get(&format!("/v1/chats/{chat}/messages?min_sequence=1"), &token).await;
+    let res = app
+        .get(&format!("/v1/chats/{chat}/messages?min_sequence=1"), &token)
+        .await;
 
     assert_problem(res, StatusCode::NOT_FOUND).await;
 }

@@ -94,14 +94,22 @@ impl TestApp {
             .infra
             .buckets
             .sessions
-            .put(token_key(&token), serde_json::to_vec(&record).unwrap().into())
+            .put(
+                token_key(&token),
+                serde_json::to_vec(&record).unwrap().into(),
+            )
             .await
             .unwrap();
         token
     }
 
     /// A chat at sequence 1 (its creation) with `members` as (user, role).
-    pub async fn chat(&self, kind: &str, title: Option<&str>, members: &[(UserId, &str)]) -> ChatId {
+    pub async fn chat(
+        &self,
+        kind: &str,
+        title: Option<&str>,
+        members: &[(UserId, &str)],
+    ) -> ChatId {
         let chat = ChatId::new();
         let at = self.tick();
         sqlx::query(

@@ -12,7 +12,9 @@ async fn chat_with_120_messages(app: &TestApp) -> (String, ChatId, Vec<i64>) {
     let alice = app.user("alice").await;
     let bob = app.user("bob").await;
     let token = app.login(alice, "phone").await;
-    let chat = app.chat("group", None, &[(alice, "admin"), (bob, "member")]).await;
+    let chat = app
+        .chat("group", None, &[(alice, "admin"), (bob, "member")])
+        .await;
     let mut seqs = Vec::new();
     for i in 0..120 {
         let sender = if i % 3 == 0 { alice } else { bob };
@@ -27,7 +29,9 @@ async fn history_pages_backwards_from_the_newest_through_every_message_in_order(
     let app = spawn_app().await;
     let (token, chat, all) = chat_with_120_messages(&app).await;
 
-    let newest = app.get_json(&format!("/v1/chats/{chat}/messages"), &token).await;
+    let newest = app
+        .get_json(&format!("/v1/chats/{chat}/messages"), &token)
+        .await;
     assert_eq!(sequences(&newest), all[70..]);
     assert_eq!(newest["has_more"], true);
 
@@ -36,7 +40,10 @@ async fn history_pages_backwards_from_the_newest_through_every_message_in_order(
     while has_more {
         let before = read[0];
         let page = app
-            .get_json(&format!("/v1/chats/{chat}/messages?before={before}&limit=50"), &token)
+            .get_json(
+                &format!("/v1/chats/{chat}/messages?before={before}&limit=50"),
+                &token,
+            )
             .await;
         has_more = page["has_more"].as_bool().unwrap();
         read.splice(0..0, sequences(&page));
@@ -54,7 +61,10 @@ async fn history_pages_forwards_from_the_start_through_every_message_in_order() 
     let mut pages = 0;
     loop {
         let page = app
-            .get_json(&format!("/v1/chats/{chat}/messages?after={after}&limit=50"), &token)
+            .get_json(
+                &format!("/v1/chats/{chat}/messages?after={after}&limit=50"),
+                &token,
+            )
             .await;
         pages += 1;
         read.extend(sequences(&page));
@@ -67,7 +77,10 @@ async fn history_pages_forwards_from_the_start_through_every_message_in_order() 
     assert_eq!(read, all);
     let bodies: Vec<String> = (0..120).map(|i| format!("message {i}")).collect();
     let page = app
-        .get_json(&format!("/v1/chats/{chat}/messages?after=0&limit=200"), &token)
+        .get_json(
+            &format!("/v1/chats/{chat}/messages?after=0&limit=200"),
+            &token,
+        )
         .await;
     let got: Vec<&str> = page["messages"]
         .as_array()
@@ -85,16 +98,25 @@ async fn history_has_more_is_exact_at_the_page_boundary() {
     let path = |q: &str| format!("/v1/chats/{chat}/messages?{q}");
 
     let exact = app.get_json(&path("after=0&limit=120"), &token).await;
-    assert_eq!((sequences(&exact).len(), exact["has_more"].clone()), (120, json!(false)));
+    assert_eq!(
+        (sequences(&exact).len(), exact["has_more"].clone()),
+        (120, json!(false))
+    );
     let one_short = app.get_json(&path("after=0&limit=119"), &token).await;
     assert_eq!(one_short["has_more"], true);
     let newest = app.get_json(&path("limit=120"), &token).await;
     assert_eq!(newest["has_more"], false);
-    let before_first = app.get_json(&path(&format!("before={}", all[0])), &token).await;
+    let before_first = app
+        .get_json(&path(&format!("before={}", all[0])), &token)
+        .await;
     assert_eq!(before_first, json!({"messages": [], "has_more": false}));
-    let after_last = app.get_json(&path(&format!("after={}", all[119])), &token).await;
+    let after_last = app
+        .get_json(&path(&format!("after={}", all[119])), &token)
+        .await;
     assert_eq!(after_last, json!({"messages": [], "has_more": false}));
-    let before_2 = app.get_json(&path(&format!("before={}&limit=2", all[3])), &token).await;
+    let before_2 = app
+        .get_json(&path(&format!("before={}&limit=2", all[3])), &token)
+        .await;
     assert_eq!(sequences(&before_2), all[1..3]);
     assert_eq!(before_2["has_more"], true);
 }
@@ -128,7 +150,9 @@ async fn history_shows_messages_in_full_and_deleted_ones_without_body() {
         .await
         .unwrap();
 
-    let page = app.get_json(&format!("/v1/chats/{chat}/messages"), &token).await;
+    let page = app
+        .get_json(&format!("/v1/chats/{chat}/messages"), &token)
+        .await;
 
     let (k, g) = (&page["messages"][0], &page["messages"][1]);
     assert_eq!(k["body"], "kept");
@@ -162,12 +186,25 @@ async fn history_limit_of_zero_or_above_200_is_422() {
     let app = spawn_app().await;
     let (token, chat) = member_token_and_chat(&app).await;
 
-    for q in ["limit=0", "limit=201", "limit=99999999999", "before=5&limit=0", "after=1&limit=1000"] {
-        let res = app.get(&format!("/v1/chats/{chat}/messages?{q}"), &token).await;
+    for q in [
+        "limit=0",
+        "limit=201",
+        "limit=99999999999",
+        "before=5&limit=0",
+        "after=1&limit=1000",
+    ] {
+        let res = app
+            .get(&format!("/v1/chats/{chat}/messages?{q}"), &token)
+            .await;
         let body = assert_problem(res, StatusCode::UNPROCESSABLE_ENTITY).await;
-        assert!(body["detail"].as_str().unwrap().contains("limit"), "{q}: {body}");
+        assert!(
+            body["detail"].as_str().unwrap().contains("limit"),
+            "{q}: {body}"
+        );
     }
-    let max = app.get_json(&format!("/v1/chats/{chat}/messages?limit=200"), &token).await;
+    let max = app
+        .get_json(&format!("/v1/chats/{chat}/messages?limit=200"), &token)
+        .await;
     assert_eq!(sequences(&max), [2]);
 }
 
@@ -176,10 +213,18 @@ async fn history_with_before_and_after_together_is_400() {
     let app = spawn_app().await;
     let (token, chat) = member_token_and_chat(&app).await;
 
-    let res = app.get(&format!("/v1/chats/{chat}/messages?before=9&after=1"), &token).await;
+    let res = app
+        .get(
+            &format!("/v1/chats/{chat}/messages?before=9&after=1"),
+            &token,
+        )
+        .await;
 
     let body = assert_problem(res, StatusCode::BAD_REQUEST).await;
-    assert!(body["detail"].as_str().unwrap().contains("before"), "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("before"),
+        "{body}"
+    );
 }
 
 #[tokio::test]
@@ -196,8 +241,13 @@ async fn history_with_unparseable_parameters_is_400_naming_the_parameter() {
         ("limit=-5", "limit"),
         ("min_sequence=x", "min_sequence"),
     ] {
-        let res = app.get(&format!("/v1/chats/{chat}/messages?{q}"), &token).await;
+        let res = app
+            .get(&format!("/v1/chats/{chat}/messages?{q}"), &token)
+            .await;
         let body = assert_problem(res, StatusCode::BAD_REQUEST).await;
-        assert!(body["detail"].as_str().unwrap().contains(name), "{q}: {body}");
+        assert!(
+            body["detail"].as_str().unwrap().contains(name),
+            "{q}: {body}"
+        );
     }
 }

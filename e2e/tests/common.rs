@@ -1,0 +1,170 @@
+//! Boots a whole Parley (`parley up` in-process) on a private NATS server and a fresh
+//! database, and talks to it only through HTTP and WebSocket.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use parley::{App, Role, Settings};
+use parley_test_support::{NatsServer, TestDb};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+use tokio_util::sync::CancellationToken;
+
+pub struct TestApp {
+    pub base: String,
+    pub port: u16,
+    pub http: reqwest::Client,
+    pub shutdown: CancellationToken,
+    pub nats: NatsServer,
+    pub db: TestDb,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    let nats = NatsServer::start().await;
+    let db = TestDb::create().await;
+    let mut settings = Settings::default();
+    settings.infra.nats_url = nats.url();
+    settings.infra.database_url = db.url.clone();
+    settings.infra.pg_max_connections = 8;
+    settings.command.max_group_members = 5;
+    let shutdown = CancellationToken::new();
+    let app = App::build(settings, Role::All, SocketAddr::from(([127, 0, 0, 1], 0)), shutdown.clone())
+        .await
+        .expect("build app");
+    let port = app.port();
+    tokio::spawn(app.run_until_stopped());
+    TestApp {
+        base: format!("http://127.0.0.1:{port}"),
+        port,
+        http: reqwest::Client::new(),
+        shutdown,
+        nats,
+        db,
+    }
+}
+
+pub struct User {
+    pub user_id: String,
+    pub token: String,
+    pub device_id: String,
+    pub handle: String,
+}
+
+impl TestApp {
+    pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
+        let mut req = self.http.post(format!("{}{path}", self.base)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let res = req.send().await.expect("request");
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut req = self.http.get(format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let res = req.send().await.expect("request");
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn signup(&self, handle: &str) -> User {
+        let (s, body) = self
+            .post(
+                "/v1/users",
+                None,
+                json!({"handle": handle, "display_name": handle.to_uppercase(), "password": "correct horse"}),
+            )
+            .await;
+        assert_eq!(s, 201, "signup {handle}: {body}");
+        self.login(handle).await
+    }
+
+    pub async fn login(&self, handle: &str) -> User {
+        let (s, body) = self
+            .post(
+                "/v1/sessions",
+                None,
+                json!({"handle": handle, "password": "correct horse", "device_name": "laptop", "platform": "web"}),
+            )
+            .await;
+        assert_eq!(s, 201, "login {handle}: {body}");
+        User {
+            user_id: body["user_id"].as_str().unwrap().to_owned(),
+            token: body["token"].as_str().unwrap().to_owned(),
+            device_id: body["device_id"].as_str().unwrap().to_owned(),
+            handle: handle.to_owned(),
+        }
+    }
+
+    pub async fn group(&self, admin: &User, others: &[&User]) -> String {
+        let members: Vec<&str> = others.iter().map(|u| u.user_id.as_str()).collect();
+        let (s, body) = self
+            .post(
+                "/v1/chats",
+                Some(&admin.token),
+                json!({"kind": "group", "title": "team", "members": members}),
+            )
+            .await;
+        assert_eq!(s, 201, "create group: {body}");
+        body["chat_id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn socket(&self, token: &str) -> Socket {
+        let mut req = format!("ws://127.0.0.1:{}/v1/ws", self.port)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (ws, _) = tokio_tungstenite::connect_async(req).await.expect("websocket");
+        let mut socket = Socket { ws };
+        let ready = socket.next_frame(Duration::from_secs(5)).await.expect("ready frame");
+        assert_eq!(ready["type"], "ready", "{ready}");
+        socket
+    }
+}
+
+pub struct Socket {
+    pub ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+}
+
+impl Socket {
+    /// The next JSON text frame, or `None` if none arrives within `wait`.
+    pub async fn next_frame(&mut self, wait: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()??.ok()?;
+            match msg {
+                Message::Text(t) => return serde_json::from_str(&t).ok(),
+                Message::Close(_) => return None,
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next frame that is a chat event (`newMessage` / `chatUpdate`).
+    pub async fn next_event(&mut self, wait: Duration) -> Option<Value> {
+        loop {
+            let f = self.next_frame(wait).await?;
+            if f["type"] == "newMessage" || f["type"] == "chatUpdate" {
+                return Some(f);
+            }
+        }
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.ws.send(Message::text(v.to_string())).await.expect("send frame");
+    }
+}

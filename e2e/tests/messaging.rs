@@ -1,0 +1,147 @@
+//! The public contract end to end: sign-up → chat → messages over HTTP → live frames on the
+//! other member's socket → history pages; and what non-members and bad input get.
+
+mod common;
+
+use std::time::Duration;
+
+use common::spawn_app;
+use serde_json::json;
+
+#[tokio::test]
+async fn hundred_messages_arrive_live_in_order_and_read_back_complete_through_history() {
+    let app = spawn_app().await;
+    let ada = app.signup("ada").await;
+    let bob = app.signup("bob").await;
+    let eve = app.signup("eve").await;
+    let mut bob_ws = app.socket(&bob.token).await;
+    let mut eve_ws = app.socket(&eve.token).await;
+    let chat = app.group(&ada, &[&bob]).await;
+
+    let mut last_seq = 0;
+    for i in 0..100 {
+        let (s, body) = app
+            .post(
+                &format!("/v1/chats/{chat}/messages"),
+                Some(&ada.token),
+                json!({"body": format!("message {i}")}),
+            )
+            .await;
+        assert_eq!(s, 201, "{body}");
+        last_seq = body["sequence"].as_u64().unwrap();
+    }
+    assert_eq!(last_seq, 101, "created is 1, then 100 messages");
+
+    // Bob's socket: the chat's creation, then the 100 messages, contiguous and in order.
+    let mut expected = 1;
+    while expected <= 101 {
+        let f = bob_ws
+            .next_event(Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("frame {expected} never arrived"));
+        assert_eq!(f["chat_id"], chat.as_str());
+        let seq = f["sequence"].as_u64().unwrap();
+        if seq < expected {
+            continue; // a duplicate is allowed; clients drop them
+        }
+        assert_eq!(seq, expected, "gap or reorder: {f}");
+        if expected == 1 {
+            assert_eq!(f["type"], "chatUpdate");
+            assert_eq!(f["update"]["kind"], "created");
+        } else {
+            assert_eq!(f["type"], "newMessage");
+            assert_eq!(f["message"]["body"], format!("message {}", expected - 2));
+            assert_eq!(f["message"]["sender_id"], ada.user_id.as_str());
+        }
+        expected += 1;
+    }
+
+    // History, paged backwards 30 at a time, holds all 100 exactly once, in order.
+    let mut bodies = Vec::new();
+    let mut before: Option<u64> = None;
+    loop {
+        let q = match before {
+            Some(b) => format!("before={b}&limit=30&min_sequence=101"),
+            None => "limit=30&min_sequence=101".into(),
+        };
+        let (s, page) = app.get(&format!("/v1/chats/{chat}/messages?{q}"), Some(&bob.token)).await;
+        assert_eq!(s, 200, "{page}");
+        let msgs = page["messages"].as_array().unwrap();
+        let mut chunk: Vec<String> = msgs.iter().map(|m| m["body"].as_str().unwrap().to_owned()).collect();
+        chunk.extend(bodies);
+        bodies = chunk;
+        if !page["has_more"].as_bool().unwrap() {
+            break;
+        }
+        before = msgs.first().map(|m| m["sequence"].as_u64().unwrap());
+    }
+    let want: Vec<String> = (0..100).map(|i| format!("message {i}")).collect();
+    assert_eq!(bodies, want);
+
+    // Eve is not a member: 404 everywhere, and no frame of this chat ever reached her.
+    for path in [
+        format!("/v1/chats/{chat}"),
+        format!("/v1/chats/{chat}/messages"),
+    ] {
+        let (s, body) = app.get(&path, Some(&eve.token)).await;
+        assert_eq!(s, 404, "{path}: {body}");
+    }
+    let (s, _) = app
+        .post(&format!("/v1/chats/{chat}/messages"), Some(&eve.token), json!({"body": "hi"}))
+        .await;
+    assert_eq!(s, 404);
+    let (s, _) = app
+        .post(&format!("/v1/chats/{chat}/participants"), Some(&eve.token), json!({"add": [eve.user_id]}))
+        .await;
+    assert_eq!(s, 404);
+    assert!(
+        eve_ws.next_event(Duration::from_millis(300)).await.is_none(),
+        "a non-member received a frame"
+    );
+}
+
+#[tokio::test]
+async fn a_member_added_later_gets_live_frames_from_the_event_that_added_them() {
+    let app = spawn_app().await;
+    let ada = app.signup("ada").await;
+    let bob = app.signup("bob").await;
+    let chat = app.group(&ada, &[]).await;
+    let mut bob_ws = app.socket(&bob.token).await;
+    let (s, body) = app
+        .post(&format!("/v1/chats/{chat}/participants"), Some(&ada.token), json!({"add": [bob.user_id]}))
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["sequence"], 2);
+    app.post(&format!("/v1/chats/{chat}/messages"), Some(&ada.token), json!({"body": "welcome"}))
+        .await;
+    let first = bob_ws.next_event(Duration::from_secs(10)).await.expect("added frame");
+    assert_eq!(first["sequence"], 2);
+    assert_eq!(first["update"]["kind"], "participants_modified");
+    let second = bob_ws.next_event(Duration::from_secs(10)).await.expect("message frame");
+    assert_eq!(second["sequence"], 3);
+    assert_eq!(second["message"]["body"], "welcome");
+}
+
+#[tokio::test]
+async fn chat_list_and_detail_reflect_members_and_unread_messages() {
+    let app = spawn_app().await;
+    let ada = app.signup("ada").await;
+    let bob = app.signup("bob").await;
+    let chat = app.group(&ada, &[&bob]).await;
+    let (_, sent) = app
+        .post(&format!("/v1/chats/{chat}/messages"), Some(&ada.token), json!({"body": "one"}))
+        .await;
+    let seq = sent["sequence"].as_u64().unwrap();
+    let (s, detail) = app.get(&format!("/v1/chats/{chat}?min_sequence={seq}"), Some(&bob.token)).await;
+    assert_eq!(s, 200, "{detail}");
+    assert_eq!(detail["members"].as_array().unwrap().len(), 2);
+    let (s, list) = app.get("/v1/chats", Some(&bob.token)).await;
+    assert_eq!(s, 200);
+    let entry = &list["chats"][0];
+    assert_eq!(entry["chat_id"], chat.as_str());
+    assert_eq!(entry["unread_count"], 1);
+    assert_eq!(entry["last_message"]["body"], "one");
+    let (s, me) = app.get("/v1/me", Some(&bob.token)).await;
+    assert_eq!(s, 200, "{me}");
+    assert_eq!(me["handle"], "bob");
+}

@@ -1,0 +1,218 @@
+//! The connection contract of `GET /v1/ws`: authentication, limits, client frames, revocation,
+//! slow consumers, idle and shutdown — against a real NATS server and PostgreSQL.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use parley_push_gateway::GatewayConfig;
+use serde_json::json;
+use support::{Ended, Harness, WAIT};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+#[tokio::test]
+async fn header_auth_gets_ready_with_the_user_and_device() {
+    let h = Harness::start().await;
+    let d = h.login().await;
+    let mut c = h.connect_raw(Some(&d.token)).await.unwrap();
+    let ready = c.next_json().await;
+    assert_eq!(
+        ready,
+        json!({"type": "ready", "user_id": d.user, "device_id": d.device})
+    );
+}
+
+#[tokio::test]
+async fn first_frame_auth_gets_ready_with_the_user_and_device() {
+    let h = Harness::start().await;
+    let d = h.login().await;
+    let mut c = h.connect_raw(None).await.unwrap();
+    c.send_json(json!({"type": "auth", "token": d.token})).await;
+    let ready = c.next_json().await;
+    assert_eq!(
+        ready,
+        json!({"type": "ready", "user_id": d.user, "device_id": d.device})
+    );
+}
+
+#[tokio::test]
+async fn a_bad_header_token_is_refused_with_401_problem_json_before_upgrading() {
+    let h = Harness::start().await;
+    let err = h.connect_raw(Some("not-a-token")).await.err().unwrap();
+    let tungstenite::Error::Http(response) = err else {
+        panic!("expected an HTTP refusal, got {err:?}");
+    };
+    assert_eq!(response.status(), 401);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body: serde_json::Value = serde_json::from_slice(response.body().as_ref().unwrap()).unwrap();
+    assert_eq!(body["status"], 401);
+}
+
+#[tokio::test]
+async fn a_bad_first_frame_token_gets_an_unauthorized_error_and_close_4401() {
+    let h = Harness::start().await;
+    let mut c = h.connect_raw(None).await.unwrap();
+    c.send_json(json!({"type": "auth", "token": "nope"})).await;
+    let err = c.next_json().await;
+    assert_eq!(err["type"], "error");
+    assert_eq!(err["code"], "unauthorized");
+    assert_eq!(c.close_code().await, 4401);
+}
+
+#[tokio::test]
+async fn a_first_frame_that_is_not_auth_gets_unauthorized_and_close_4401() {
+    let h = Harness::start().await;
+    let mut c = h.connect_raw(None).await.unwrap();
+    c.send_json(json!({"type": "ping"})).await;
+    assert_eq!(c.next_json().await["code"], "unauthorized");
+    assert_eq!(c.close_code().await, 4401);
+}
+
+#[tokio::test]
+async fn no_auth_frame_within_the_auth_timeout_closes_with_4401() {
+    let h = Harness::with_config(GatewayConfig {
+        auth_timeout: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await;
+    let mut c = h.connect_raw(None).await.unwrap();
+    assert_eq!(c.next_json().await["code"], "unauthorized");
+    assert_eq!(c.close_code().await, 4401);
+}
+
+#[tokio::test]
+async fn ping_is_answered_with_pong() {
+    let h = Harness::start().await;
+    let d = h.login().await;
+    let mut c = h.connect(&d).await;
+    c.send_json(json!({"type": "ping"})).await;
+    assert_eq!(c.next_json().await, json!({"type": "pong"}));
+}
+
+#[tokio::test]
+async fn malformed_unknown_and_binary_frames_get_bad_frame_errors_and_the_connection_stays_open() {
+    let h = Harness::start().await;
+    let d = h.login().await;
+    let mut c = h.connect(&d).await;
+    for bad in [
+        Message::text("{not json"),
+        Message::text(r#"{"type":"dance"}"#),
+        Message::text(r#"{"type":"ack","chat_id":"x","sequence":1}"#),
+        Message::binary(vec![1u8, 2, 3]),
+    ] {
+        c.send(bad).await;
+        let err = c.next_json().await;
+        assert_eq!(err["type"], "error", "{err}");
+        assert_eq!(err["code"], "bad_frame", "{err}");
+        assert!(err["detail"].is_string());
+    }
+    c.send_json(json!({"type": "ping"})).await;
+    assert_eq!(c.next_json().await["type"], "pong");
+}
+
+#[tokio::test]
+async fn an_oversized_frame_closes_with_1009() {
+    let h = Harness::with_config(GatewayConfig {
+        max_frame_bytes: 1024,
+        ..Default::default()
+    })
+    .await;
+    let d = h.login().await;
+    let mut c = h.connect(&d).await;
+    c.send(Message::text("x".repeat(4096))).await;
+    let (ended, _) = c.until_closed(WAIT).await;
+    match ended {
+        Ended::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1009),
+        other => panic!("expected close 1009, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_revoked_device_is_closed_with_4401_and_other_devices_stay() {
+    let h = Harness::start().await;
+    let d = h.login().await;
+    let other = h.login_as(d.user).await;
+    let mut c = h.connect(&d).await;
+    let mut o = h.connect(&other).await;
+    h.notify(
+        "notify.devices.revoked".into(),
+        json!({"device_id": d.device}),
+    )
+    .await;
+    assert_eq!(c.close_code().await, 4401);
+    o.send_json(json!({"type": "ping"})).await;
+    assert_eq!(o.next_json().await["type"], "pong");
+}
+
+#[tokio::test]
+async fn connections_over_the_per_user_limit_get_429_with_retry_after() {
+    let h = Harness::with_config(GatewayConfig {
+        max_connections_per_user: 1,
+        ..Default::default()
+    })
+    .await;
+    let d = h.login().await;
+    let _first = h.connect(&d).await;
+    let err = h.connect_raw(Some(&d.token)).await.err().unwrap();
+    let tungstenite::Error::Http(response) = err else {
+        panic!("expected an HTTP refusal, got {err:?}");
+    };
+    assert_eq!(response.status(), 429);
+    assert!(response.headers().contains_key("retry-after"));
+    // Another user is not affected.
+    let someone = h.login().await;
+    h.connect(&someone).await;
+}
+
+#[tokio::test]
+async fn a_connection_without_client_frames_is_closed_after_the_idle_timeout() {
+    let h = Harness::with_config(GatewayConfig {
+        idle_timeout: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await;
+    let d = h.login().await;
+    let mut c = h.connect(&d).await;
+    assert_eq!(c.close_code().await, 4408);
+}
+
+#[tokio::test]
+async fn shutdown_closes_sockets_with_going_away() {
+    let h = Harness::start().await;
+    let d = h.login().await;
+    let mut c = h.connect(&d).await;
+    h.stack.infra.shutdown.cancel();
+    assert_eq!(c.close_code().await, 1001);
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_disconnected_as_a_slow_consumer() {
+    let h = Harness::with_config(GatewayConfig {
+        queue_frames: 4,
+        ..Default::default()
+    })
+    .await;
+    let alice = h.login().await;
+    let chat = h.create_chat(alice.user, &[]).await;
+    let mut c = h.connect_small_buffer(&alice).await;
+    // Far more than the socket buffers hold; the client reads nothing meanwhile.
+    let body = "x".repeat(3000);
+    let total = 3000u64;
+    for seq in 2..=total {
+        h.to_nats(&chat.message(seq, alice.user, &body)).await;
+    }
+    let (ended, frames) = c.until_closed(Duration::from_secs(30)).await;
+    assert!(
+        (frames as u64) < total,
+        "the server cut the client off instead of buffering (got {frames} frames)"
+    );
+    if let Ended::Close(Some(frame)) = &ended {
+        assert_eq!(u16::from(frame.code), 1008);
+        assert_eq!(frame.reason.as_str(), "slow consumer");
+    }
+}
