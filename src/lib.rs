@@ -68,13 +68,17 @@ impl App {
             .route("/healthz", get(|| async { "ok" }))
             .route("/v1/openapi.json", get(|| async { axum::Json(openapi()) }));
         if matches!(role, Role::All | Role::CommandApi) {
-            router = router.merge(parley_command_api::router(&infra, settings.command.clone()).await?);
+            router =
+                router.merge(parley_command_api::router(&infra, settings.command.clone()).await?);
         }
         if matches!(role, Role::All | Role::QueryApi) {
             router = router.merge(parley_query_api::router(&infra, settings.query.clone()));
         }
         if matches!(role, Role::All | Role::PushGateway) {
-            router = router.merge(parley_push_gateway::router(&infra, settings.gateway.clone()));
+            router = router.merge(parley_push_gateway::router(
+                &infra,
+                settings.gateway.clone(),
+            ));
         }
         let router = router.fallback(parley_platform::problem::not_found_fallback);
         if role.runs_projectors() {

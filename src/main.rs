@@ -13,7 +13,7 @@ use parley_platform::InfraConfig;
 #[command(name = "parley", version, about = "Parley chat platform")]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Cmd,
     #[command(flatten)]
     opts: Opts,
 }
@@ -22,14 +22,28 @@ struct Cli {
 #[derive(clap::Args)]
 struct Opts {
     /// NATS server with JetStream.
-    #[arg(long, global = true, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        global = true,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     nats_url: String,
     /// PostgreSQL database of the read models.
-    #[arg(long, global = true, env = "DATABASE_URL",
-          default_value = "postgres://parley:parley@127.0.0.1:5432/parley")]
+    #[arg(
+        long,
+        global = true,
+        env = "DATABASE_URL",
+        default_value = "postgres://parley:parley@127.0.0.1:5432/parley"
+    )]
     database_url: String,
     /// PostgreSQL pool size per process.
-    #[arg(long, global = true, env = "PARLEY_PG_MAX_CONNECTIONS", default_value_t = 16)]
+    #[arg(
+        long,
+        global = true,
+        env = "PARLEY_PG_MAX_CONNECTIONS",
+        default_value_t = 16
+    )]
     pg_max_connections: u32,
     /// Retention of the CHATS stream (`0`: forever).
     #[arg(long, global = true, env = "PARLEY_CHATS_MAX_AGE", default_value = "30d", value_parser = parse_duration)]
@@ -47,15 +61,25 @@ struct Opts {
     #[arg(long, global = true, env = "PARLEY_REPLICAS", default_value_t = 1)]
     replicas: usize,
     /// Most members of a group.
-    #[arg(long, global = true, env = "PARLEY_MAX_GROUP_MEMBERS", default_value_t = 100)]
+    #[arg(
+        long,
+        global = true,
+        env = "PARLEY_MAX_GROUP_MEMBERS",
+        default_value_t = 100
+    )]
     max_group_members: usize,
     /// Most members of a channel.
-    #[arg(long, global = true, env = "PARLEY_MAX_CHANNEL_MEMBERS", default_value_t = 100_000)]
+    #[arg(
+        long,
+        global = true,
+        env = "PARLEY_MAX_CHANNEL_MEMBERS",
+        default_value_t = 100_000
+    )]
     max_channel_members: usize,
 }
 
 #[derive(Subcommand)]
-enum Command {
+enum Cmd {
     /// Every service in one process, on one address.
     Up {
         #[arg(long, env = "PARLEY_ADDR", default_value = "127.0.0.1:8080")]
@@ -115,20 +139,23 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = cli.opts.settings();
     let (role, addr) = match cli.command {
-        Command::Up { addr } => (Role::All, addr),
-        Command::CommandApi { addr } => (Role::CommandApi, addr),
-        Command::QueryApi { addr } => (Role::QueryApi, addr),
-        Command::PushGateway { addr } => (Role::PushGateway, addr),
-        Command::Projectors => (Role::Projectors, SocketAddr::from(([127, 0, 0, 1], 0))),
-        Command::Migrate => {
+        Cmd::Up { addr } => (Role::All, addr),
+        Cmd::CommandApi { addr } => (Role::CommandApi, addr),
+        Cmd::QueryApi { addr } => (Role::QueryApi, addr),
+        Cmd::PushGateway { addr } => (Role::PushGateway, addr),
+        Cmd::Projectors => (Role::Projectors, SocketAddr::from(([127, 0, 0, 1], 0))),
+        Cmd::Migrate => {
             let pool = parley_platform::pg_pool(&settings.infra.database_url, 2)
                 .await
                 .context("connect to PostgreSQL")?;
-            parley_platform::MIGRATOR.run(&pool).await.context("migrate")?;
+            parley_platform::MIGRATOR
+                .run(&pool)
+                .await
+                .context("migrate")?;
             tracing::info!("migrations applied");
             return Ok(());
         }
-        Command::Streams => {
+        Cmd::Streams => {
             let client = parley_nats::connect(&settings.infra.nats_url)
                 .await
                 .context("connect to NATS")?;
@@ -137,7 +164,7 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!("streams and buckets are in place");
             return Ok(());
         }
-        Command::Openapi => {
+        Cmd::Openapi => {
             let doc = parley::openapi().to_pretty_json()?;
             std::io::Write::write_all(&mut std::io::stdout(), doc.as_bytes())?;
             return Ok(());

@@ -65,9 +65,9 @@ impl ApiError {
             ApiError::Invalid(why) => Problem::invalid(why.clone()),
             ApiError::HandleTaken => Problem::conflict("that handle is taken"),
             ApiError::BadCredentials => Problem::unauthorized("unknown handle or wrong password"),
-            ApiError::IdempotencyMismatch => Problem::invalid(
-                "this Idempotency-Key was used with a different request",
-            ),
+            ApiError::IdempotencyMismatch => {
+                Problem::invalid("this Idempotency-Key was used with a different request")
+            }
             ApiError::Contended => Problem::conflict("too many concurrent changes; retry"),
             ApiError::Unavailable(cause) => {
                 tracing::warn!(%cause, "dependency unavailable");

@@ -34,7 +34,9 @@ impl IdempotencyKey {
             .to_str()
             .ok()
             .filter(|s| (1..=64).contains(&s.len()) && s.bytes().all(|b| (0x20..0x7f).contains(&b)))
-            .ok_or_else(|| Problem::bad_request("Idempotency-Key must be 1..64 printable ASCII characters"))?;
+            .ok_or_else(|| {
+                Problem::bad_request("Idempotency-Key must be 1..64 printable ASCII characters")
+            })?;
         Ok(Some(Self(s.to_owned())))
     }
 }
@@ -113,9 +115,12 @@ where
         Ok((status, body)) => Some((*status, body.clone())),
         Err(e) => {
             let p = e.problem();
-            (400..500)
-                .contains(&p.status)
-                .then(|| (StatusCode::from_u16(p.status).unwrap_or(StatusCode::BAD_REQUEST), serde_json::to_value(&p).unwrap_or(Value::Null)))
+            (400..500).contains(&p.status).then(|| {
+                (
+                    StatusCode::from_u16(p.status).unwrap_or(StatusCode::BAD_REQUEST),
+                    serde_json::to_value(&p).unwrap_or(Value::Null),
+                )
+            })
         }
     };
     if let Some((status, body)) = stored {
@@ -127,10 +132,10 @@ where
                 body,
             }),
         };
-        if let Ok(bytes) = serde_json::to_vec(&done) {
-            if let Err(e) = kv.put(record_key.as_str(), bytes.into()).await {
-                tracing::warn!(error = %e, "could not store idempotent answer");
-            }
+        if let Ok(bytes) = serde_json::to_vec(&done)
+            && let Err(e) = kv.put(record_key.as_str(), bytes.into()).await
+        {
+            tracing::warn!(error = %e, "could not store idempotent answer");
         }
     }
     result

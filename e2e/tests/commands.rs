@@ -1,13 +1,18 @@
 //! Command rules and bad input through the public HTTP API: problem+json, never a 5xx, never
 //! an event appended for a refused command.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 mod common;
 
 use common::spawn_app;
 use serde_json::{Value, json};
 
 fn is_problem(body: &Value) -> bool {
-    body["type"].is_string() && body["title"].is_string() && body["status"].is_u64() && body["detail"].is_string()
+    body["type"].is_string()
+        && body["title"].is_string()
+        && body["status"].is_u64()
+        && body["detail"].is_string()
 }
 
 #[tokio::test]
@@ -15,7 +20,11 @@ async fn signup_rejects_taken_handles_and_invalid_fields_with_problem_json() {
     let app = spawn_app().await;
     app.signup("ada").await;
     let (s, b) = app
-        .post("/v1/users", None, json!({"handle": "ada", "display_name": "A", "password": "12345678"}))
+        .post(
+            "/v1/users",
+            None,
+            json!({"handle": "ada", "display_name": "A", "password": "12345678"}),
+        )
         .await;
     assert_eq!(s, 409, "{b}");
     assert!(is_problem(&b));
@@ -29,7 +38,11 @@ async fn signup_rejects_taken_handles_and_invalid_fields_with_problem_json() {
         assert_eq!(s, 422, "{bad} -> {b}");
         assert!(is_problem(&b));
     }
-    for bad in [json!({"handle": "abc"}), json!({"handle": 5, "display_name": "A", "password": "12345678"}), json!([])] {
+    for bad in [
+        json!({"handle": "abc"}),
+        json!({"handle": 5, "display_name": "A", "password": "12345678"}),
+        json!([]),
+    ] {
         let (s, b) = app.post("/v1/users", None, bad.clone()).await;
         assert_eq!(s, 400, "{bad} -> {b}");
         assert!(is_problem(&b));
@@ -51,11 +64,19 @@ async fn login_fails_with_401_on_bad_credentials_and_409_on_a_sixth_device() {
     let app = spawn_app().await;
     app.signup("ada").await; // device 1
     let (s, _) = app
-        .post("/v1/sessions", None, json!({"handle": "ada", "password": "wrong password", "device_name": "x"}))
+        .post(
+            "/v1/sessions",
+            None,
+            json!({"handle": "ada", "password": "wrong password", "device_name": "x"}),
+        )
         .await;
     assert_eq!(s, 401);
     let (s, _) = app
-        .post("/v1/sessions", None, json!({"handle": "nobody", "password": "wrong password", "device_name": "x"}))
+        .post(
+            "/v1/sessions",
+            None,
+            json!({"handle": "nobody", "password": "wrong password", "device_name": "x"}),
+        )
         .await;
     assert_eq!(s, 401);
     let mut devices = Vec::new();
@@ -63,7 +84,11 @@ async fn login_fails_with_401_on_bad_credentials_and_409_on_a_sixth_device() {
         devices.push(app.login("ada").await);
     }
     let (s, b) = app
-        .post("/v1/sessions", None, json!({"handle": "ada", "password": "correct horse", "device_name": "six"}))
+        .post(
+            "/v1/sessions",
+            None,
+            json!({"handle": "ada", "password": "correct horse", "device_name": "six"}),
+        )
         .await;
     assert_eq!(s, 409, "{b}");
     // Removing one frees a slot, and its token stops working at once.
@@ -105,7 +130,10 @@ async fn the_same_idempotency_key_returns_the_same_answer_and_creates_nothing_ne
     let other = send("k-1", "different").await.unwrap();
     assert_eq!(other.status(), 422);
     let (_, page) = app
-        .get(&format!("/v1/chats/{chat}/messages?min_sequence=2"), Some(&bob.token))
+        .get(
+            &format!("/v1/chats/{chat}/messages?min_sequence=2"),
+            Some(&bob.token),
+        )
         .await;
     assert_eq!(page["messages"].as_array().unwrap().len(), 1, "{page}");
 }
@@ -116,11 +144,19 @@ async fn one_dm_per_pair_asking_again_returns_the_existing_one() {
     let ada = app.signup("ada").await;
     let bob = app.signup("bob").await;
     let (s, first) = app
-        .post("/v1/chats", Some(&ada.token), json!({"kind": "dm", "members": [bob.user_id]}))
+        .post(
+            "/v1/chats",
+            Some(&ada.token),
+            json!({"kind": "dm", "members": [bob.user_id]}),
+        )
         .await;
     assert_eq!(s, 201, "{first}");
     let (s, again) = app
-        .post("/v1/chats", Some(&bob.token), json!({"kind": "dm", "members": [ada.user_id]}))
+        .post(
+            "/v1/chats",
+            Some(&bob.token),
+            json!({"kind": "dm", "members": [ada.user_id]}),
+        )
         .await;
     assert_eq!(s, 200, "{again}");
     assert_eq!(first["chat_id"], again["chat_id"]);
@@ -138,12 +174,20 @@ async fn participants_rules_admins_only_limits_and_leaving() {
     let cat = app.signup("cat").await;
     let chat = app.group(&ada, &[&bob]).await;
     let path = format!("/v1/chats/{chat}/participants");
-    let (s, _) = app.post(&path, Some(&bob.token), json!({"add": [cat.user_id]})).await;
+    let (s, _) = app
+        .post(&path, Some(&bob.token), json!({"add": [cat.user_id]}))
+        .await;
     assert_eq!(s, 403);
-    let (s, _) = app.post(&path, Some(&bob.token), json!({"remove": [bob.user_id]})).await;
+    let (s, _) = app
+        .post(&path, Some(&bob.token), json!({"remove": [bob.user_id]}))
+        .await;
     assert_eq!(s, 200, "anyone may leave");
     let (s, _) = app
-        .post(&format!("/v1/chats/{chat}/messages"), Some(&bob.token), json!({"body": "still here?"}))
+        .post(
+            &format!("/v1/chats/{chat}/messages"),
+            Some(&bob.token),
+            json!({"body": "still here?"}),
+        )
         .await;
     assert_eq!(s, 404, "a member who left can no longer send");
     // The limit here is 5 members (set by spawn_app): ada plus five more is one too many.
@@ -151,10 +195,16 @@ async fn participants_rules_admins_only_limits_and_leaving() {
     for h in ["dan", "eli", "fay", "gus", "hal"] {
         extra.push(app.signup(h).await.user_id);
     }
-    let (s, b) = app.post(&path, Some(&ada.token), json!({"add": extra})).await;
+    let (s, b) = app
+        .post(&path, Some(&ada.token), json!({"add": extra}))
+        .await;
     assert_eq!(s, 422, "{b}");
     let (s, b) = app
-        .post(&path, Some(&ada.token), json!({"add": ["0190b7e2-6a4c-7b1a-9c1e-0b7f6c1d2e3f"]}))
+        .post(
+            &path,
+            Some(&ada.token),
+            json!({"add": ["0190b7e2-6a4c-7b1a-9c1e-0b7f6c1d2e3f"]}),
+        )
         .await;
     assert_eq!(s, 422, "unknown user: {b}");
 }
@@ -164,17 +214,39 @@ async fn bad_ids_tokens_and_bodies_get_4xx_problem_json_never_5xx() {
     let app = spawn_app().await;
     let ada = app.signup("ada").await;
     let chat = app.group(&ada, &[]).await;
-    for id in ["abc", "*", ">", "a.b", "chats.%3E", "%20", "0190b7e2-6a4c-7b1a-9c1e-0b7f6c1d2e3f.x"] {
+    for id in [
+        "abc",
+        "*",
+        ">",
+        "a.b",
+        "chats.%3E",
+        "%20",
+        "0190b7e2-6a4c-7b1a-9c1e-0b7f6c1d2e3f.x",
+    ] {
         let (s, b) = app
-            .post(&format!("/v1/chats/{id}/messages"), Some(&ada.token), json!({"body": "x"}))
+            .post(
+                &format!("/v1/chats/{id}/messages"),
+                Some(&ada.token),
+                json!({"body": "x"}),
+            )
             .await;
         assert_eq!(s, 404, "{id}: {b}");
         assert!(is_problem(&b));
     }
-    let (s, _) = app.post(&format!("/v1/chats/{chat}/messages"), None, json!({"body": "x"})).await;
+    let (s, _) = app
+        .post(
+            &format!("/v1/chats/{chat}/messages"),
+            None,
+            json!({"body": "x"}),
+        )
+        .await;
     assert_eq!(s, 401);
     let (s, _) = app
-        .post(&format!("/v1/chats/{chat}/messages"), Some("not-a-token"), json!({"body": "x"}))
+        .post(
+            &format!("/v1/chats/{chat}/messages"),
+            Some("not-a-token"),
+            json!({"body": "x"}),
+        )
         .await;
     assert_eq!(s, 401);
     for (body, want) in [
@@ -183,19 +255,39 @@ async fn bad_ids_tokens_and_bodies_get_4xx_problem_json_never_5xx() {
         (json!({"body": "x".repeat(4001)}), 422),
         (json!({"body": 7}), 400),
         (json!({}), 400),
-        (json!({"body": "x", "reply_to": "0190b7e2-6a4c-7b1a-9c1e-0b7f6c1d2e3f"}), 422),
+        (
+            json!({"body": "x", "reply_to": "0190b7e2-6a4c-7b1a-9c1e-0b7f6c1d2e3f"}),
+            422,
+        ),
         (json!({"body": "x", "reply_to": "nope"}), 400),
-        (json!({"body": "x", "attachments": vec!["0190b7e2-6a4c-7b1a-9c1e-0b7f6c1d2e3f"; 11]}), 422),
+        (
+            json!({"body": "x", "attachments": vec!["0190b7e2-6a4c-7b1a-9c1e-0b7f6c1d2e3f"; 11]}),
+            422,
+        ),
     ] {
-        let (s, b) = app.post(&format!("/v1/chats/{chat}/messages"), Some(&ada.token), body.clone()).await;
+        let (s, b) = app
+            .post(
+                &format!("/v1/chats/{chat}/messages"),
+                Some(&ada.token),
+                body.clone(),
+            )
+            .await;
         assert_eq!(s, want, "{body} -> {b}");
         assert!(is_problem(&b), "{b}");
     }
     let huge = json!({"body": "x".repeat(200_000)});
-    let (s, _) = app.post(&format!("/v1/chats/{chat}/messages"), Some(&ada.token), huge).await;
+    let (s, _) = app
+        .post(
+            &format!("/v1/chats/{chat}/messages"),
+            Some(&ada.token),
+            huge,
+        )
+        .await;
     assert_eq!(s, 413);
     // None of the refused commands appended anything: the chat is still at sequence 1.
-    let (_, detail) = app.get(&format!("/v1/chats/{chat}"), Some(&ada.token)).await;
+    let (_, detail) = app
+        .get(&format!("/v1/chats/{chat}"), Some(&ada.token))
+        .await;
     assert_eq!(detail["last_sequence"], 1, "{detail}");
 }
 
@@ -205,14 +297,28 @@ async fn a_reply_must_name_a_message_of_the_same_chat() {
     let ada = app.signup("ada").await;
     let one = app.group(&ada, &[]).await;
     let two = app.group(&ada, &[]).await;
-    let (_, sent) = app.post(&format!("/v1/chats/{one}/messages"), Some(&ada.token), json!({"body": "q"})).await;
+    let (_, sent) = app
+        .post(
+            &format!("/v1/chats/{one}/messages"),
+            Some(&ada.token),
+            json!({"body": "q"}),
+        )
+        .await;
     let target = sent["message_id"].as_str().unwrap();
     let (s, b) = app
-        .post(&format!("/v1/chats/{one}/messages"), Some(&ada.token), json!({"body": "a", "reply_to": target}))
+        .post(
+            &format!("/v1/chats/{one}/messages"),
+            Some(&ada.token),
+            json!({"body": "a", "reply_to": target}),
+        )
         .await;
     assert_eq!(s, 201, "{b}");
     let (s, _) = app
-        .post(&format!("/v1/chats/{two}/messages"), Some(&ada.token), json!({"body": "a", "reply_to": target}))
+        .post(
+            &format!("/v1/chats/{two}/messages"),
+            Some(&ada.token),
+            json!({"body": "a", "reply_to": target}),
+        )
         .await;
     assert_eq!(s, 422, "a reply across chats is refused");
 }
@@ -224,11 +330,21 @@ async fn openapi_document_is_served_and_names_every_route() {
     assert_eq!(s, 200);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
     for path in [
-        "/v1/users", "/v1/sessions", "/v1/devices/{device_id}", "/v1/chats", "/v1/chats/{chat_id}/participants",
-        "/v1/chats/{chat_id}/messages", "/v1/me", "/v1/chats/{chat_id}", "/v1/ws",
+        "/v1/users",
+        "/v1/sessions",
+        "/v1/devices/{device_id}",
+        "/v1/chats",
+        "/v1/chats/{chat_id}/participants",
+        "/v1/chats/{chat_id}/messages",
+        "/v1/me",
+        "/v1/chats/{chat_id}",
+        "/v1/ws",
     ] {
         assert!(doc["paths"][path].is_object(), "OpenAPI lacks {path}");
     }
     let checked_in: Value = serde_json::from_str(include_str!("../../docs/openapi.json")).unwrap();
-    assert_eq!(doc, checked_in, "docs/openapi.json is stale: run `cargo run -- openapi > docs/openapi.json`");
+    assert_eq!(
+        doc, checked_in,
+        "docs/openapi.json is stale: run `cargo run -- openapi > docs/openapi.json`"
+    );
 }

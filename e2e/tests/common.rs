@@ -1,7 +1,7 @@
 //! Boots a whole Parley (`parley up` in-process) on a private NATS server and a fresh
 //! database, and talks to it only through HTTP and WebSocket.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -37,9 +37,14 @@ pub async fn spawn_app() -> TestApp {
     settings.infra.pg_max_connections = 8;
     settings.command.max_group_members = 5;
     let shutdown = CancellationToken::new();
-    let app = App::build(settings, Role::All, SocketAddr::from(([127, 0, 0, 1], 0)), shutdown.clone())
-        .await
-        .expect("build app");
+    let app = App::build(
+        settings,
+        Role::All,
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        shutdown.clone(),
+    )
+    .await
+    .expect("build app");
     let port = app.port();
     tokio::spawn(app.run_until_stopped());
     TestApp {
@@ -128,16 +133,23 @@ impl TestApp {
             .unwrap();
         req.headers_mut()
             .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let (ws, _) = tokio_tungstenite::connect_async(req).await.expect("websocket");
+        let (ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .expect("websocket");
         let mut socket = Socket { ws };
-        let ready = socket.next_frame(Duration::from_secs(5)).await.expect("ready frame");
+        let ready = socket
+            .next_frame(Duration::from_secs(5))
+            .await
+            .expect("ready frame");
         assert_eq!(ready["type"], "ready", "{ready}");
         socket
     }
 }
 
 pub struct Socket {
-    pub ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    pub ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
 }
 
 impl Socket {
@@ -145,7 +157,10 @@ impl Socket {
     pub async fn next_frame(&mut self, wait: Duration) -> Option<Value> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let msg = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()??.ok()?;
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()??
+                .ok()?;
             match msg {
                 Message::Text(t) => return serde_json::from_str(&t).ok(),
                 Message::Close(_) => return None,
@@ -165,6 +180,9 @@ impl Socket {
     }
 
     pub async fn send(&mut self, v: Value) {
-        self.ws.send(Message::text(v.to_string())).await.expect("send frame");
+        self.ws
+            .send(Message::text(v.to_string()))
+            .await
+            .expect("send frame");
     }
 }

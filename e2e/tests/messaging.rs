@@ -1,6 +1,8 @@
 //! The public contract end to end: sign-up → chat → messages over HTTP → live frames on the
 //! other member's socket → history pages; and what non-members and bad input get.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 mod common;
 
 use std::time::Duration;
@@ -64,10 +66,15 @@ async fn hundred_messages_arrive_live_in_order_and_read_back_complete_through_hi
             Some(b) => format!("before={b}&limit=30&min_sequence=101"),
             None => "limit=30&min_sequence=101".into(),
         };
-        let (s, page) = app.get(&format!("/v1/chats/{chat}/messages?{q}"), Some(&bob.token)).await;
+        let (s, page) = app
+            .get(&format!("/v1/chats/{chat}/messages?{q}"), Some(&bob.token))
+            .await;
         assert_eq!(s, 200, "{page}");
         let msgs = page["messages"].as_array().unwrap();
-        let mut chunk: Vec<String> = msgs.iter().map(|m| m["body"].as_str().unwrap().to_owned()).collect();
+        let mut chunk: Vec<String> = msgs
+            .iter()
+            .map(|m| m["body"].as_str().unwrap().to_owned())
+            .collect();
         chunk.extend(bodies);
         bodies = chunk;
         if !page["has_more"].as_bool().unwrap() {
@@ -87,15 +94,26 @@ async fn hundred_messages_arrive_live_in_order_and_read_back_complete_through_hi
         assert_eq!(s, 404, "{path}: {body}");
     }
     let (s, _) = app
-        .post(&format!("/v1/chats/{chat}/messages"), Some(&eve.token), json!({"body": "hi"}))
+        .post(
+            &format!("/v1/chats/{chat}/messages"),
+            Some(&eve.token),
+            json!({"body": "hi"}),
+        )
         .await;
     assert_eq!(s, 404);
     let (s, _) = app
-        .post(&format!("/v1/chats/{chat}/participants"), Some(&eve.token), json!({"add": [eve.user_id]}))
+        .post(
+            &format!("/v1/chats/{chat}/participants"),
+            Some(&eve.token),
+            json!({"add": [eve.user_id]}),
+        )
         .await;
     assert_eq!(s, 404);
     assert!(
-        eve_ws.next_event(Duration::from_millis(300)).await.is_none(),
+        eve_ws
+            .next_event(Duration::from_millis(300))
+            .await
+            .is_none(),
         "a non-member received a frame"
     );
 }
@@ -108,16 +126,30 @@ async fn a_member_added_later_gets_live_frames_from_the_event_that_added_them() 
     let chat = app.group(&ada, &[]).await;
     let mut bob_ws = app.socket(&bob.token).await;
     let (s, body) = app
-        .post(&format!("/v1/chats/{chat}/participants"), Some(&ada.token), json!({"add": [bob.user_id]}))
+        .post(
+            &format!("/v1/chats/{chat}/participants"),
+            Some(&ada.token),
+            json!({"add": [bob.user_id]}),
+        )
         .await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(body["sequence"], 2);
-    app.post(&format!("/v1/chats/{chat}/messages"), Some(&ada.token), json!({"body": "welcome"}))
-        .await;
-    let first = bob_ws.next_event(Duration::from_secs(10)).await.expect("added frame");
+    app.post(
+        &format!("/v1/chats/{chat}/messages"),
+        Some(&ada.token),
+        json!({"body": "welcome"}),
+    )
+    .await;
+    let first = bob_ws
+        .next_event(Duration::from_secs(10))
+        .await
+        .expect("added frame");
     assert_eq!(first["sequence"], 2);
     assert_eq!(first["update"]["kind"], "participants_modified");
-    let second = bob_ws.next_event(Duration::from_secs(10)).await.expect("message frame");
+    let second = bob_ws
+        .next_event(Duration::from_secs(10))
+        .await
+        .expect("message frame");
     assert_eq!(second["sequence"], 3);
     assert_eq!(second["message"]["body"], "welcome");
 }
@@ -129,10 +161,19 @@ async fn chat_list_and_detail_reflect_members_and_unread_messages() {
     let bob = app.signup("bob").await;
     let chat = app.group(&ada, &[&bob]).await;
     let (_, sent) = app
-        .post(&format!("/v1/chats/{chat}/messages"), Some(&ada.token), json!({"body": "one"}))
+        .post(
+            &format!("/v1/chats/{chat}/messages"),
+            Some(&ada.token),
+            json!({"body": "one"}),
+        )
         .await;
     let seq = sent["sequence"].as_u64().unwrap();
-    let (s, detail) = app.get(&format!("/v1/chats/{chat}?min_sequence={seq}"), Some(&bob.token)).await;
+    let (s, detail) = app
+        .get(
+            &format!("/v1/chats/{chat}?min_sequence={seq}"),
+            Some(&bob.token),
+        )
+        .await;
     assert_eq!(s, 200, "{detail}");
     assert_eq!(detail["members"].as_array().unwrap().len(), 2);
     let (s, list) = app.get("/v1/chats", Some(&bob.token)).await;

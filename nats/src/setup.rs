@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
 
-
 use crate::streams;
 
 /// Subject builders. Every token comes from a typed, validated id, never from user text.
@@ -121,10 +120,7 @@ fn stream_config(
 }
 
 /// Creates or updates every stream and bucket. Safe to run any number of times, concurrently.
-pub async fn ensure(
-    js: &jetstream::Context,
-    s: &JetStreamSettings,
-) -> Result<Buckets, SetupError> {
+pub async fn ensure(js: &jetstream::Context, s: &JetStreamSettings) -> Result<Buckets, SetupError> {
     let mut chats = stream_config(streams::CHATS, "chats", s.chats_max_age, s);
     // Only stored events are republished, in stream order: the live feed of the gateways.
     chats.republish = Some(stream::Republish {

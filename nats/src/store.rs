@@ -26,7 +26,9 @@ use uuid::Uuid;
 const MAX_ATTEMPTS: usize = 16;
 
 /// What the store needs to know about an aggregate. `evolve` must be pure.
-pub trait Aggregate: Default + Clone + Serialize + DeserializeOwned + Send + Sync + 'static {
+pub trait Aggregate:
+    Default + Clone + Serialize + DeserializeOwned + Send + Sync + 'static
+{
     type Event: DomainEvent + Clone + std::fmt::Debug;
     /// Subject prefix, e.g. `chats` for `chats.<id>`.
     const PREFIX: &'static str;

@@ -1,5 +1,7 @@
 //! The event store against a private, real `nats-server`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -38,17 +40,31 @@ fn message(sender: UserId, id: MessageId) -> ChatEvent {
     })
 }
 
-async fn setup(server: &NatsServer) -> (jetstream::Context, EventStore<Counter>, EventStore<Counter>) {
+async fn setup(
+    server: &NatsServer,
+) -> (jetstream::Context, EventStore<Counter>, EventStore<Counter>) {
     let client = parley_nats::connect(&server.url()).await.unwrap();
     let js = jetstream::new(client);
-    let buckets = parley_nats::ensure(&js, &JetStreamSettings::default()).await.unwrap();
+    let buckets = parley_nats::ensure(&js, &JetStreamSettings::default())
+        .await
+        .unwrap();
     // Two stores stand for two command-api processes: separate caches, one stream.
-    let a = EventStore::new(js.clone(), buckets.snapshots.clone(), 1000, Duration::from_secs(3600))
-        .await
-        .unwrap();
-    let b = EventStore::new(js.clone(), buckets.snapshots, 1000, Duration::from_secs(3600))
-        .await
-        .unwrap();
+    let a = EventStore::new(
+        js.clone(),
+        buckets.snapshots.clone(),
+        1000,
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
+    let b = EventStore::new(
+        js.clone(),
+        buckets.snapshots,
+        1000,
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
     (js, a, b)
 }
 
@@ -90,7 +106,9 @@ async fn concurrent_appends_from_two_processes_give_contiguous_sequences_with_no
                 let ctx = AppendContext::new(sender);
                 let id = MessageId::new();
                 store
-                    .execute(*chat.as_uuid(), &ctx, |_: &Counter| Ok::<_, ()>(vec![message(sender, id)]))
+                    .execute(*chat.as_uuid(), &ctx, |_: &Counter| {
+                        Ok::<_, ()>(vec![message(sender, id)])
+                    })
                     .await
                     .unwrap();
             }
@@ -101,7 +119,10 @@ async fn concurrent_appends_from_two_processes_give_contiguous_sequences_with_no
     }
     let seqs = sequences(&js, chat).await;
     assert_eq!(seqs, (1..=200).collect::<Vec<u64>>());
-    let (count, version) = a.read(*chat.as_uuid(), |s, v| (s.messages, v)).await.unwrap();
+    let (count, version) = a
+        .read(*chat.as_uuid(), |s, v| (s.messages, v))
+        .await
+        .unwrap();
     assert_eq!((count, version), (200, 200));
 }
 
@@ -115,12 +136,16 @@ async fn a_retried_append_with_the_same_msg_id_is_stored_once() {
     let mut ctx = AppendContext::new(sender);
     ctx.msg_id = Some("idem-key-1".into());
     let first = a
-        .execute(*chat.as_uuid(), &ctx, |_: &Counter| Ok::<_, ()>(vec![message(sender, id)]))
+        .execute(*chat.as_uuid(), &ctx, |_: &Counter| {
+            Ok::<_, ()>(vec![message(sender, id)])
+        })
         .await
         .unwrap();
     // The retry lands on another process whose cache knows nothing: still one event.
     let again = b
-        .execute(*chat.as_uuid(), &ctx, |_: &Counter| Ok::<_, ()>(vec![message(sender, id)]))
+        .execute(*chat.as_uuid(), &ctx, |_: &Counter| {
+            Ok::<_, ()>(vec![message(sender, id)])
+        })
         .await
         .unwrap();
     assert_eq!(sequences(&js, chat).await, vec![1]);
@@ -134,9 +159,11 @@ async fn a_rejected_decision_appends_nothing() {
     let (js, a, _) = setup(&server).await;
     let chat = ChatId::new();
     let res = a
-        .execute(*chat.as_uuid(), &AppendContext::new(UserId::new()), |_: &Counter| {
-            Err::<Vec<ChatEvent>, _>("no")
-        })
+        .execute(
+            *chat.as_uuid(),
+            &AppendContext::new(UserId::new()),
+            |_: &Counter| Err::<Vec<ChatEvent>, _>("no"),
+        )
         .await;
     assert!(matches!(res, Err(ExecuteError::Rejected("no"))));
     assert!(sequences(&js, chat).await.is_empty());
@@ -151,9 +178,11 @@ async fn a_cold_load_starts_from_the_snapshot_and_reads_only_newer_events() {
     let append = |store: EventStore<Counter>| async move {
         let id = MessageId::new();
         store
-            .execute(*chat.as_uuid(), &AppendContext::new(sender), |_: &Counter| {
-                Ok::<_, ()>(vec![message(sender, id)])
-            })
+            .execute(
+                *chat.as_uuid(),
+                &AppendContext::new(sender),
+                |_: &Counter| Ok::<_, ()>(vec![message(sender, id)]),
+            )
             .await
             .unwrap()
     };
@@ -175,7 +204,10 @@ async fn a_cold_load_starts_from_the_snapshot_and_reads_only_newer_events() {
     let fresh = EventStore::<Counter>::new(js.clone(), kv, 10, Duration::from_secs(3600))
         .await
         .unwrap();
-    let (count, version) = fresh.read(*chat.as_uuid(), |s, v| (s.messages, v)).await.unwrap();
+    let (count, version) = fresh
+        .read(*chat.as_uuid(), |s, v| (s.messages, v))
+        .await
+        .unwrap();
     assert_eq!((count, version), (31, 31));
 }
 
@@ -198,9 +230,11 @@ async fn stored_chat_events_are_republished_on_the_live_subject_in_order() {
         .unwrap();
     for _ in 0..3 {
         let id = MessageId::new();
-        a.execute(*chat.as_uuid(), &AppendContext::new(sender), |_: &Counter| {
-            Ok::<_, ()>(vec![message(sender, id)])
-        })
+        a.execute(
+            *chat.as_uuid(),
+            &AppendContext::new(sender),
+            |_: &Counter| Ok::<_, ()>(vec![message(sender, id)]),
+        )
         .await
         .unwrap();
     }

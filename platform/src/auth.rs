@@ -91,8 +91,7 @@ impl Authenticator {
             .await
             .map_err(|e| AuthError::Unavailable(e.to_string()))?
             .ok_or(AuthError::Invalid)?;
-        let rec: SessionRecord =
-            serde_json::from_slice(&value).map_err(|_| AuthError::Invalid)?;
+        let rec: SessionRecord = serde_json::from_slice(&value).map_err(|_| AuthError::Invalid)?;
         let principal = Principal {
             user_id: rec.user_id,
             device_id: rec.device_id,
@@ -102,7 +101,10 @@ impl Authenticator {
     }
 
     /// Authenticates the `Authorization: Bearer` header of a request.
-    pub async fn from_headers(&self, headers: &axum::http::HeaderMap) -> Result<Principal, AuthError> {
+    pub async fn from_headers(
+        &self,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<Principal, AuthError> {
         let token = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())

@@ -42,9 +42,9 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathIds
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
         match Path::<T>::from_request_parts(parts, state).await {
             Ok(Path(v)) => Ok(PathIds(v)),
-            Err(PathRejection::FailedToDeserializePathParams(e)) => {
-                Err(Problem::not_found(format!("no such resource: {}", e.body_text())))
-            }
+            Err(PathRejection::FailedToDeserializePathParams(e)) => Err(Problem::not_found(
+                format!("no such resource: {}", e.body_text()),
+            )),
             Err(e) => Err(Problem::bad_request(e.body_text())),
         }
     }

@@ -69,17 +69,21 @@ pub enum InfraError {
 impl Infra {
     /// Connects, creates or updates streams and buckets, and migrates the database: every
     /// service does this at start, idempotently, so any start order works.
-    pub async fn connect(cfg: &InfraConfig, shutdown: CancellationToken) -> Result<Infra, InfraError> {
-        let nats = tokio::time::timeout(Duration::from_secs(10), parley_nats::connect(&cfg.nats_url))
-            .await
-            .map_err(|_| InfraError::Nats {
-                url: cfg.nats_url.clone(),
-                source: async_nats::ConnectError::from(async_nats::ConnectErrorKind::TimedOut),
-            })?
-            .map_err(|source| InfraError::Nats {
-                url: cfg.nats_url.clone(),
-                source,
-            })?;
+    pub async fn connect(
+        cfg: &InfraConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Infra, InfraError> {
+        let nats =
+            tokio::time::timeout(Duration::from_secs(10), parley_nats::connect(&cfg.nats_url))
+                .await
+                .map_err(|_| InfraError::Nats {
+                    url: cfg.nats_url.clone(),
+                    source: async_nats::ConnectError::from(async_nats::ConnectErrorKind::TimedOut),
+                })?
+                .map_err(|source| InfraError::Nats {
+                    url: cfg.nats_url.clone(),
+                    source,
+                })?;
         let js = jetstream::new(nats.clone());
         let buckets = parley_nats::ensure(&js, &cfg.jetstream).await?;
         let pg = crate::pg_pool(&cfg.database_url, cfg.pg_max_connections).await?;

@@ -156,17 +156,21 @@ async fn apply_one(
             .bind(seq)
             .execute(&mut *tx)
             .await?;
-            sqlx::query("UPDATE members SET left_seq = $3 WHERE chat_id = $1 AND user_id = ANY($2)")
-                .bind(chat_id)
-                .bind(&removed)
-                .bind(seq)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("UPDATE members SET role = 'admin' WHERE chat_id = $1 AND user_id = ANY($2)")
-                .bind(chat_id)
-                .bind(&promoted)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE members SET left_seq = $3 WHERE chat_id = $1 AND user_id = ANY($2)",
+            )
+            .bind(chat_id)
+            .bind(&removed)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE members SET role = 'admin' WHERE chat_id = $1 AND user_id = ANY($2)",
+            )
+            .bind(chat_id)
+            .bind(&promoted)
+            .execute(&mut *tx)
+            .await?;
         }
     }
     if let ChatItem::Update(update) = frames::render(event) {
@@ -183,7 +187,10 @@ async fn apply_one(
     Ok(false)
 }
 
-async fn insert_messages(tx: &mut sqlx::PgConnection, rows: &[MessageRow]) -> Result<(), sqlx::Error> {
+async fn insert_messages(
+    tx: &mut sqlx::PgConnection,
+    rows: &[MessageRow],
+) -> Result<(), sqlx::Error> {
     if rows.is_empty() {
         return Ok(());
     }

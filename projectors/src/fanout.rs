@@ -38,7 +38,10 @@ pub async fn apply(
             });
             // Core NATS is best effort; a gateway that misses this still learns the chat on
             // the user's next connect (membership is read from PostgreSQL then).
-            if let Err(e) = nats.publish(subjects::notify_user(user), body.to_string().into()).await {
+            if let Err(e) = nats
+                .publish(subjects::notify_user(user), body.to_string().into())
+                .await
+            {
                 tracing::warn!(error = %e, "notify publish failed");
             }
         }

@@ -2,11 +2,11 @@
 //! (one transaction per batch, idempotent per aggregate) and fan membership changes out to the
 //! gateways.
 
-mod chats;
+pub mod chats;
 mod fanout;
-mod receipts;
-mod runner;
-mod users;
+pub mod receipts;
+pub mod runner;
+pub mod users;
 
 use std::time::Duration;
 
@@ -43,12 +43,21 @@ pub async fn spawn(
     config: ProjectorConfig,
     tracker: &TaskTracker,
 ) -> Result<(), ProjectorError> {
-    let chats = runner::Runner::new(infra, "chats", parley_nats::streams::CHATS, &config, true).await?;
-    let users = runner::Runner::new(infra, "users", parley_nats::streams::USERS, &config, true).await?;
-    let receipts =
-        runner::Runner::new(infra, "receipts", parley_nats::streams::RECEIPTS, &config, true).await?;
+    let chats =
+        runner::Runner::new(infra, "chats", parley_nats::streams::CHATS, &config, true).await?;
+    let users =
+        runner::Runner::new(infra, "users", parley_nats::streams::USERS, &config, true).await?;
+    let receipts = runner::Runner::new(
+        infra,
+        "receipts",
+        parley_nats::streams::RECEIPTS,
+        &config,
+        true,
+    )
+    .await?;
     // Live notifications only matter from now on: gateways replay from PostgreSQL on connect.
-    let fanout = runner::Runner::new(infra, "fanout", parley_nats::streams::CHATS, &config, false).await?;
+    let fanout =
+        runner::Runner::new(infra, "fanout", parley_nats::streams::CHATS, &config, false).await?;
     let pg = infra.pg.clone();
     let delay = config.out_of_order_delay;
     tracker.spawn(chats.run(move |batch| {

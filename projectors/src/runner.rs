@@ -55,7 +55,11 @@ impl Runner {
             name: name.to_owned(),
             cause,
         };
-        let stream = infra.js.get_stream(stream).await.map_err(|e| err(e.to_string()))?;
+        let stream = infra
+            .js
+            .get_stream(stream)
+            .await
+            .map_err(|e| err(e.to_string()))?;
         let durable = format!("proj-{name}");
         let consumer = stream
             .get_or_create_consumer(
@@ -92,7 +96,13 @@ impl Runner {
     {
         let mut backoff = Duration::from_millis(100);
         'outer: loop {
-            let messages = match self.consumer.stream().max_messages_per_batch(self.batch).messages().await {
+            let messages = match self
+                .consumer
+                .stream()
+                .max_messages_per_batch(self.batch)
+                .messages()
+                .await
+            {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(projector = self.name, error = %e, "pull failed; retrying");
@@ -205,4 +215,3 @@ pub async fn checkpoint(
     .await?;
     Ok(())
 }
-

@@ -105,8 +105,12 @@ async fn publish(
         format!("{device_id}:{chat}:{up_to}").as_str(),
     );
     headers.insert("Content-Type", CONTENT_TYPE);
-    js.publish_with_headers(subjects::receipts(chat), headers, encode(&meta, &event).into())
-        .await
+    js.publish_with_headers(
+        subjects::receipts(chat),
+        headers,
+        encode(&meta, &event).into(),
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -16,8 +16,8 @@ use futures::stream::SplitStream;
 use futures::{StreamExt, future};
 use parley_nats::subjects;
 use parley_platform::Principal;
-use parley_schemas::frames::ClientFrame;
 use parley_schemas::ChatId;
+use parley_schemas::frames::ClientFrame;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -27,8 +27,8 @@ use crate::inbox::{self, BATCH, Membership, Replayed};
 use crate::seam::{ChatCursor, Verdict};
 use crate::stop::{StopReason, Stopper};
 use crate::wire::{
-    MembershipChange, MembershipNotice, SequenceOnly, Typing, error_frame, pong_frame,
-    ready_frame, typing_subject,
+    MembershipChange, MembershipNotice, SequenceOnly, Typing, error_frame, pong_frame, ready_frame,
+    typing_subject,
 };
 use crate::writer::{self, Closing};
 
@@ -592,8 +592,7 @@ impl Connection {
     /// projected version, which reveals a live event lost with nothing after it.
     async fn resync(&mut self) -> Step {
         let memberships =
-            match inbox::memberships(&self.gw.infra.pg, self.me.user_id, self.me.device_id).await
-            {
+            match inbox::memberships(&self.gw.infra.pg, self.me.user_id, self.me.device_id).await {
                 Ok(m) => m,
                 Err(error) => {
                     tracing::warn!(%error, "membership resync failed");

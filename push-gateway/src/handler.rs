@@ -92,8 +92,13 @@ async fn first_frame_auth(socket: &mut WebSocket, gw: &AppState) -> Option<(Prin
         };
         match frame {
             Err(_) => {
-                return refuse(socket, "unauthorized", "no auth frame in time", code::UNAUTHORIZED)
-                    .await;
+                return refuse(
+                    socket,
+                    "unauthorized",
+                    "no auth frame in time",
+                    code::UNAUTHORIZED,
+                )
+                .await;
             }
             Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => return None,
             Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,

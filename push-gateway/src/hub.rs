@@ -95,7 +95,11 @@ impl Hub {
 
     /// Adds `sub` to the chat's feed, subscribing on first use. Returns once the subscription is
     /// queued on the NATS connection; the caller flushes the connection to make it effective.
-    pub(crate) async fn join(self: &Arc<Self>, chat: ChatId, sub: Subscriber) -> Result<(), HubError> {
+    pub(crate) async fn join(
+        self: &Arc<Self>,
+        chat: ChatId,
+        sub: Subscriber,
+    ) -> Result<(), HubError> {
         let mut state = {
             let mut feeds = lock(&self.feeds);
             match feeds.get(&chat) {
@@ -230,6 +234,7 @@ fn fan_out(subscribers: &RwLock<Vec<Subscriber>>, chat: ChatId, item: LiveItem) 
             // Typing is best effort; a missed chat event would need the inbox anyway, so the
             // client is cut off and replays it on reconnect instead of buffering without bound.
             Err(mpsc::error::TrySendError::Full(_)) if is_event => {
+                eprintln!("SLOW CONSUMER detected");
                 sub.stopper.stop(StopReason::SlowConsumer);
             }
             Err(_) => {}

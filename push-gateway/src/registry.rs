@@ -127,7 +127,10 @@ mod tests {
         let a = r.reserve(u).unwrap();
         let _b = r.reserve(u).unwrap();
         assert!(r.reserve(u).is_none());
-        assert!(r.reserve(UserId::new()).is_some(), "other users are not affected");
+        assert!(
+            r.reserve(UserId::new()).is_some(),
+            "other users are not affected"
+        );
         drop(a);
         assert!(r.reserve(u).is_some());
     }

@@ -205,7 +205,11 @@ mod tests {
         c.added_at(6);
         assert!(c.behind());
         assert_eq!(c.offer(3, false), send());
-        assert_eq!(c.offer(4, true), send(), "removal delivered, chat continues");
+        assert_eq!(
+            c.offer(4, true),
+            send(),
+            "removal delivered, chat continues"
+        );
         assert!(!c.ended());
         assert_eq!(c.offer(5, false), Verdict::Drop, "not a member at 5");
         assert_eq!(c.offer(6, false), send());

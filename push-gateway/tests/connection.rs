@@ -49,7 +49,8 @@ async fn a_bad_header_token_is_refused_with_401_problem_json_before_upgrading() 
         response.headers()["content-type"],
         "application/problem+json"
     );
-    let body: serde_json::Value = serde_json::from_slice(response.body().as_ref().unwrap()).unwrap();
+    let body: serde_json::Value =
+        serde_json::from_slice(response.body().as_ref().unwrap()).unwrap();
     assert_eq!(body["status"], 401);
 }
 

@@ -88,7 +88,10 @@ async fn a_skipped_live_sequence_is_filled_from_postgres_in_order() {
     h.publish(&chat.message(3, bob, "three")).await;
     let a = c.next_event().await;
     let b = c.next_event().await;
-    assert_eq!((a["sequence"].as_u64(), b["sequence"].as_u64()), (Some(2), Some(3)));
+    assert_eq!(
+        (a["sequence"].as_u64(), b["sequence"].as_u64()),
+        (Some(2), Some(3))
+    );
     assert_eq!(a["message"]["body"], "lost live");
     assert_eq!(b["message"]["body"], "three");
 }
@@ -149,7 +152,10 @@ async fn acks_become_delivered_receipts_and_acked_events_are_not_resent_after_re
     let ReceiptEvent::Delivered(d) = receipt.event else {
         panic!("expected a delivered receipt");
     };
-    assert_eq!((d.user_id, d.device_id, d.up_to), (alice.user, alice.device, 3));
+    assert_eq!(
+        (d.user_id, d.device_id, d.up_to),
+        (alice.user, alice.device, 3)
+    );
     assert_eq!(receipt.meta.sequence, 3);
     assert_eq!(receipt.meta.actor, alice.user);
     assert_eq!(receipt.meta.subject, chat.id.to_string());
@@ -175,7 +181,10 @@ async fn an_ack_beyond_what_was_sent_is_refused_and_publishes_nothing() {
     c.send_json(json!({"type": "ack", "chat_id": chat.id, "sequence": 9}))
         .await;
     let err = c.next_json().await;
-    assert_eq!((err["type"].as_str(), err["code"].as_str()), (Some("error"), Some("bad_ack")));
+    assert_eq!(
+        (err["type"].as_str(), err["code"].as_str()),
+        (Some("error"), Some("bad_ack"))
+    );
     let elsewhere = parley_schemas::ChatId::new();
     c.send_json(json!({"type": "ack", "chat_id": elsewhere, "sequence": 1}))
         .await;
@@ -200,7 +209,8 @@ async fn a_removed_member_gets_its_removal_then_nothing_more_of_that_chat() {
     let firsts = [c.next_event().await, c.next_event().await];
     assert!(firsts.iter().all(|v| v["sequence"] == 1), "{firsts:?}");
 
-    h.publish(&chat.participants(2, alice, &[], &[bob.user])).await;
+    h.publish(&chat.participants(2, alice, &[], &[bob.user]))
+        .await;
     let removal = c.next_event().await;
     assert_eq!(removal["chat_id"], chat.id.to_string());
     assert_eq!(removal["sequence"], 2);
@@ -226,7 +236,10 @@ async fn a_removed_member_gets_its_removal_then_nothing_more_of_that_chat() {
     let mut seen = Vec::new();
     for _ in 0..4 {
         let v = again.next_event().await;
-        seen.push((v["chat_id"].as_str().unwrap().to_owned(), v["sequence"].as_u64().unwrap()));
+        seen.push((
+            v["chat_id"].as_str().unwrap().to_owned(),
+            v["sequence"].as_u64().unwrap(),
+        ));
     }
     seen.sort();
     let mut want = vec![
@@ -252,7 +265,8 @@ async fn a_member_added_while_connected_receives_from_its_addition_on() {
     let mut c = h.connect(&bob).await;
     assert!(c.until_pong().await.is_empty(), "not a member yet");
 
-    h.publish(&chat.participants(4, alice, &[bob.user], &[])).await;
+    h.publish(&chat.participants(4, alice, &[bob.user], &[]))
+        .await;
     h.notify(
         format!("notify.user.{}", bob.user),
         json!({"chat_id": chat.id, "sequence": 4, "change": "added"}),
@@ -303,7 +317,10 @@ async fn a_non_member_never_sees_a_frame_of_the_chat() {
         .await;
     assert_eq!(a.sequences(&chat, 1).await, vec![2]);
     assert!(m.until_pong().await.is_empty());
-    assert!(a.until_pong().await.is_empty(), "mallory's typing is not relayed");
+    assert!(
+        a.until_pong().await.is_empty(),
+        "mallory's typing is not relayed"
+    );
 }
 
 async fn wait_for_receipt(
@@ -325,8 +342,14 @@ async fn wait_for_receipt(
                         return None;
                     }
                     let header = |name: &str| msg.headers.get(name).map(|v| v.as_str().to_owned());
-                    assert_eq!(header("Nats-Msg-Id"), Some(format!("{}:{}:{up_to}", device.device, chat.id)));
-                    assert_eq!(header("Content-Type").as_deref(), Some("application/cloudevents+json"));
+                    assert_eq!(
+                        header("Nats-Msg-Id"),
+                        Some(format!("{}:{}:{up_to}", device.device, chat.id))
+                    );
+                    assert_eq!(
+                        header("Content-Type").as_deref(),
+                        Some("application/cloudevents+json")
+                    );
                     Some(event)
                 }
                 Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => None,

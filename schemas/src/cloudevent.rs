@@ -180,7 +180,10 @@ mod tests {
         assert_eq!(ce.source().as_str(), ChatEvent::SOURCE);
         assert_eq!(ce.subject(), Some(meta.subject.as_str()));
         assert_eq!(ce.datacontenttype(), Some(DATA_CONTENT_TYPE));
-        assert_eq!(ce.time().map(|t| t.timestamp_micros()), Some(meta.time.timestamp_micros()));
+        assert_eq!(
+            ce.time().map(|t| t.timestamp_micros()),
+            Some(meta.time.timestamp_micros())
+        );
         assert_eq!(ce.extension("sequence"), Some(&ExtensionValue::Integer(7)));
         assert_eq!(
             ce.extension("actor"),

@@ -106,7 +106,10 @@ pub fn render(event: &StoredEvent<ChatEvent>) -> ChatItem {
 #[serde(tag = "type")]
 pub enum ServerFrame<'a> {
     #[serde(rename = "ready")]
-    Ready { user_id: UserId, device_id: DeviceId },
+    Ready {
+        user_id: UserId,
+        device_id: DeviceId,
+    },
     #[serde(rename = "newMessage")]
     NewMessage {
         chat_id: ChatId,

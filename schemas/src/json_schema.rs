@@ -91,7 +91,11 @@ mod tests {
     #[test]
     fn every_readable_type_has_a_schema() {
         let have: Vec<_> = event_schemas().into_iter().map(|(t, _)| t).collect();
-        for ty in ChatEvent::TYPES.iter().chain(UserEvent::TYPES).chain(ReceiptEvent::TYPES) {
+        for ty in ChatEvent::TYPES
+            .iter()
+            .chain(UserEvent::TYPES)
+            .chain(ReceiptEvent::TYPES)
+        {
             assert!(have.contains(ty), "{ty} has no JSON Schema");
         }
     }

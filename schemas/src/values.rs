@@ -110,7 +110,11 @@ impl Handle {
         let ok = (3..=32).contains(&s.len())
             && s.bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-        if ok { Ok(Self(s)) } else { Err(ValueError::Handle) }
+        if ok {
+            Ok(Self(s))
+        } else {
+            Err(ValueError::Handle)
+        }
     }
     pub fn as_str(&self) -> &str {
         &self.0
@@ -172,7 +176,15 @@ mod tests {
     #[test]
     fn handle_accepts_the_documented_alphabet_only() {
         assert!(Handle::parse("ada_99").is_ok());
-        for bad in ["ab", "Ada", "ada-lovelace", "a".repeat(33).as_str(), "ada.x", "ad a", ""] {
+        for bad in [
+            "ab",
+            "Ada",
+            "ada-lovelace",
+            "a".repeat(33).as_str(),
+            "ada.x",
+            "ad a",
+            "",
+        ] {
             assert!(Handle::parse(bad).is_err(), "{bad:?}");
         }
     }

@@ -4,6 +4,9 @@
 //! Nothing here is a fake: tests talk to real servers. If a server cannot be started the test
 //! panics with the reason; it is never skipped.
 
+// A harness for tests: failing to start a server must panic loudly, so expect() is the point.
+#![allow(clippy::expect_used)]
+
 use std::future::Future;
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -58,19 +61,23 @@ impl NatsServer {
 
     async fn wait_ready(&self) {
         let url = self.url();
-        let ready: Result<(), async_nats::Error> = eventually_result(Duration::from_secs(10), || async {
-            let client = async_nats::connect(&url).await?;
-            let info = client.request("$JS.API.INFO", "".into()).await?;
-            let text = String::from_utf8_lossy(&info.payload);
-            if text.contains("account_info_response") && !text.contains("\"error\"") {
-                Ok::<(), async_nats::Error>(())
-            } else {
-                Err(format!("JetStream not ready: {text}").into())
-            }
-        })
-        .await;
+        let ready: Result<(), async_nats::Error> =
+            eventually_result(Duration::from_secs(10), || async {
+                let client = async_nats::connect(&url).await?;
+                let info = client.request("$JS.API.INFO", "".into()).await?;
+                let text = String::from_utf8_lossy(&info.payload);
+                if text.contains("account_info_response") && !text.contains("\"error\"") {
+                    Ok::<(), async_nats::Error>(())
+                } else {
+                    Err(format!("JetStream not ready: {text}").into())
+                }
+            })
+            .await;
         if let Err(e) = ready {
-            panic!("nats-server on port {} did not start with JetStream: {e}", self.port);
+            panic!(
+                "nats-server on port {} did not start with JetStream: {e}",
+                self.port
+            );
         }
     }
 }
@@ -148,13 +155,16 @@ impl Drop for TestDb {
         let admin = self.admin.clone();
         let name = self.name.clone();
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
             if let Ok(rt) = rt {
                 rt.block_on(async move {
                     if let Ok(mut conn) = admin.connect().await {
-                        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                            .execute(&mut conn)
-                            .await;
+                        let _ =
+                            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                                .execute(&mut conn)
+                                .await;
                     }
                 });
             }
@@ -215,9 +225,10 @@ impl TestStack {
             pg_max_connections: 8,
             ..Default::default()
         };
-        let infra = parley_platform::Infra::connect(&config, tokio_util::sync::CancellationToken::new())
-            .await
-            .expect("connect the test stack");
+        let infra =
+            parley_platform::Infra::connect(&config, tokio_util::sync::CancellationToken::new())
+                .await
+                .expect("connect the test stack");
         TestStack {
             nats,
             db,

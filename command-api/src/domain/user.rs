@@ -77,7 +77,9 @@ pub fn decide(state: &User, cmd: &UserCommand) -> Result<Vec<UserEvent>, Rejecti
                 return Ok(Vec::new());
             }
             if state.active_devices() >= *max_devices {
-                return Err(Rejection::Conflict("the user already has the maximum of active devices"));
+                return Err(Rejection::Conflict(
+                    "the user already has the maximum of active devices",
+                ));
             }
             Ok(vec![UserEvent::DeviceAdded(DeviceAdded {
                 device_id: *device_id,
@@ -135,7 +137,10 @@ mod tests {
             handle: Handle::parse("ada").unwrap(),
             display_name: DisplayName::parse("Ada").unwrap(),
         };
-        decide(&User::Absent, &cmd).unwrap().iter().fold(User::Absent, evolve)
+        decide(&User::Absent, &cmd)
+            .unwrap()
+            .iter()
+            .fold(User::Absent, evolve)
     }
 
     fn add(id: DeviceId) -> UserCommand {
@@ -158,7 +163,10 @@ mod tests {
         for id in &ids {
             state = apply(state, &add(*id)).unwrap();
         }
-        assert!(matches!(decide(&state, &add(DeviceId::new())), Err(Rejection::Conflict(_))));
+        assert!(matches!(
+            decide(&state, &add(DeviceId::new())),
+            Err(Rejection::Conflict(_))
+        ));
         state = apply(state, &UserCommand::RemoveDevice { device_id: ids[0] }).unwrap();
         assert!(decide(&state, &add(DeviceId::new())).is_ok());
     }
@@ -168,11 +176,19 @@ mod tests {
         let id = DeviceId::new();
         let state = apply(registered(), &add(id)).unwrap();
         assert_eq!(
-            decide(&state, &UserCommand::RemoveDevice { device_id: DeviceId::new() }),
+            decide(
+                &state,
+                &UserCommand::RemoveDevice {
+                    device_id: DeviceId::new()
+                }
+            ),
             Err(Rejection::NotFound)
         );
         let state = apply(state, &UserCommand::RemoveDevice { device_id: id }).unwrap();
-        assert_eq!(decide(&state, &UserCommand::RemoveDevice { device_id: id }), Ok(vec![]));
+        assert_eq!(
+            decide(&state, &UserCommand::RemoveDevice { device_id: id }),
+            Ok(vec![])
+        );
     }
 
     #[test]
@@ -184,7 +200,10 @@ mod tests {
 
     #[test]
     fn devices_of_an_unregistered_user_are_not_found() {
-        assert_eq!(decide(&User::Absent, &add(DeviceId::new())), Err(Rejection::NotFound));
+        assert_eq!(
+            decide(&User::Absent, &add(DeviceId::new())),
+            Err(Rejection::NotFound)
+        );
     }
 
     proptest! {

@@ -98,21 +98,24 @@ pub async fn create(
         .transpose()
         .map_err(|e| ApiError::Invalid(e.to_string()))?;
     if req.members.len() > MAX_IDS_PER_REQUEST {
-        return Err(ApiError::Invalid(format!("at most {MAX_IDS_PER_REQUEST} members per request")));
+        return Err(ApiError::Invalid(format!(
+            "at most {MAX_IDS_PER_REQUEST} members per request"
+        )));
     }
     ensure_users_exist(state, &req.members).await?;
     let scope = format!("chats:{}", me.user_id);
-    let ids = || Ids { chat_id: ChatId::new() };
+    let ids = || Ids {
+        chat_id: ChatId::new(),
+    };
     let req = &req;
     let res = idempotency::once(state, &scope, key, req, ids, |ids, msg_id| async move {
         let mut chat_id = ids.chat_id;
-        if req.kind == ChatKind::Dm {
-            if let [other] = dedup(&req.members, me.user_id)[..] {
-                match reserve_dm(state, me.user_id, other, chat_id).await? {
-                    Reservation::Ours => {}
-                    Reservation::Existing(existing) => chat_id = existing,
-                }
-            }
+        if req.kind == ChatKind::Dm
+            && let [other] = dedup(&req.members, me.user_id)[..]
+            && let Reservation::Existing(existing) =
+                reserve_dm(state, me.user_id, other, chat_id).await?
+        {
+            chat_id = existing;
         }
         let cmd = ChatCommand::Create {
             chat_id,
@@ -134,7 +137,14 @@ pub async fn create(
         } else {
             (StatusCode::CREATED, 1)
         };
-        Ok(answer(status, &CreateChatResponse { chat_id, kind: req.kind, sequence }))
+        Ok(answer(
+            status,
+            &CreateChatResponse {
+                chat_id,
+                kind: req.kind,
+                sequence,
+            },
+        ))
     })
     .await?;
     Ok(respond(res))
@@ -156,12 +166,16 @@ pub async fn participants(
     ApiJson(req): ApiJson<ParticipantsRequest>,
 ) -> Result<Json<SequenceResponse>, ApiError> {
     if req.add.len() + req.remove.len() > MAX_IDS_PER_REQUEST {
-        return Err(ApiError::Invalid(format!("at most {MAX_IDS_PER_REQUEST} users per request")));
+        return Err(ApiError::Invalid(format!(
+            "at most {MAX_IDS_PER_REQUEST} users per request"
+        )));
     }
     // Membership first, so a non-member learns nothing about which users exist.
     let kind = state
         .chats
-        .read(*chat_id.as_uuid(), |c, _| c.is_member(me.user_id).then(|| c.kind()).flatten())
+        .read(*chat_id.as_uuid(), |c, _| {
+            c.is_member(me.user_id).then(|| c.kind()).flatten()
+        })
         .await?
         .ok_or(ApiError::Rejected(crate::domain::Rejection::NotFound))?;
     ensure_users_exist(&state, &req.add).await?;
@@ -173,9 +187,13 @@ pub async fn participants(
     };
     let outcome = state
         .chats
-        .execute(*chat_id.as_uuid(), &AppendContext::new(me.user_id), |s| chat::decide(s, &cmd))
+        .execute(*chat_id.as_uuid(), &AppendContext::new(me.user_id), |s| {
+            chat::decide(s, &cmd)
+        })
         .await?;
-    Ok(Json(SequenceResponse { sequence: outcome.version }))
+    Ok(Json(SequenceResponse {
+        sequence: outcome.version,
+    }))
 }
 
 fn max_members(state: &CommandState, kind: ChatKind) -> usize {
@@ -212,7 +230,10 @@ async fn ensure_users_exist(state: &CommandState, users: &[UserId]) -> Result<()
         Ok(())
     } else {
         let list: Vec<String> = unknown.iter().take(5).map(|u| u.to_string()).collect();
-        Err(ApiError::Invalid(format!("unknown users: {}", list.join(", "))))
+        Err(ApiError::Invalid(format!(
+            "unknown users: {}",
+            list.join(", ")
+        )))
     }
 }
 
@@ -221,7 +242,12 @@ enum Reservation {
     Existing(ChatId),
 }
 
-async fn reserve_dm(state: &CommandState, a: UserId, b: UserId, chat_id: ChatId) -> Result<Reservation, ApiError> {
+async fn reserve_dm(
+    state: &CommandState,
+    a: UserId,
+    b: UserId,
+    chat_id: ChatId,
+) -> Result<Reservation, ApiError> {
     let (lo, hi) = if a < b { (a, b) } else { (b, a) };
     let key = format!("{lo}_{hi}");
     let kv = &state.buckets.dms;
@@ -232,12 +258,20 @@ async fn reserve_dm(state: &CommandState, a: UserId, b: UserId, chat_id: ChatId)
                 .get(key.as_str())
                 .await
                 .map_err(|e| ApiError::Unavailable(e.to_string()))?
-                .and_then(|b| std::str::from_utf8(&b).ok().and_then(|s| ChatId::parse(s).ok()))
+                .and_then(|b| {
+                    std::str::from_utf8(&b)
+                        .ok()
+                        .and_then(|s| ChatId::parse(s).ok())
+                })
                 .ok_or_else(|| ApiError::Internal(format!("dm reservation {key} unreadable")))?;
             // The reserved chat may never have been created (a crash between reservation and
             // append): the caller's create below completes it, since decide is a no-op for an
             // existing chat and creates an absent one.
-            Ok(if existing == chat_id { Reservation::Ours } else { Reservation::Existing(existing) })
+            Ok(if existing == chat_id {
+                Reservation::Ours
+            } else {
+                Reservation::Existing(existing)
+            })
         }
         Err(e) => Err(ApiError::Unavailable(e.to_string())),
     }

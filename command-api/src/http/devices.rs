@@ -2,10 +2,10 @@
 //! session key is deleted (every service's token cache watches the bucket) and gateways are told
 //! to close its sockets.
 
+use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::delete;
-use axum::Router;
 use parley_nats::{AppendContext, subjects};
 use parley_platform::{PathIds, Principal};
 use parley_schemas::DeviceId;
@@ -35,7 +35,11 @@ pub async fn remove(
     let cmd = UserCommand::RemoveDevice { device_id };
     state
         .users
-        .execute(*me.user_id.as_uuid(), &AppendContext::new(me.user_id), |s| user::decide(s, &cmd))
+        .execute(
+            *me.user_id.as_uuid(),
+            &AppendContext::new(me.user_id),
+            |s| user::decide(s, &cmd),
+        )
         .await?;
     // Revocation runs on every call, not only the first: a crash after the event but before
     // this point is repaired by the client's retry.
@@ -52,12 +56,18 @@ async fn revoke(state: &CommandState, device_id: DeviceId) -> Result<(), ApiErro
         .map_err(|e| unavailable(e.to_string()))?
     {
         let token_key = String::from_utf8_lossy(&token_key).into_owned();
-        kv.delete(&token_key).await.map_err(|e| unavailable(e.to_string()))?;
+        kv.delete(&token_key)
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
         state.auth.forget(&token_key).await;
     }
     let notice = serde_json::json!({ "device_id": device_id }).to_string();
     // Best effort: a gateway that misses this still re-checks tokens within its cache TTL.
-    if let Err(e) = state.nats.publish(subjects::DEVICE_REVOKED, notice.into()).await {
+    if let Err(e) = state
+        .nats
+        .publish(subjects::DEVICE_REVOKED, notice.into())
+        .await
+    {
         tracing::warn!(error = %e, "device revocation notice not sent");
     }
     Ok(())

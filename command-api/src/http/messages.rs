@@ -2,11 +2,11 @@
 
 use std::time::Duration;
 
+use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::post;
-use axum::Router;
 use chrono::{DateTime, Utc};
 use parley_nats::AppendContext;
 use parley_platform::{ApiJson, PathIds, Principal};
@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{answer, respond};
-use crate::domain::chat::{self, ChatCommand};
 use crate::domain::Rejection;
+use crate::domain::chat::{self, ChatCommand};
 use crate::error::ApiError;
 use crate::idempotency::{self, IdempotencyKey};
 use crate::state::CommandState;
@@ -77,16 +77,21 @@ pub async fn send(
 ) -> Result<Response, ApiError> {
     let key = IdempotencyKey::from_headers(&headers)?;
     let state = &state;
-    let body = MessageBody::parse(req.body.clone()).map_err(|e| ApiError::Invalid(e.to_string()))?;
+    let body =
+        MessageBody::parse(req.body.clone()).map_err(|e| ApiError::Invalid(e.to_string()))?;
     if req.attachments.len() > MAX_ATTACHMENTS {
-        return Err(ApiError::Invalid(format!("at most {MAX_ATTACHMENTS} attachments")));
+        return Err(ApiError::Invalid(format!(
+            "at most {MAX_ATTACHMENTS} attachments"
+        )));
     }
     if !req.attachments.is_empty() {
         // Uploads (POST /v1/attachments) do not exist yet, so no id can name one.
         return Err(ApiError::Invalid("unknown attachment".into()));
     }
     let scope = format!("messages:{}:{chat_id}", me.user_id);
-    let ids = || Ids { message_id: MessageId::new() };
+    let ids = || Ids {
+        message_id: MessageId::new(),
+    };
     let req = &req;
     let res = idempotency::once(state, &scope, key, req, ids, |ids, msg_id| async move {
         if let Some(target) = req.reply_to {
@@ -110,7 +115,12 @@ pub async fn send(
             .ok_or_else(|| ApiError::Internal("send appended nothing".into()))?;
         Ok(answer(
             StatusCode::CREATED,
-            &SendResponse { message_id: ids.message_id, chat_id, sequence: meta.sequence, sent_at: meta.time },
+            &SendResponse {
+                message_id: ids.message_id,
+                chat_id,
+                sequence: meta.sequence,
+                sent_at: meta.time,
+            },
         ))
     })
     .await?;
@@ -147,7 +157,9 @@ async fn check_reply_target(
             return Ok(());
         }
         if projected as u64 >= version || tokio::time::Instant::now() >= deadline {
-            return Err(ApiError::Invalid("reply_to does not name a message of this chat".into()));
+            return Err(ApiError::Invalid(
+                "reply_to does not name a message of this chat".into(),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -1,11 +1,11 @@
 //! `POST /v1/sessions`: log in on a device. A device is an event on the user (at most five
 //! active); its token is random, and only its sha256 is stored, in the `sessions` bucket.
 
+use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::post;
-use axum::Router;
 use base64::Engine;
 use parley_nats::AppendContext;
 use parley_platform::{ApiJson, SessionRecord, token_key};
@@ -124,7 +124,11 @@ async fn verify(state: &CommandState, handle: &str, password: &str) -> Result<Us
         None
     };
     let user_id = user
-        .and_then(|b| std::str::from_utf8(&b).ok().and_then(|s| UserId::parse(s).ok()))
+        .and_then(|b| {
+            std::str::from_utf8(&b)
+                .ok()
+                .and_then(|s| UserId::parse(s).ok())
+        })
         .ok_or(ApiError::BadCredentials)?;
     let hash = state
         .buckets
@@ -138,12 +142,20 @@ async fn verify(state: &CommandState, handle: &str, password: &str) -> Result<Us
         use argon2::password_hash::{PasswordHash, PasswordVerifier};
         let hash = String::from_utf8_lossy(&hash).into_owned();
         PasswordHash::new(&hash)
-            .map(|h| argon2::Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+            .map(|h| {
+                argon2::Argon2::default()
+                    .verify_password(password.as_bytes(), &h)
+                    .is_ok()
+            })
             .unwrap_or(false)
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?;
-    if ok { Ok(user_id) } else { Err(ApiError::BadCredentials) }
+    if ok {
+        Ok(user_id)
+    } else {
+        Err(ApiError::BadCredentials)
+    }
 }
 
 async fn open_session(

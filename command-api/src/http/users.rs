@@ -2,11 +2,11 @@
 //! is appended, so two sign-ups can never both get it.
 
 use async_nats::jetstream::kv::CreateErrorKind;
+use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::post;
-use axum::Router;
 use parley_nats::AppendContext;
 use parley_platform::ApiJson;
 use parley_schemas::{DisplayName, Handle, Password, UserId};
@@ -63,10 +63,13 @@ pub async fn register(
     let key = IdempotencyKey::from_headers(&headers)?;
     let state = &state;
     let handle = Handle::parse(req.handle.clone()).map_err(|e| ApiError::Invalid(e.to_string()))?;
-    let display_name =
-        DisplayName::parse(req.display_name.clone()).map_err(|e| ApiError::Invalid(e.to_string()))?;
-    let password = Password::parse(req.password.clone()).map_err(|e| ApiError::Invalid(e.to_string()))?;
-    let ids = || Ids { user_id: UserId::new() };
+    let display_name = DisplayName::parse(req.display_name.clone())
+        .map_err(|e| ApiError::Invalid(e.to_string()))?;
+    let password =
+        Password::parse(req.password.clone()).map_err(|e| ApiError::Invalid(e.to_string()))?;
+    let ids = || Ids {
+        user_id: UserId::new(),
+    };
     let res = idempotency::once(state, "users", key, &req, ids, |ids, msg_id| async move {
         register_user(state, ids.user_id, handle, display_name, password, msg_id).await
     })
@@ -111,7 +114,11 @@ async fn register_user(
     ))
 }
 
-async fn reserve_handle(state: &CommandState, handle: &Handle, user_id: UserId) -> Result<(), ApiError> {
+async fn reserve_handle(
+    state: &CommandState,
+    handle: &Handle,
+    user_id: UserId,
+) -> Result<(), ApiError> {
     let kv = &state.buckets.handles;
     match kv.create(handle.as_str(), user_id.to_string().into()).await {
         Ok(_) => Ok(()),

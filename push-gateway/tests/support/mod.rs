@@ -16,8 +16,7 @@ use parley_schemas::cloudevent::encode;
 use parley_schemas::events::{ChatCreated, MemberRole, MessageSent, ParticipantsModified};
 use parley_schemas::frames::{ChatItem, render};
 use parley_schemas::{
-    ChatEvent, ChatId, ChatKind, DeviceId, EventId, EventMeta, MessageId, Role, StoredEvent,
-    UserId,
+    ChatEvent, ChatId, ChatKind, DeviceId, EventId, EventMeta, MessageId, Role, StoredEvent, UserId,
 };
 use parley_test_support::TestStack;
 use serde_json::Value;
@@ -130,9 +129,7 @@ impl Harness {
 
     /// A group created by `creator` with `others` (sequence 1), in NATS and PostgreSQL.
     pub async fn create_chat(&self, creator: UserId, others: &[UserId]) -> Chat {
-        let chat = Chat {
-            id: ChatId::new(),
-        };
+        let chat = Chat { id: ChatId::new() };
         let mut members = vec![MemberRole {
             user_id: creator,
             role: Role::Admin,
@@ -219,13 +216,15 @@ impl Harness {
                     .unwrap();
                 }
                 for u in &p.removed {
-                    sqlx::query("UPDATE members SET left_seq = $3 WHERE chat_id = $1 AND user_id = $2")
-                        .bind(chat)
-                        .bind(u.as_uuid())
-                        .bind(seq)
-                        .execute(pg)
-                        .await
-                        .unwrap();
+                    sqlx::query(
+                        "UPDATE members SET left_seq = $3 WHERE chat_id = $1 AND user_id = $2",
+                    )
+                    .bind(chat)
+                    .bind(u.as_uuid())
+                    .bind(seq)
+                    .execute(pg)
+                    .await
+                    .unwrap();
                 }
             }
             ChatEvent::MessageSent(_) => {}
@@ -248,13 +247,15 @@ impl Harness {
                 .unwrap();
             }
             ChatItem::Update(u) => {
-                sqlx::query(r#"INSERT INTO chat_updates (chat_id, sequence, "update") VALUES ($1, $2, $3)"#)
-                    .bind(chat)
-                    .bind(seq)
-                    .bind(serde_json::to_value(&u).unwrap())
-                    .execute(pg)
-                    .await
-                    .unwrap();
+                sqlx::query(
+                    r#"INSERT INTO chat_updates (chat_id, sequence, "update") VALUES ($1, $2, $3)"#,
+                )
+                .bind(chat)
+                .bind(seq)
+                .bind(serde_json::to_value(&u).unwrap())
+                .execute(pg)
+                .await
+                .unwrap();
             }
         }
         sqlx::query(
@@ -422,7 +423,12 @@ impl Client {
             loop {
                 match self.ws.next().await {
                     Some(Ok(Message::Close(frame))) => return Ended::Close(frame),
-                    Some(Ok(Message::Text(_))) => frames += 1,
+                    Some(Ok(Message::Text(_))) => {
+                        frames += 1;
+                        if frames % 500 == 0 {
+                            eprintln!("read {frames} frames");
+                        }
+                    }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => return Ended::Abrupt(e.to_string()),
                     None => return Ended::Abrupt("end of stream".into()),

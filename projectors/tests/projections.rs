@@ -1,0 +1,209 @@
+//! The projections against a real PostgreSQL: effects and per-aggregate checkpoint commit
+//! together, redelivery changes nothing, and an event ahead of its predecessor waits.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::time::Duration;
+
+use parley_platform::MIGRATOR;
+use parley_projectors::chats;
+use parley_projectors::runner::{Delivered, Disposition};
+use parley_schemas::cloudevent::{EventMeta, encode};
+use parley_schemas::events::{ChatCreated, MemberRole, MessageSent, ParticipantsModified};
+use parley_schemas::{ChatEvent, ChatId, ChatKind, EventId, MessageId, Role, UserId};
+use parley_test_support::TestDb;
+use sqlx::PgPool;
+
+const DELAY: Duration = Duration::from_millis(50);
+
+struct Chat {
+    id: ChatId,
+    admin: UserId,
+    seq: u64,
+    stream_seq: u64,
+}
+
+impl Chat {
+    fn new() -> Self {
+        Self {
+            id: ChatId::new(),
+            admin: UserId::new(),
+            seq: 0,
+            stream_seq: 0,
+        }
+    }
+    fn next(&mut self, event: ChatEvent) -> Delivered {
+        self.seq += 1;
+        self.stream_seq += 1;
+        let meta = EventMeta {
+            id: EventId::new(),
+            subject: self.id.to_string(),
+            time: chrono::Utc::now(),
+            sequence: self.seq,
+            actor: self.admin,
+        };
+        Delivered {
+            stream_seq: self.stream_seq,
+            payload: encode(&meta, &event).into(),
+        }
+    }
+    fn created(&mut self, others: &[UserId]) -> Delivered {
+        let mut members = vec![MemberRole {
+            user_id: self.admin,
+            role: Role::Admin,
+        }];
+        members.extend(others.iter().map(|u| MemberRole {
+            user_id: *u,
+            role: Role::Member,
+        }));
+        self.next(ChatEvent::Created(ChatCreated {
+            chat_id: self.id,
+            kind: ChatKind::Group,
+            title: Some("t".into()),
+            members,
+        }))
+    }
+    fn message(&mut self, body: &str) -> Delivered {
+        self.next(ChatEvent::MessageSent(MessageSent {
+            message_id: MessageId::new(),
+            sender_id: self.admin,
+            body: body.into(),
+            reply_to: None,
+            attachments: vec![],
+        }))
+    }
+}
+
+async fn db() -> (TestDb, PgPool) {
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    MIGRATOR.run(&pool).await.unwrap();
+    (db, pool)
+}
+
+fn copy(d: &Delivered) -> Delivered {
+    Delivered {
+        stream_seq: d.stream_seq,
+        payload: d.payload.clone(),
+    }
+}
+
+async fn snapshot(pg: &PgPool) -> (Vec<(i64, String)>, Vec<(i64,)>, i64) {
+    let msgs = sqlx::query_as("SELECT sequence, body FROM messages ORDER BY chat_id, sequence")
+        .fetch_all(pg)
+        .await
+        .unwrap();
+    let chats = sqlx::query_as("SELECT last_sequence FROM chats ORDER BY chat_id")
+        .fetch_all(pg)
+        .await
+        .unwrap();
+    let updates: (i64,) = sqlx::query_as("SELECT count(*) FROM chat_updates")
+        .fetch_one(pg)
+        .await
+        .unwrap();
+    (msgs, chats, updates.0)
+}
+
+#[tokio::test]
+async fn a_batch_applies_messages_members_and_the_chat_checkpoint_together() {
+    let (_db, pg) = db().await;
+    let bob = UserId::new();
+    let mut chat = Chat::new();
+    let batch = vec![
+        chat.created(&[bob]),
+        chat.message("one"),
+        chat.message("two"),
+    ];
+    let out = chats::apply(&pg, batch, DELAY).await.unwrap();
+    assert_eq!(out, vec![Disposition::Ack; 3]);
+    let (msgs, chats_rows, updates) = snapshot(&pg).await;
+    assert_eq!(msgs, vec![(2, "one".to_owned()), (3, "two".to_owned())]);
+    assert_eq!(chats_rows, vec![(3,)]);
+    assert_eq!(updates, 1);
+    let members: Vec<(uuid::Uuid, String, i64)> =
+        sqlx::query_as("SELECT user_id, role, joined_seq FROM members ORDER BY role")
+            .fetch_all(&pg)
+            .await
+            .unwrap();
+    assert_eq!(members.len(), 2);
+    assert_eq!(members[0].1, "admin");
+    let (last_msg,): (Option<i64>,) = sqlx::query_as("SELECT last_message_seq FROM chats")
+        .fetch_one(&pg)
+        .await
+        .unwrap();
+    assert_eq!(last_msg, Some(3));
+}
+
+#[tokio::test]
+async fn redelivering_an_applied_batch_changes_nothing() {
+    let (_db, pg) = db().await;
+    let mut chat = Chat::new();
+    let batch = vec![chat.created(&[]), chat.message("one"), chat.message("two")];
+    let again: Vec<Delivered> = batch.iter().map(copy).collect();
+    chats::apply(&pg, batch, DELAY).await.unwrap();
+    let before = snapshot(&pg).await;
+    let out = chats::apply(&pg, again, DELAY).await.unwrap();
+    assert_eq!(
+        out,
+        vec![Disposition::Ack; 3],
+        "already applied events are acked, not reapplied"
+    );
+    assert_eq!(snapshot(&pg).await, before);
+}
+
+#[tokio::test]
+async fn an_event_ahead_of_a_missing_predecessor_waits_and_applies_once_the_gap_fills() {
+    let (_db, pg) = db().await;
+    let mut chat = Chat::new();
+    let created = chat.created(&[]);
+    let one = chat.message("one");
+    let two = chat.message("two");
+    chats::apply(&pg, vec![created], DELAY).await.unwrap();
+    let out = chats::apply(&pg, vec![copy(&two)], DELAY).await.unwrap();
+    assert_eq!(out, vec![Disposition::Retry(DELAY)]);
+    assert_eq!(snapshot(&pg).await.1, vec![(1,)], "nothing skipped ahead");
+    let out = chats::apply(&pg, vec![one, two], DELAY).await.unwrap();
+    assert_eq!(out, vec![Disposition::Ack, Disposition::Ack]);
+    assert_eq!(snapshot(&pg).await.1, vec![(3,)]);
+}
+
+#[tokio::test]
+async fn undecodable_events_are_terminated_without_blocking_the_batch() {
+    let (_db, pg) = db().await;
+    let mut chat = Chat::new();
+    let created = chat.created(&[]);
+    let junk = Delivered {
+        stream_seq: 99,
+        payload: bytes::Bytes::from_static(b"{\"nope\":1}"),
+    };
+    let out = chats::apply(&pg, vec![created, junk], DELAY).await.unwrap();
+    assert_eq!(out, vec![Disposition::Ack, Disposition::Term]);
+}
+
+#[tokio::test]
+async fn leaving_and_rejoining_moves_the_membership_window() {
+    let (_db, pg) = db().await;
+    let bob = UserId::new();
+    let mut chat = Chat::new();
+    let modify = |added: Vec<UserId>, removed: Vec<UserId>| {
+        ChatEvent::ParticipantsModified(ParticipantsModified {
+            added,
+            removed,
+            promoted: vec![],
+        })
+    };
+    let batch = vec![
+        chat.created(&[bob]),
+        chat.next(modify(vec![], vec![bob])),
+        chat.message("while away"),
+        chat.next(modify(vec![bob], vec![])),
+    ];
+    chats::apply(&pg, batch, DELAY).await.unwrap();
+    let (joined, left): (i64, Option<i64>) =
+        sqlx::query_as("SELECT joined_seq, left_seq FROM members WHERE user_id = $1")
+            .bind(bob.as_uuid())
+            .fetch_one(&pg)
+            .await
+            .unwrap();
+    assert_eq!((joined, left), (4, None));
+}
