@@ -79,7 +79,7 @@ pub(crate) async fn run(socket: WebSocket, gw: AppState, me: Principal, chats_st
         }
         Err(reason) => reason,
     };
-    tracing::debug!(conn = id, user = %me.user_id, ?reason, "connection ends");
+    tracing::debug!(conn = id, user = %me.user_id, ?reason, "connection ends"); eprintln!("CONN ENDS {reason:?}");
     // Cancels this connection's pending fetches too.
     stopper.stop(reason);
     conn.leave_all();
@@ -364,6 +364,9 @@ impl Connection {
     // ---- live events ----
 
     async fn on_live(&mut self, msg: LiveMsg) -> Step {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n % 100 == 0 { eprintln!("live {n}"); }
         let me = self.me.user_id;
         let Some(c) = self.chats.get_mut(&msg.chat) else {
             return Ok(());

@@ -435,8 +435,9 @@ impl Client {
                 }
             }
         })
-        .await
-        .expect("the server closes the connection in time");
+        .await;
+        eprintln!("frames read: {frames}");
+        let ended = ended.expect("the server closes the connection in time");
         (ended, frames)
     }
 
