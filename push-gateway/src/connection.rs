@@ -79,7 +79,7 @@ pub(crate) async fn run(socket: WebSocket, gw: AppState, me: Principal, chats_st
         }
         Err(reason) => reason,
     };
-    tracing::debug!(conn = id, user = %me.user_id, ?reason, "connection ends"); eprintln!("CONN ENDS {reason:?}");
+    tracing::debug!(conn = id, user = %me.user_id, ?reason, "connection ends");
     // Cancels this connection's pending fetches too.
     stopper.stop(reason);
     conn.leave_all();
@@ -96,7 +96,7 @@ pub(crate) async fn run(socket: WebSocket, gw: AppState, me: Principal, chats_st
 
 /// Reads until the client answers our close (or a deadline), so the socket is not reset with
 /// unread data, which could destroy the close frame before the client reads it.
-pub(crate) async fn linger(stream: &mut SplitStream<WebSocket>) {
+async fn linger(stream: &mut SplitStream<WebSocket>) {
     let _ = tokio::time::timeout(CLOSE_LINGER, async {
         while let Some(Ok(msg)) = stream.next().await {
             if matches!(msg, Message::Close(_)) {
@@ -133,9 +133,15 @@ impl Chat {
     }
 }
 
-struct Fetched {
-    chat: ChatId,
-    result: Result<Vec<Replayed>, sqlx::Error>,
+/// Catch-up progress, reported back to the connection's loop.
+enum Fetched {
+    /// A delayed retry is due: query now, from the cursor as it is now.
+    Due(ChatId),
+    /// A query's rows (at most [`BATCH`], in sequence order).
+    Rows {
+        chat: ChatId,
+        result: Result<Vec<Replayed>, sqlx::Error>,
+    },
 }
 
 struct Connection {
@@ -236,8 +242,12 @@ impl Connection {
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stop = self.stopper.token().clone();
         loop {
+            // Checked before every step; the sources below are polled fairly, so a busy live
+            // feed cannot starve the catch-up results that fill its gaps (or the client).
+            if stop.is_cancelled() {
+                return self.stopper.reason();
+            }
             let step = tokio::select! {
-                biased;
                 _ = stop.cancelled() => return self.stopper.reason(),
                 _ = &mut idle => return StopReason::Idle,
                 frame = client.next() => {
@@ -298,8 +308,8 @@ impl Connection {
                     .await
             }
             Err(error) => {
-                let mut detail = error.to_string();
-                detail.truncate(200);
+                // Serde quotes the client's input; keep it short (on a char boundary).
+                let detail: String = error.to_string().chars().take(200).collect();
                 self.emit(error_frame("bad_frame", detail)).await
             }
         }
@@ -364,9 +374,6 @@ impl Connection {
     // ---- live events ----
 
     async fn on_live(&mut self, msg: LiveMsg) -> Step {
-        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if n % 100 == 0 { eprintln!("live {n}"); }
         let me = self.me.user_id;
         let Some(c) = self.chats.get_mut(&msg.chat) else {
             return Ok(());
@@ -412,6 +419,28 @@ impl Connection {
             return;
         }
         c.fetching = true;
+        if delay.is_zero() {
+            self.query(chat);
+            return;
+        }
+        // The query's range is taken when it runs, not now: live events may have moved the
+        // cursor meanwhile.
+        let done = self.fetched_tx.clone();
+        let stop = self.stopper.token().clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(delay) => {
+                    let _ = done.send(Fetched::Due(chat));
+                }
+            }
+        });
+    }
+
+    fn query(&mut self, chat: ChatId) {
+        let Some(c) = self.chats.get(&chat) else {
+            return;
+        };
         let from = c.cursor.next_expected();
         let to = c.cursor.upper_bound();
         let pg = self.gw.infra.pg.clone();
@@ -421,7 +450,6 @@ impl Connection {
         let stop = self.stopper.token().clone();
         tokio::spawn(async move {
             let query = async {
-                tokio::time::sleep(delay).await;
                 let _local = local.acquire_owned().await;
                 let _global = global.acquire_owned().await;
                 inbox::events(&pg, chat, from, to).await
@@ -430,24 +458,35 @@ impl Connection {
                 _ = stop.cancelled() => return,
                 r = query => r,
             };
-            let _ = done.send(Fetched { chat, result });
+            let _ = done.send(Fetched::Rows { chat, result });
         });
     }
 
     async fn on_fetched(&mut self, done: Fetched) -> Step {
+        let (chat, result) = match done {
+            Fetched::Due(chat) => {
+                match self.chats.get_mut(&chat) {
+                    Some(c) if c.cursor.behind() => self.query(chat),
+                    Some(c) => c.fetching = false,
+                    None => {}
+                }
+                return Ok(());
+            }
+            Fetched::Rows { chat, result } => (chat, result),
+        };
         let me = self.me.user_id;
         let retry = self.gw.config.catch_up_retry;
-        let Some(c) = self.chats.get_mut(&done.chat) else {
+        let Some(c) = self.chats.get_mut(&chat) else {
             return Ok(());
         };
         c.fetching = false;
-        let rows = match done.result {
+        let rows = match result {
             Ok(rows) => rows,
             Err(error) => {
-                tracing::warn!(chat = %done.chat, %error, "catch-up query failed; retrying");
+                tracing::warn!(chat = %chat, %error, "catch-up query failed; retrying");
                 c.misses = c.misses.saturating_add(1);
                 let delay = backoff(retry, c.misses);
-                self.fetch(done.chat, delay);
+                self.fetch(chat, delay);
                 return Ok(());
             }
         };
@@ -458,8 +497,8 @@ impl Connection {
             sequence: r.sequence,
             frame: r.frame,
         });
-        let gap = self.deliver(done.chat, candidates, false).await?;
-        let Some(c) = self.chats.get_mut(&done.chat) else {
+        let gap = self.deliver(chat, candidates, false).await?;
+        let Some(c) = self.chats.get_mut(&chat) else {
             return Ok(());
         };
         if c.cursor.next_expected() > before {
@@ -474,8 +513,8 @@ impl Connection {
         } else {
             backoff(retry, c.misses)
         };
-        self.ensure_live(done.chat).await?;
-        self.fetch(done.chat, delay);
+        self.ensure_live(chat).await?;
+        self.fetch(chat, delay);
         Ok(())
     }
 
@@ -533,7 +572,8 @@ impl Connection {
         }
         if ended {
             self.leave(chat);
-        } else if gap {
+        } else if gap && live {
+            // A fetched batch schedules its own follow-up, with backoff.
             self.fetch(chat, Duration::ZERO);
         }
         Ok(gap)

@@ -234,7 +234,6 @@ fn fan_out(subscribers: &RwLock<Vec<Subscriber>>, chat: ChatId, item: LiveItem) 
             // Typing is best effort; a missed chat event would need the inbox anyway, so the
             // client is cut off and replays it on reconnect instead of buffering without bound.
             Err(mpsc::error::TrySendError::Full(_)) if is_event => {
-                eprintln!("SLOW CONSUMER detected");
                 sub.stopper.stop(StopReason::SlowConsumer);
             }
             Err(_) => {}

@@ -43,7 +43,7 @@ async fn live_messages_arrive_in_order_as_new_message_frames() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missed_events_replay_from_postgres_then_live_with_no_gap_or_duplicate_at_the_seam() {
     let h = Harness::start().await;
     let alice = h.login().await;
@@ -321,6 +321,62 @@ async fn a_non_member_never_sees_a_frame_of_the_chat() {
         a.until_pong().await.is_empty(),
         "mallory's typing is not relayed"
     );
+}
+
+#[tokio::test]
+async fn a_member_removed_and_added_back_gets_nothing_from_in_between() {
+    let h = Harness::start().await;
+    let alice = UserId::new();
+    let bob = h.login().await;
+    let chat = h.create_chat(alice, &[bob.user]).await;
+    let mut c = h.connect(&bob).await;
+    assert_eq!(c.sequences(&chat, 1).await, vec![1]);
+    h.publish(&chat.participants(2, alice, &[], &[bob.user]))
+        .await;
+    assert_eq!(c.sequences(&chat, 1).await, vec![2]);
+    h.publish(&chat.message(3, alice, "while bob was away"))
+        .await;
+    h.publish(&chat.participants(4, alice, &[bob.user], &[]))
+        .await;
+    h.notify(
+        format!("notify.user.{}", bob.user),
+        json!({"chat_id": chat.id, "sequence": 4, "change": "added"}),
+    )
+    .await;
+    h.publish(&chat.message(5, alice, "welcome back")).await;
+    assert_eq!(c.sequences(&chat, 2).await, vec![4, 5]);
+    assert!(c.until_pong().await.is_empty());
+}
+
+#[tokio::test]
+async fn an_event_type_this_build_cannot_render_is_delivered_as_the_projector_rendered_it() {
+    let h = Harness::start().await;
+    let alice = h.login().await;
+    let chat = h.create_chat(alice.user, &[]).await;
+    let mut c = h.connect(&alice).await;
+    assert_eq!(c.sequences(&chat, 1).await, vec![1]);
+    let at = "2026-11-21T10:00:00Z";
+    h.raw_to_nats(
+        &chat,
+        &json!({
+            "specversion": "1.0", "id": uuid::Uuid::now_v7(), "source": "/parley/chats",
+            "type": "parley.chat.title_changed.v1", "subject": chat.id, "time": at,
+            "datacontenttype": "application/json", "sequence": 2, "actor": alice.user,
+            "data": {"title": "renamed"}
+        }),
+    )
+    .await;
+    let update =
+        json!({"kind": "title_changed", "title": "renamed", "actor": alice.user, "at": at});
+    h.update_to_pg(&chat, 2, &update).await;
+    h.publish(&chat.message(3, alice.user, "after the rename"))
+        .await;
+    let v = c.next_event().await;
+    assert_eq!(
+        v,
+        json!({"type": "chatUpdate", "chat_id": chat.id, "sequence": 2, "update": update})
+    );
+    assert_eq!(c.sequences(&chat, 1).await, vec![3]);
 }
 
 async fn wait_for_receipt(

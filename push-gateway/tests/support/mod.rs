@@ -109,22 +109,6 @@ impl Harness {
         Ok(Client { ws })
     }
 
-    /// Connects over a socket with a tiny receive buffer, for clients that do not read.
-    pub async fn connect_small_buffer(&self, device: &Device) -> Client {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        let stream = socket.connect(self.addr).await.unwrap();
-        let mut request = self.url().into_client_request().unwrap();
-        request.headers_mut().insert(
-            "authorization",
-            format!("Bearer {}", device.token).parse().unwrap(),
-        );
-        let (ws, _) = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream))
-            .await
-            .unwrap();
-        Client { ws }
-    }
-
     // ---- chats ----
 
     /// A group created by `creator` with `others` (sequence 1), in NATS and PostgreSQL.
@@ -263,6 +247,40 @@ impl Harness {
         )
         .bind(chat)
         .bind(seq)
+        .execute(pg)
+        .await
+        .unwrap();
+    }
+
+    /// Appends a raw CloudEvent (say, of a type this build does not know) to the CHATS stream.
+    pub async fn raw_to_nats(&self, chat: &Chat, event: &Value) {
+        self.stack
+            .infra
+            .js
+            .publish(format!("chats.{}", chat.id), event.to_string().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    /// Writes a `chat_updates` row as a projector would, whatever its kind.
+    pub async fn update_to_pg(&self, chat: &Chat, sequence: u64, update: &Value) {
+        let pg = &self.stack.infra.pg;
+        sqlx::query(
+            r#"INSERT INTO chat_updates (chat_id, sequence, "update") VALUES ($1, $2, $3)"#,
+        )
+        .bind(chat.id.as_uuid())
+        .bind(sequence as i64)
+        .bind(update)
+        .execute(pg)
+        .await
+        .unwrap();
+        sqlx::query(
+            "UPDATE chats SET last_sequence = GREATEST(last_sequence, $2) WHERE chat_id = $1",
+        )
+        .bind(chat.id.as_uuid())
+        .bind(sequence as i64)
         .execute(pg)
         .await
         .unwrap();
@@ -423,21 +441,15 @@ impl Client {
             loop {
                 match self.ws.next().await {
                     Some(Ok(Message::Close(frame))) => return Ended::Close(frame),
-                    Some(Ok(Message::Text(_))) => {
-                        frames += 1;
-                        if frames % 500 == 0 {
-                            eprintln!("read {frames} frames");
-                        }
-                    }
+                    Some(Ok(Message::Text(_))) => frames += 1,
                     Some(Ok(_)) => {}
                     Some(Err(e)) => return Ended::Abrupt(e.to_string()),
                     None => return Ended::Abrupt("end of stream".into()),
                 }
             }
         })
-        .await;
-        eprintln!("frames read: {frames}");
-        let ended = ended.expect("the server closes the connection in time");
+        .await
+        .expect("the server closes the connection in time");
         (ended, frames)
     }
 
