@@ -19,6 +19,8 @@ pub struct CommandState {
     pub buckets: Buckets,
     /// Core NATS, for device-revocation notices.
     pub nats: async_nats::Client,
+    /// JetStream, for receipts (not aggregates: watermarks only move up).
+    pub js: async_nats::jetstream::Context,
     /// Read models, consulted only to validate reply targets.
     pub pg: sqlx::PgPool,
     pub auth: Authenticator,
@@ -46,6 +48,7 @@ impl CommandState {
             users,
             buckets: infra.buckets.clone(),
             nats: infra.nats.clone(),
+            js: infra.js.clone(),
             pg: infra.pg.clone(),
             auth: infra.auth.clone(),
             config: Arc::new(config),

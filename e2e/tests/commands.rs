@@ -339,6 +339,8 @@ async fn openapi_document_is_served_and_names_every_route() {
         "/v1/me",
         "/v1/chats/{chat_id}",
         "/v1/ws",
+        "/v1/chats/{chat_id}/read",
+        "/v1/chats/{chat_id}/messages/{message_id}/receipts",
     ] {
         assert!(doc["paths"][path].is_object(), "OpenAPI lacks {path}");
     }

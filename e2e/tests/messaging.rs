@@ -186,3 +186,86 @@ async fn chat_list_and_detail_reflect_members_and_unread_messages() {
     assert_eq!(s, 200, "{me}");
     assert_eq!(me["handle"], "bob");
 }
+
+#[tokio::test]
+async fn a_sender_sees_sent_then_delivered_then_read() {
+    let app = spawn_app().await;
+    let ada = app.signup("ada").await;
+    let bob = app.signup("bob").await;
+    let chat = app.group(&ada, &[&bob]).await;
+    let mut bob_ws = app.socket(&bob.token).await;
+    let (_, sent) = app
+        .post(
+            &format!("/v1/chats/{chat}/messages"),
+            Some(&ada.token),
+            json!({"body": "ping"}),
+        )
+        .await;
+    let seq = sent["sequence"].as_u64().unwrap();
+    let message = sent["message_id"].as_str().unwrap().to_owned();
+    let receipts = format!("/v1/chats/{chat}/messages/{message}/receipts?min_sequence={seq}");
+    let (s, r) = app.get(&receipts, Some(&ada.token)).await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r, json!({"delivered_to": [], "read_by": []}), "sent only");
+
+    // Bob's device gets the message and acks it: delivered.
+    loop {
+        let f = bob_ws
+            .next_event(Duration::from_secs(10))
+            .await
+            .expect("message frame");
+        if f["sequence"].as_u64() == Some(seq) {
+            break;
+        }
+    }
+    bob_ws
+        .send(json!({"type": "ack", "chat_id": chat, "sequence": seq}))
+        .await;
+    let delivered =
+        parley_test_support::eventually(Duration::from_secs(10), "delivered receipt", || async {
+            let (_, r) = app.get(&receipts, Some(&ada.token)).await;
+            (r["delivered_to"] == json!([bob.user_id])).then_some(r)
+        })
+        .await;
+    assert_eq!(delivered["read_by"], json!([]));
+
+    // Bob reads: read, and his unread count drops to zero.
+    let (_, list) = app.get("/v1/chats", Some(&bob.token)).await;
+    assert_eq!(list["chats"][0]["unread_count"], 1);
+    let (s, b) = app
+        .post(
+            &format!("/v1/chats/{chat}/read"),
+            Some(&bob.token),
+            json!({"up_to": seq}),
+        )
+        .await;
+    assert_eq!(s, 204, "{b}");
+    parley_test_support::eventually(Duration::from_secs(10), "read receipt", || async {
+        let (_, r) = app.get(&receipts, Some(&ada.token)).await;
+        (r["read_by"] == json!([bob.user_id])).then_some(())
+    })
+    .await;
+    let (_, list) = app.get("/v1/chats", Some(&bob.token)).await;
+    assert_eq!(list["chats"][0]["unread_count"], 0);
+
+    // Reading past the end, or a chat one is not in, is refused.
+    let (s, _) = app
+        .post(
+            &format!("/v1/chats/{chat}/read"),
+            Some(&bob.token),
+            json!({"up_to": seq + 5}),
+        )
+        .await;
+    assert_eq!(s, 422);
+    let eve = app.signup("eve").await;
+    let (s, _) = app
+        .post(
+            &format!("/v1/chats/{chat}/read"),
+            Some(&eve.token),
+            json!({"up_to": 1}),
+        )
+        .await;
+    assert_eq!(s, 404);
+    let (s, _) = app.get(&receipts, Some(&eve.token)).await;
+    assert_eq!(s, 404);
+}

@@ -11,7 +11,7 @@ use parley_schemas::{ChatEvent, StoredEvent};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::runner::{Delivered, Disposition, checkpoint, decode_all};
+use crate::runner::{Delivered, Disposition, Versions, checkpoint, decode_all};
 
 struct MessageRow {
     chat_id: Uuid,
@@ -35,20 +35,15 @@ pub async fn apply(
     out_of_order_delay: Duration,
 ) -> Result<Vec<Disposition>, sqlx::Error> {
     let events = decode_all::<ChatEvent>("chats", &batch);
-    let chat_ids: Vec<Uuid> = events
-        .iter()
-        .flatten()
-        .filter_map(|e| Uuid::parse_str(&e.meta.subject).ok())
-        .collect();
     let mut tx = pg.begin().await?;
     // Lock the chats of this batch so two projector instances never interleave on one chat.
-    let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+    let mut versions = Versions::lock(
+        &mut tx,
         "SELECT chat_id, last_sequence FROM chats WHERE chat_id = ANY($1) ORDER BY chat_id FOR UPDATE",
+        &events,
+        out_of_order_delay,
     )
-    .bind(&chat_ids)
-    .fetch_all(&mut *tx)
     .await?;
-    let mut versions: HashMap<Uuid, i64> = rows.into_iter().collect();
     let mut progress: HashMap<Uuid, ChatProgress> = HashMap::new();
     let mut messages: Vec<MessageRow> = Vec::new();
     let mut out = Vec::with_capacity(events.len());
@@ -57,23 +52,16 @@ pub async fn apply(
             out.push(Disposition::Term);
             continue;
         };
-        let Ok(chat_id) = Uuid::parse_str(&event.meta.subject) else {
-            tracing::error!(subject = %event.meta.subject, "chat event with a non-UUID subject");
-            out.push(Disposition::Term);
-            continue;
+        let chat_id = match versions.admit(event) {
+            Ok(id) => id,
+            Err(d) => {
+                out.push(d);
+                continue;
+            }
         };
-        let current = versions.get(&chat_id).copied().unwrap_or(0);
         let seq = event.meta.sequence as i64;
-        if seq <= current {
-            out.push(Disposition::Ack);
-            continue;
-        }
-        if seq != current + 1 {
-            out.push(Disposition::Retry(out_of_order_delay));
-            continue;
-        }
         let is_message = apply_one(&mut tx, chat_id, event, &mut messages).await?;
-        versions.insert(chat_id, seq);
+        versions.advance(chat_id, seq);
         let p = progress.entry(chat_id).or_insert(ChatProgress {
             sequence: seq,
             at: event.meta.time,

@@ -215,3 +215,58 @@ pub async fn checkpoint(
     .await?;
     Ok(())
 }
+
+/// The per-aggregate versions of a batch's aggregates, locked for its transaction: the
+/// projection's checkpoints (ADR 2). An event applies only when it is exactly the next version.
+pub struct Versions {
+    map: std::collections::HashMap<uuid::Uuid, i64>,
+    out_of_order_delay: Duration,
+}
+
+impl Versions {
+    /// `lock_sql` selects `(id, version)` rows with `id = ANY($1)` … `FOR UPDATE`.
+    pub async fn lock<E>(
+        tx: &mut sqlx::PgConnection,
+        lock_sql: &str,
+        events: &[Option<parley_schemas::StoredEvent<E>>],
+        out_of_order_delay: Duration,
+    ) -> Result<Self, sqlx::Error> {
+        let ids: Vec<uuid::Uuid> = events
+            .iter()
+            .flatten()
+            .filter_map(|e| uuid::Uuid::parse_str(&e.meta.subject).ok())
+            .collect();
+        let rows: Vec<(uuid::Uuid, i64)> =
+            sqlx::query_as(lock_sql).bind(&ids).fetch_all(tx).await?;
+        Ok(Self {
+            map: rows.into_iter().collect(),
+            out_of_order_delay,
+        })
+    }
+
+    /// The event's aggregate id if it applies now; otherwise what to do with it: a duplicate is
+    /// acked, an event ahead of a missing one retried later, a non-UUID subject terminated.
+    pub fn admit<E>(
+        &self,
+        event: &parley_schemas::StoredEvent<E>,
+    ) -> Result<uuid::Uuid, Disposition> {
+        let Ok(id) = uuid::Uuid::parse_str(&event.meta.subject) else {
+            tracing::error!(subject = %event.meta.subject, "event with a non-UUID subject");
+            return Err(Disposition::Term);
+        };
+        let current = self.map.get(&id).copied().unwrap_or(0);
+        let seq = event.meta.sequence as i64;
+        if seq <= current {
+            Err(Disposition::Ack)
+        } else if seq != current + 1 {
+            Err(Disposition::Retry(self.out_of_order_delay))
+        } else {
+            Ok(id)
+        }
+    }
+
+    /// Records that `id` is now at `seq` (later events of the batch build on it).
+    pub fn advance(&mut self, id: uuid::Uuid, seq: i64) {
+        self.map.insert(id, seq);
+    }
+}

@@ -2,14 +2,12 @@
 //! per-user checkpoint. A device added to a user who is already in chats starts its cursors at
 //! each chat's current sequence: older events are history, not inbox.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use parley_schemas::UserEvent;
 use sqlx::PgPool;
-use uuid::Uuid;
 
-use crate::runner::{Delivered, Disposition, checkpoint, decode_all};
+use crate::runner::{Delivered, Disposition, Versions, checkpoint, decode_all};
 
 pub async fn apply(
     pg: &PgPool,
@@ -17,39 +15,28 @@ pub async fn apply(
     out_of_order_delay: Duration,
 ) -> Result<Vec<Disposition>, sqlx::Error> {
     let events = decode_all::<UserEvent>("users", &batch);
-    let ids: Vec<Uuid> = events
-        .iter()
-        .flatten()
-        .filter_map(|e| Uuid::parse_str(&e.meta.subject).ok())
-        .collect();
     let mut tx = pg.begin().await?;
-    let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+    let mut versions = Versions::lock(
+        &mut tx,
         "SELECT user_id, version FROM users WHERE user_id = ANY($1) ORDER BY user_id FOR UPDATE",
+        &events,
+        out_of_order_delay,
     )
-    .bind(&ids)
-    .fetch_all(&mut *tx)
     .await?;
-    let mut versions: HashMap<Uuid, i64> = rows.into_iter().collect();
     let mut out = Vec::with_capacity(events.len());
     for event in &events {
         let Some(event) = event else {
             out.push(Disposition::Term);
             continue;
         };
-        let Ok(user_id) = Uuid::parse_str(&event.meta.subject) else {
-            out.push(Disposition::Term);
-            continue;
+        let user_id = match versions.admit(event) {
+            Ok(id) => id,
+            Err(d) => {
+                out.push(d);
+                continue;
+            }
         };
-        let current = versions.get(&user_id).copied().unwrap_or(0);
         let seq = event.meta.sequence as i64;
-        if seq <= current {
-            out.push(Disposition::Ack);
-            continue;
-        }
-        if seq != current + 1 {
-            out.push(Disposition::Retry(out_of_order_delay));
-            continue;
-        }
         match &event.event {
             UserEvent::Registered(r) => {
                 sqlx::query(
@@ -99,7 +86,7 @@ pub async fn apply(
             .bind(seq)
             .execute(&mut *tx)
             .await?;
-        versions.insert(user_id, seq);
+        versions.advance(user_id, seq);
         out.push(Disposition::Ack);
     }
     checkpoint(&mut tx, "users", &batch).await?;

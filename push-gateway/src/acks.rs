@@ -7,11 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use chrono::Utc;
-use parley_nats::subjects;
-use parley_schemas::cloudevent::{CONTENT_TYPE, encode};
 use parley_schemas::events::Delivered;
-use parley_schemas::{ChatId, DeviceId, EventId, EventMeta, ReceiptEvent, UserId};
+use parley_schemas::{ChatId, DeviceId, ReceiptEvent, UserId};
 use tokio_util::sync::CancellationToken;
 
 type Key = (DeviceId, ChatId);
@@ -86,31 +83,12 @@ async fn publish(
     (device_id, chat): Key,
     (user_id, up_to): (UserId, u64),
 ) -> Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError> {
-    let meta = EventMeta {
-        id: EventId::new(),
-        subject: chat.to_string(),
-        time: Utc::now(),
-        sequence: up_to,
-        actor: user_id,
-    };
     let event = ReceiptEvent::Delivered(Delivered {
         user_id,
         device_id,
         up_to,
     });
-    let mut headers = async_nats::HeaderMap::new();
-    // The same watermark published twice (a retry after a lost ack) is stored once.
-    headers.insert(
-        "Nats-Msg-Id",
-        format!("{device_id}:{chat}:{up_to}").as_str(),
-    );
-    headers.insert("Content-Type", CONTENT_TYPE);
-    js.publish_with_headers(
-        subjects::receipts(chat),
-        headers,
-        encode(&meta, &event).into(),
-    )
-    .await
+    parley_nats::receipts::publish(js, chat, &event).await
 }
 
 #[cfg(test)]

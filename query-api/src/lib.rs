@@ -12,6 +12,7 @@ mod error;
 mod me;
 mod messages;
 mod openapi;
+mod receipts;
 mod state;
 
 use std::time::Duration;
@@ -52,6 +53,7 @@ pub fn router(infra: &Infra, config: QueryConfig) -> Router {
         .merge(me::router())
         .merge(chats::router())
         .merge(messages::router())
+        .merge(receipts::router())
         .method_not_allowed_fallback(error::method_not_allowed)
         .fallback(parley_platform::problem::not_found_fallback)
         .with_state(state::QueryState::new(infra, config))

@@ -25,6 +25,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         crate::chats::list,
         crate::chats::detail,
         crate::messages::history,
+        crate::receipts::receipts,
     ),
     components(schemas(ProblemDoc, MessageDoc, AttachmentDoc)),
     modifiers(&BearerAuth),

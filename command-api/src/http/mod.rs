@@ -3,6 +3,7 @@
 mod chats;
 mod devices;
 mod messages;
+mod receipts;
 mod sessions;
 mod users;
 
@@ -23,6 +24,7 @@ pub fn router(state: CommandState) -> Router {
         .merge(devices::router())
         .merge(chats::router())
         .merge(messages::router())
+        .merge(receipts::router())
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -54,6 +56,7 @@ pub(crate) fn answer<T: serde::Serialize>(status: StatusCode, body: &T) -> Answe
         chats::create,
         chats::participants,
         messages::send,
+        receipts::read,
     ),
     components(schemas(parley_platform::problem::Problem))
 )]
