@@ -127,8 +127,33 @@ impl TestApp {
         body["chat_id"].as_str().unwrap().to_owned()
     }
 
+    /// A gateway of its own (as `parley push-gateway`) on this app's NATS and database; stop
+    /// it by cancelling the returned token.
+    pub async fn spawn_gateway(&self) -> (u16, CancellationToken) {
+        let mut settings = Settings::default();
+        settings.infra.nats_url = self.nats.url();
+        settings.infra.database_url = self.db.url.clone();
+        settings.infra.pg_max_connections = 4;
+        let stop = CancellationToken::new();
+        let app = App::build(
+            settings,
+            Role::PushGateway,
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            stop.clone(),
+        )
+        .await
+        .expect("build gateway");
+        let port = app.port();
+        tokio::spawn(app.run_until_stopped());
+        (port, stop)
+    }
+
     pub async fn socket(&self, token: &str) -> Socket {
-        let mut req = format!("ws://127.0.0.1:{}/v1/ws", self.port)
+        self.socket_at(self.port, token).await
+    }
+
+    pub async fn socket_at(&self, port: u16, token: &str) -> Socket {
+        let mut req = format!("ws://127.0.0.1:{port}/v1/ws")
             .into_client_request()
             .unwrap();
         req.headers_mut()
