@@ -3,6 +3,7 @@
 use axum::response::{IntoResponse, Response};
 use parley_nats::{ExecuteError, StoreError};
 use parley_platform::Problem;
+use parley_schemas::ValueError;
 
 use crate::domain::Rejection;
 
@@ -32,6 +33,13 @@ pub enum ApiError {
 impl From<Problem> for ApiError {
     fn from(p: Problem) -> Self {
         ApiError::Problem(p)
+    }
+}
+
+/// A value that fails its own rules (handle, body, title, …) is semantically invalid: 422.
+impl From<ValueError> for ApiError {
+    fn from(e: ValueError) -> Self {
+        ApiError::Invalid(e.to_string())
     }
 }
 

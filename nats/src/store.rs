@@ -65,10 +65,15 @@ pub struct AppendContext {
 
 impl AppendContext {
     pub fn new(actor: UserId) -> Self {
+        Self::idempotent(actor, None)
+    }
+
+    /// A context whose `Nats-Msg-Id`s derive from `msg_id` (an idempotency key), when given.
+    pub fn idempotent(actor: UserId, msg_id: Option<String>) -> Self {
         Self {
             actor,
             time: Utc::now(),
-            msg_id: None,
+            msg_id,
         }
     }
 }

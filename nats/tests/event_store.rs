@@ -214,15 +214,10 @@ async fn a_cold_load_starts_from_the_snapshot_and_reads_only_newer_events() {
 #[tokio::test]
 async fn stored_chat_events_are_republished_on_the_live_subject_in_order() {
     let server = NatsServer::start().await;
-    let (js, a, _) = setup(&server).await;
+    let (_, a, _) = setup(&server).await;
     let chat = ChatId::new();
     let sender = UserId::new();
-    let mut live = js
-        .get_stream(streams::CHATS)
-        .await
-        .map(|_| ())
-        .map(|_| async_nats::connect(server.url()))
-        .unwrap()
+    let mut live = async_nats::connect(server.url())
         .await
         .unwrap()
         .subscribe(format!("live.chats.{chat}"))

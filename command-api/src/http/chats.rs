@@ -91,12 +91,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let key = IdempotencyKey::from_headers(&headers)?;
     let state = &state;
-    let title = req
-        .title
-        .clone()
-        .map(ChatTitle::parse)
-        .transpose()
-        .map_err(|e| ApiError::Invalid(e.to_string()))?;
+    let title = req.title.clone().map(ChatTitle::parse).transpose()?;
     if req.members.len() > MAX_IDS_PER_REQUEST {
         return Err(ApiError::Invalid(format!(
             "at most {MAX_IDS_PER_REQUEST} members per request"
@@ -125,8 +120,7 @@ pub async fn create(
             members: req.members.clone(),
             max_members: max_members(state, req.kind),
         };
-        let mut ctx = AppendContext::new(me.user_id);
-        ctx.msg_id = msg_id;
+        let ctx = AppendContext::idempotent(me.user_id, msg_id);
         let outcome = state
             .chats
             .execute(*chat_id.as_uuid(), &ctx, |s| chat::decide(s, &cmd))

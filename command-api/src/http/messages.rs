@@ -77,8 +77,7 @@ pub async fn send(
 ) -> Result<Response, ApiError> {
     let key = IdempotencyKey::from_headers(&headers)?;
     let state = &state;
-    let body =
-        MessageBody::parse(req.body.clone()).map_err(|e| ApiError::Invalid(e.to_string()))?;
+    let body = MessageBody::parse(req.body.clone())?;
     if req.attachments.len() > MAX_ATTACHMENTS {
         return Err(ApiError::Invalid(format!(
             "at most {MAX_ATTACHMENTS} attachments"
@@ -103,8 +102,7 @@ pub async fn send(
             body,
             reply_to: req.reply_to,
         };
-        let mut ctx = AppendContext::new(me.user_id);
-        ctx.msg_id = msg_id;
+        let ctx = AppendContext::idempotent(me.user_id, msg_id);
         let outcome = state
             .chats
             .execute(*chat_id.as_uuid(), &ctx, |s| chat::decide(s, &cmd))

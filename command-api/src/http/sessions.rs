@@ -72,14 +72,8 @@ pub async fn login(
 ) -> Result<Response, ApiError> {
     let key = IdempotencyKey::from_headers(&headers)?;
     let state = &state;
-    let device_name =
-        DeviceName::parse(req.device_name.clone()).map_err(|e| ApiError::Invalid(e.to_string()))?;
-    let platform = req
-        .platform
-        .clone()
-        .map(Platform::parse)
-        .transpose()
-        .map_err(|e| ApiError::Invalid(e.to_string()))?;
+    let device_name = DeviceName::parse(req.device_name.clone())?;
+    let platform = req.platform.clone().map(Platform::parse).transpose()?;
     let user_id = verify(state, &req.handle, &req.password).await?;
     let ids = || Ids {
         device_id: DeviceId::new(),
@@ -93,8 +87,7 @@ pub async fn login(
             platform,
             max_devices: state.config.max_devices,
         };
-        let mut ctx = AppendContext::new(user_id);
-        ctx.msg_id = msg_id;
+        let ctx = AppendContext::idempotent(user_id, msg_id);
         state
             .users
             .execute(*user_id.as_uuid(), &ctx, |s| user::decide(s, &cmd))

@@ -62,11 +62,9 @@ pub async fn register(
 ) -> Result<Response, ApiError> {
     let key = IdempotencyKey::from_headers(&headers)?;
     let state = &state;
-    let handle = Handle::parse(req.handle.clone()).map_err(|e| ApiError::Invalid(e.to_string()))?;
-    let display_name = DisplayName::parse(req.display_name.clone())
-        .map_err(|e| ApiError::Invalid(e.to_string()))?;
-    let password =
-        Password::parse(req.password.clone()).map_err(|e| ApiError::Invalid(e.to_string()))?;
+    let handle = Handle::parse(req.handle.clone())?;
+    let display_name = DisplayName::parse(req.display_name.clone())?;
+    let password = Password::parse(req.password.clone())?;
     let ids = || Ids {
         user_id: UserId::new(),
     };
@@ -98,8 +96,7 @@ async fn register_user(
         handle: handle.clone(),
         display_name: display_name.clone(),
     };
-    let mut ctx = AppendContext::new(user_id);
-    ctx.msg_id = msg_id;
+    let ctx = AppendContext::idempotent(user_id, msg_id);
     state
         .users
         .execute(*user_id.as_uuid(), &ctx, |s| user::decide(s, &cmd))
