@@ -116,7 +116,11 @@ impl App {
         if let Some(listener) = self.listener {
             tracing::info!(addr = %listener.local_addr()?, "listening");
             let stop = shutdown.clone();
-            axum::serve(listener, self.router)
+            // Connect info gives handlers the peer address for per-IP limits.
+            let service = self
+                .router
+                .into_make_service_with_connect_info::<std::net::SocketAddr>();
+            axum::serve(listener, service)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await?;
         } else {

@@ -6,8 +6,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use parley::{App, Role, Settings, parse_duration};
+use parley_command_api::LimitsConfig;
 use parley_nats::JetStreamSettings;
-use parley_platform::InfraConfig;
+use parley_platform::{InfraConfig, Rate};
 
 #[derive(Parser)]
 #[command(name = "parley", version, about = "Parley chat platform")]
@@ -76,6 +77,75 @@ struct Opts {
         default_value_t = 100_000
     )]
     max_channel_members: usize,
+    #[command(flatten)]
+    limits: LimitOpts,
+}
+
+/// Abuse limits of command-api, per process (`N/s`, `N/m`, `N/h` or `off`).
+#[derive(clap::Args)]
+struct LimitOpts {
+    /// Messages per user.
+    #[arg(
+        long,
+        global = true,
+        env = "PARLEY_RATE_SEND_PER_USER",
+        default_value = "20/s"
+    )]
+    rate_send_per_user: Rate,
+    /// Messages per client address.
+    #[arg(
+        long,
+        global = true,
+        env = "PARLEY_RATE_SEND_PER_IP",
+        default_value = "200/s"
+    )]
+    rate_send_per_ip: Rate,
+    /// Sign-ups per client address.
+    #[arg(
+        long,
+        global = true,
+        env = "PARLEY_RATE_SIGNUP_PER_IP",
+        default_value = "20/m"
+    )]
+    rate_signup_per_ip: Rate,
+    /// Log-in attempts per client address.
+    #[arg(
+        long,
+        global = true,
+        env = "PARLEY_RATE_LOGIN_PER_IP",
+        default_value = "60/m"
+    )]
+    rate_login_per_ip: Rate,
+    /// Log-in attempts per handle, whatever the address (brute force).
+    #[arg(
+        long,
+        global = true,
+        env = "PARLEY_RATE_LOGIN_PER_HANDLE",
+        default_value = "10/m"
+    )]
+    rate_login_per_handle: Rate,
+    /// One message body (20+ characters) may go to at most this many chats per minute.
+    #[arg(
+        long,
+        global = true,
+        env = "PARLEY_FLOOD_MAX_CHATS",
+        default_value_t = 5
+    )]
+    flood_max_chats: usize,
+}
+
+impl LimitOpts {
+    fn config(&self) -> LimitsConfig {
+        LimitsConfig {
+            send_per_user: self.rate_send_per_user,
+            send_per_ip: self.rate_send_per_ip,
+            signup_per_ip: self.rate_signup_per_ip,
+            login_per_ip: self.rate_login_per_ip,
+            login_per_handle: self.rate_login_per_handle,
+            flood_max_chats: self.flood_max_chats,
+            ..LimitsConfig::default()
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -129,6 +199,7 @@ impl Opts {
         };
         s.command.max_group_members = self.max_group_members;
         s.command.max_channel_members = self.max_channel_members;
+        s.command.limits = self.limits.config();
         s
     }
 }

@@ -6,12 +6,14 @@ pub mod domain;
 mod error;
 mod http;
 mod idempotency;
+mod limits;
 mod state;
 
 use std::time::Duration;
 
 pub use error::ApiError;
 pub use http::openapi;
+pub use limits::LimitsConfig;
 pub use state::CommandState;
 
 /// Limits and tuning of command-api (`PARLEY_*` settings; see README).
@@ -26,6 +28,8 @@ pub struct CommandConfig {
     pub snapshot_interval: Duration,
     /// Largest JSON request body.
     pub max_body_bytes: usize,
+    /// Rate limits and the flood rule.
+    pub limits: LimitsConfig,
 }
 
 impl Default for CommandConfig {
@@ -37,6 +41,7 @@ impl Default for CommandConfig {
             cache_capacity: 100_000,
             snapshot_interval: Duration::from_secs(5),
             max_body_bytes: 64 * 1024,
+            limits: LimitsConfig::default(),
         }
     }
 }

@@ -8,6 +8,7 @@ use parley_platform::{Authenticator, Infra};
 use crate::CommandConfig;
 use crate::domain::{chat::Chat, user::User};
 use crate::error::ApiError;
+use crate::limits::Limits;
 
 #[derive(Clone)]
 pub struct CommandState {
@@ -24,6 +25,8 @@ pub struct CommandState {
     /// Read models, consulted only to validate reply targets.
     pub pg: sqlx::PgPool,
     pub auth: Authenticator,
+    /// Abuse limits (per process).
+    pub limits: Limits,
     pub config: Arc<CommandConfig>,
 }
 
@@ -51,6 +54,7 @@ impl CommandState {
             js: infra.js.clone(),
             pg: infra.pg.clone(),
             auth: infra.auth.clone(),
+            limits: Limits::new(&config.limits, &infra.shutdown),
             config: Arc::new(config),
         })
     }

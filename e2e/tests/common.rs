@@ -28,7 +28,12 @@ impl Drop for TestApp {
     }
 }
 
+/// A whole Parley with abuse limits off (tests send in bursts); `spawn_app_with` tunes it.
 pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(tune: impl FnOnce(&mut Settings)) -> TestApp {
     let nats = NatsServer::start().await;
     let db = TestDb::create().await;
     let mut settings = Settings::default();
@@ -36,6 +41,8 @@ pub async fn spawn_app() -> TestApp {
     settings.infra.database_url = db.url.clone();
     settings.infra.pg_max_connections = 8;
     settings.command.max_group_members = 5;
+    settings.command.limits = parley_command_api::LimitsConfig::off();
+    tune(&mut settings);
     let shutdown = CancellationToken::new();
     let app = App::build(
         settings,

@@ -5,13 +5,15 @@ pub mod auth;
 pub mod extract;
 pub mod infra;
 pub mod problem;
+pub mod ratelimit;
 pub mod shutdown;
 pub mod telemetry;
 
 pub use auth::{Authenticator, Principal, SessionRecord, token_key};
-pub use extract::{ApiJson, PathIds};
+pub use extract::{ApiJson, ClientIp, PathIds};
 pub use infra::{Infra, InfraConfig, MIGRATOR};
 pub use problem::Problem;
+pub use ratelimit::{KeyedLimit, Rate};
 
 /// Connects a PostgreSQL pool; the services share this so pool settings live in one place.
 pub async fn pg_pool(url: &str, max_connections: u32) -> Result<sqlx::PgPool, sqlx::Error> {

@@ -49,6 +49,12 @@ impl Problem {
     pub fn invalid(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", detail)
     }
+    /// Rate limited: the client may try again after `secs`.
+    pub fn too_many(detail: impl Into<String>, secs: u64) -> Self {
+        let mut p = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate-limited", detail);
+        p.retry_after = Some(secs);
+        p
+    }
     /// A dependency is down or behind: the client should retry after `secs`.
     pub fn unavailable(detail: impl Into<String>, secs: u64) -> Self {
         let mut p = Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail);

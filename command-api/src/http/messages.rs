@@ -9,7 +9,7 @@ use axum::response::Response;
 use axum::routing::post;
 use chrono::{DateTime, Utc};
 use parley_nats::AppendContext;
-use parley_platform::{ApiJson, PathIds, Principal};
+use parley_platform::{ApiJson, ClientIp, PathIds, Principal};
 use parley_schemas::{AttachmentId, ChatId, MessageBody, MessageId};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -67,14 +67,17 @@ struct Ids {
         (status = 404, body = parley_platform::Problem, description = "unknown chat or not a member"),
         (status = 413, body = parley_platform::Problem),
         (status = 422, body = parley_platform::Problem, description = "bad body, reply_to or attachments"),
+        (status = 429, body = parley_platform::Problem, description = "rate limited or flooding (see Retry-After)"),
     ))]
 pub async fn send(
     State(state): State<CommandState>,
     me: Principal,
+    ClientIp(ip): ClientIp,
     PathIds(chat_id): PathIds<ChatId>,
     headers: HeaderMap,
     ApiJson(req): ApiJson<SendRequest>,
 ) -> Result<Response, ApiError> {
+    state.limits.send(ip, me.user_id, chat_id, &req.body)?;
     let key = IdempotencyKey::from_headers(&headers)?;
     let state = &state;
     let body = MessageBody::parse(req.body.clone())?;

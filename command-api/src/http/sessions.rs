@@ -8,7 +8,7 @@ use axum::response::Response;
 use axum::routing::post;
 use base64::Engine;
 use parley_nats::AppendContext;
-use parley_platform::{ApiJson, SessionRecord, token_key};
+use parley_platform::{ApiJson, ClientIp, SessionRecord, token_key};
 use parley_schemas::{DeviceId, DeviceName, Platform, UserId};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -64,12 +64,15 @@ pub(crate) fn device_key(device_id: DeviceId) -> String {
         (status = 401, body = parley_platform::Problem, description = "bad credentials"),
         (status = 409, body = parley_platform::Problem, description = "already 5 active devices"),
         (status = 422, body = parley_platform::Problem),
+        (status = 429, body = parley_platform::Problem, description = "too many log-ins for this handle or address (see Retry-After)"),
     ))]
 pub async fn login(
     State(state): State<CommandState>,
+    ClientIp(ip): ClientIp,
     headers: HeaderMap,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> Result<Response, ApiError> {
+    state.limits.login(ip, &req.handle)?;
     let key = IdempotencyKey::from_headers(&headers)?;
     let state = &state;
     let device_name = DeviceName::parse(req.device_name.clone())?;

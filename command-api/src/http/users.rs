@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::post;
 use parley_nats::AppendContext;
-use parley_platform::ApiJson;
+use parley_platform::{ApiJson, ClientIp};
 use parley_schemas::{DisplayName, Handle, Password, UserId};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -54,12 +54,15 @@ struct Ids {
         (status = 400, body = parley_platform::Problem, description = "malformed"),
         (status = 409, body = parley_platform::Problem, description = "handle taken"),
         (status = 422, body = parley_platform::Problem, description = "invalid handle, name or password"),
+        (status = 429, body = parley_platform::Problem, description = "too many sign-ups from this address (see Retry-After)"),
     ))]
 pub async fn register(
     State(state): State<CommandState>,
+    ClientIp(ip): ClientIp,
     headers: HeaderMap,
     ApiJson(req): ApiJson<RegisterRequest>,
 ) -> Result<Response, ApiError> {
+    state.limits.signup(ip)?;
     let key = IdempotencyKey::from_headers(&headers)?;
     let state = &state;
     let handle = Handle::parse(req.handle.clone())?;
