@@ -85,6 +85,8 @@ impl AppendContext {
 pub struct Outcome {
     pub version: u64,
     pub appended: Vec<EventMeta>,
+    /// Appends lost to another writer before this one won (0 when uncontended).
+    pub conflicts: usize,
 }
 
 #[derive(Debug, thiserror::Error, Clone)]
@@ -176,12 +178,13 @@ impl<A: Aggregate> EventStore<A> {
     ) -> Result<Outcome, ExecuteError<R>> {
         let entry = self.entry(id).await?;
         let mut loaded = entry.lock().await;
-        for _ in 0..MAX_ATTEMPTS {
+        for conflicts in 0..MAX_ATTEMPTS {
             let events = decide(&loaded.state).map_err(ExecuteError::Rejected)?;
             if events.is_empty() {
                 return Ok(Outcome {
                     version: loaded.version,
                     appended: Vec::new(),
+                    conflicts,
                 });
             }
             match self.append(id, &mut loaded, ctx, events).await {
@@ -190,6 +193,7 @@ impl<A: Aggregate> EventStore<A> {
                     return Ok(Outcome {
                         version: loaded.version,
                         appended,
+                        conflicts,
                     });
                 }
                 Err(AppendError::WrongLastSequence) => {
