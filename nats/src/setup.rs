@@ -73,12 +73,21 @@ pub struct Buckets {
     pub idempotency: kv::Store,
 }
 
+/// Connects to `url`, which may list several servers of a cluster separated by commas
+/// (`nats://a:4222,nats://b:4222`); the client fails over between them.
 pub async fn connect(url: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+    let servers = url
+        .split(',')
+        .map(|s| s.trim().parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            async_nats::ConnectError::with_source(async_nats::ConnectErrorKind::ServerParse, e)
+        })?;
     async_nats::ConnectOptions::new()
         .name("parley")
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(5))
-        .connect(url)
+        .connect(servers)
         .await
 }
 

@@ -102,6 +102,134 @@ fn spawn_nats(port: u16, store: PathBuf) -> Child {
         .unwrap_or_else(|e| panic!("cannot run nats-server (is it installed? ./dev stack): {e}"))
 }
 
+/// A 3-node (or n-node) JetStream cluster on loopback, for R3 streams; each node a watched
+/// child process like `NatsServer`, killed on drop.
+pub struct NatsCluster {
+    nodes: Vec<ClusterNode>,
+    _dir: tempfile::TempDir,
+}
+
+struct ClusterNode {
+    name: String,
+    port: u16,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl NatsCluster {
+    /// Starts `n` clustered servers and waits until JetStream has a meta leader.
+    pub async fn start(n: usize) -> NatsCluster {
+        let dir = tempfile::tempdir().expect("temporary cluster directory");
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let routes: Vec<String> = ports
+            .iter()
+            .map(|(_, c)| format!("nats-route://127.0.0.1:{c}"))
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, (port, cluster_port)) in ports.iter().enumerate() {
+            let name = format!("n{}", i + 1);
+            let store = dir.path().join(&name);
+            // A 2.9-compatible node config; nats/cluster/ holds the documented ones.
+            let config = format!(
+                "server_name: {name}\nhost: 127.0.0.1\nport: {port}\n\
+                 jetstream {{ store_dir: '{}' }}\n\
+                 cluster {{ name: parley-test\n listen: 127.0.0.1:{cluster_port}\n routes: [{}] }}\n",
+                store.display(),
+                routes.join(", ")
+            );
+            let path = dir.path().join(format!("{name}.conf"));
+            std::fs::write(&path, config).expect("write node config");
+            nodes.push(ClusterNode {
+                name,
+                port: *port,
+                config: path,
+                child: None,
+            });
+        }
+        for node in &mut nodes {
+            node.child = Some(spawn_nats_config(&node.config));
+        }
+        let cluster = NatsCluster { nodes, _dir: dir };
+        cluster.wait_ready().await;
+        cluster
+    }
+
+    /// Every node's client URL, comma-separated, as NATS clients take a server list.
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The index of the node named `server_name` (`n1`, `n2`, …).
+    pub fn index_of(&self, server_name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == server_name)
+    }
+
+    /// SIGKILLs node `i`, as a crash would.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            drop(child.stdin.take());
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts node `i` again with its store, after `kill`.
+    pub async fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.nodes[i].child = Some(spawn_nats_config(&self.nodes[i].config));
+        self.wait_ready().await;
+    }
+
+    async fn wait_ready(&self) {
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let url = format!("nats://127.0.0.1:{}", node.port);
+            let ready: Result<(), async_nats::Error> =
+                eventually_result(Duration::from_secs(30), || async {
+                    let client = async_nats::connect(&url).await?;
+                    let info = client.request("$JS.API.INFO", "".into()).await?;
+                    let text = String::from_utf8_lossy(&info.payload);
+                    if text.contains("account_info_response") && !text.contains("\"error\"") {
+                        Ok::<(), async_nats::Error>(())
+                    } else {
+                        Err(format!("JetStream not ready: {text}").into())
+                    }
+                })
+                .await;
+            if let Err(e) = ready {
+                panic!(
+                    "cluster node {} did not get JetStream ready: {e}",
+                    node.name
+                );
+            }
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
+fn spawn_nats_config(config: &std::path::Path) -> Child {
+    let script = format!(
+        "nats-server -c '{}' & pid=$!; read _; kill -9 $pid",
+        config.display()
+    );
+    Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run nats-server (is it installed? ./dev stack): {e}"))
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
