@@ -14,6 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+pub mod process;
+pub use process::{PrivatePostgres, Watched};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
 /// A `nats-server` child process with JetStream, killed (and its store removed) on drop.

@@ -1,0 +1,252 @@
+//! Real processes for crash tests: any program under a shell watchdog (SIGKILLed on `kill`, or
+//! when the test binary dies), and a private PostgreSQL cluster that can be shut down
+//! "immediate" (no checkpoint: crash recovery on restart), on free ports with temporary data.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::{eventually_result, free_port};
+
+/// A program run under `sh`: closing the watchdog's stdin sends `signal` to the program.
+pub struct Watched {
+    program: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    signal: &'static str,
+    log: Option<PathBuf>,
+    child: Option<Child>,
+}
+
+impl Watched {
+    /// Starts `program args…` with `env` added; `kill` sends SIGKILL.
+    pub fn start(program: impl AsRef<Path>, args: &[&str], env: &[(&str, &str)]) -> Watched {
+        Self::start_with(program, args, env, "KILL", None)
+    }
+
+    /// As `start`, with the signal `kill` sends (`KILL`, `QUIT`, `TERM`) and an optional log
+    /// file for stdout and stderr (appended across restarts).
+    pub fn start_with(
+        program: impl AsRef<Path>,
+        args: &[&str],
+        env: &[(&str, &str)],
+        signal: &'static str,
+        log: Option<&Path>,
+    ) -> Watched {
+        let mut w = Watched {
+            program: program.as_ref().to_path_buf(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            signal,
+            log: log.map(Path::to_path_buf),
+            child: None,
+        };
+        w.spawn();
+        w
+    }
+
+    fn spawn(&mut self) {
+        // "$0" "$@" runs the program with its arguments unquoted by nobody: no shell injection.
+        let script = format!(
+            "\"$0\" \"$@\" & pid=$!; read _; kill -{} $pid; wait $pid",
+            self.signal
+        );
+        let (out, err) = match &self.log {
+            Some(p) => {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .unwrap_or_else(|e| panic!("open log {}: {e}", p.display()));
+                let f2 = f.try_clone().unwrap_or_else(|e| panic!("dup log: {e}"));
+                (Stdio::from(f), Stdio::from(f2))
+            }
+            None => (Stdio::null(), Stdio::null()),
+        };
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg(&self.program)
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::piped())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.program.display()));
+        self.child = Some(child);
+    }
+
+    /// Signals the program (SIGKILL unless made otherwise) and waits for it to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            drop(child.stdin.take());
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills, then starts the same command again.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Whether the program has exited on its own (a supervisor would restart it).
+    pub fn exited(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(Some(_))),
+            None => true,
+        }
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A PostgreSQL cluster of our own (`initdb` in a temporary directory, a free port), run as the
+/// `postgres` OS user when we are root. `crash` is an immediate shutdown: no checkpoint, so the
+/// restart runs crash recovery from the WAL, exactly what a power cut leaves.
+pub struct PrivatePostgres {
+    port: u16,
+    server: Watched,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivatePostgres {
+    pub async fn start() -> PrivatePostgres {
+        let bin = pg_bin_dir();
+        let dir = tempfile::tempdir().expect("temporary PostgreSQL directory");
+        let data = dir.path().join("data");
+        let as_root = is_root();
+        if as_root {
+            run(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path()));
+        }
+        let mut initdb = pg_command(as_root, &bin.join("initdb"));
+        initdb
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+            .arg(&data);
+        run(&mut initdb);
+        let port = free_port();
+        let port_s = port.to_string();
+        let socket_dir = dir.path().display().to_string();
+        let data_s = data.display().to_string();
+        let postgres = bin.join("postgres");
+        let mut args: Vec<&str> = Vec::new();
+        let program: PathBuf = if as_root {
+            args.extend(["--reuid=postgres", "--regid=postgres", "--init-groups"]);
+            args.push(postgres.to_str().expect("utf-8 path"));
+            PathBuf::from("setpriv")
+        } else {
+            postgres.clone()
+        };
+        args.extend([
+            "-D",
+            &data_s,
+            "-p",
+            &port_s,
+            "-k",
+            &socket_dir,
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "max_connections=200",
+        ]);
+        // SIGQUIT is PostgreSQL's immediate shutdown.
+        let server = Watched::start_with(program, &args, &[], "QUIT", None);
+        let pg = PrivatePostgres {
+            port,
+            server,
+            _dir: dir,
+        };
+        pg.wait_ready().await;
+        pg
+    }
+
+    /// A superuser URL for database `db`.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Immediate shutdown, as a crash: in-flight transactions are lost, committed ones are not.
+    pub fn crash(&mut self) {
+        self.server.kill();
+    }
+
+    /// Starts again after `crash` (crash recovery runs) and waits until it accepts connections.
+    pub async fn restart(&mut self) {
+        self.server.restart();
+        self.wait_ready().await;
+    }
+
+    async fn wait_ready(&self) {
+        let url = self.url("postgres");
+        let ready: Result<(), sqlx::Error> = eventually_result(Duration::from_secs(30), || async {
+            use sqlx::Connection;
+            let c = sqlx::PgConnection::connect(&url).await?;
+            c.close().await
+        })
+        .await;
+        if let Err(e) = ready {
+            panic!(
+                "private PostgreSQL on port {} did not start: {e}",
+                self.port
+            );
+        }
+    }
+}
+
+fn pg_bin_dir() -> PathBuf {
+    let root = Path::new("/usr/lib/postgresql");
+    let mut versions: Vec<PathBuf> = std::fs::read_dir(root)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
+        .unwrap_or_default();
+    versions.retain(|p| p.join("initdb").exists());
+    versions.sort();
+    versions
+        .pop()
+        .unwrap_or_else(|| panic!("no PostgreSQL server binaries under {}", root.display()))
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn pg_command(as_root: bool, program: &Path) -> Command {
+    if as_root {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=postgres", "--regid=postgres", "--init-groups"])
+            .arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
