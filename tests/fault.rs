@@ -59,14 +59,17 @@ const VICTIMS: [Victim; 6] = [
 struct Stack {
     nats: NatsServer,
     pg: PrivatePostgres,
+    /// Every service process; `instances` of each kind.
     services: Vec<(Victim, Watched)>,
-    cmd: String,
-    query: String,
-    ws: String,
+    cmd: Vec<String>,
+    query: Vec<String>,
+    ws: Vec<String>,
+    /// Which instance of a kind the next kill hits.
+    next_victim: usize,
 }
 
 impl Stack {
-    async fn start(logs: &std::path::Path) -> Stack {
+    async fn start(logs: &std::path::Path, instances: usize) -> Stack {
         let nats = NatsServer::start().await;
         let pg = PrivatePostgres::start().await;
         {
@@ -79,7 +82,6 @@ impl Stack {
                 .await
                 .unwrap();
         }
-        let (cmd_port, query_port, ws_port) = (free_port(), free_port(), free_port());
         let nats_url = nats.url();
         let db_url = pg.url("parley");
         let env = [
@@ -94,57 +96,60 @@ impl Stack {
             ("RUST_LOG", "warn"),
         ];
         let bin = env!("CARGO_BIN_EXE_parley");
-        let spawn = |victim: Victim, args: Vec<String>| {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let log = logs.join(format!("{victim:?}.log"));
-            (
-                victim,
-                Watched::start_with(bin, &args, &env, "KILL", Some(&log)),
-            )
-        };
-        let addr = |p: u16| format!("127.0.0.1:{p}");
-        // Projectors first: the others' start-up races it on migrations, which sqlx serialises.
-        let services = vec![
-            spawn(Victim::Projectors, vec!["projectors".into()]),
-            spawn(
-                Victim::CommandApi,
-                vec!["command-api".into(), "--addr".into(), addr(cmd_port)],
-            ),
-            spawn(
-                Victim::QueryApi,
-                vec!["query-api".into(), "--addr".into(), addr(query_port)],
-            ),
-            spawn(
-                Victim::PushGateway,
-                vec!["push-gateway".into(), "--addr".into(), addr(ws_port)],
-            ),
-        ];
-        let stack = Stack {
+        let mut stack = Stack {
             nats,
             pg,
-            services,
-            cmd: format!("http://127.0.0.1:{cmd_port}"),
-            query: format!("http://127.0.0.1:{query_port}"),
-            ws: format!("ws://127.0.0.1:{ws_port}/v1/ws"),
+            services: Vec::new(),
+            cmd: Vec::new(),
+            query: Vec::new(),
+            ws: Vec::new(),
+            next_victim: 0,
         };
+        for i in 0..instances {
+            let mut spawn = |victim: Victim, role: &str, port: Option<u16>| {
+                let mut args = vec![role.to_owned()];
+                if let Some(p) = port {
+                    args.extend(["--addr".to_owned(), format!("127.0.0.1:{p}")]);
+                }
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let log = logs.join(format!("{victim:?}-{i}.log"));
+                let w = Watched::start_with(bin, &args, &env, "KILL", Some(&log));
+                stack.services.push((victim, w));
+            };
+            let (cmd, query, ws) = (free_port(), free_port(), free_port());
+            spawn(Victim::Projectors, "projectors", None);
+            spawn(Victim::CommandApi, "command-api", Some(cmd));
+            spawn(Victim::QueryApi, "query-api", Some(query));
+            spawn(Victim::PushGateway, "push-gateway", Some(ws));
+            stack.cmd.push(format!("http://127.0.0.1:{cmd}"));
+            stack.query.push(format!("http://127.0.0.1:{query}"));
+            stack.ws.push(format!("ws://127.0.0.1:{ws}/v1/ws"));
+        }
         stack.wait_healthy().await;
         stack
     }
 
     async fn wait_healthy(&self) {
         let http = reqwest::Client::new();
-        for base in [
-            &self.cmd,
-            &self.query,
-            &self.ws.replace("ws://", "http://").replace("/v1/ws", ""),
-        ] {
+        let gateways = self
+            .ws
+            .iter()
+            .map(|w| w.replace("ws://", "http://").replace("/v1/ws", ""));
+        let bases: Vec<String> = self
+            .cmd
+            .iter()
+            .chain(&self.query)
+            .cloned()
+            .chain(gateways)
+            .collect();
+        for base in &bases {
             let url = format!("{base}/healthz");
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
-                if let Ok(r) = http.get(&url).timeout(Duration::from_secs(2)).send().await {
-                    if r.status().is_success() {
-                        break;
-                    }
+                if let Ok(r) = http.get(&url).timeout(Duration::from_secs(2)).send().await
+                    && r.status().is_success()
+                {
+                    break;
                 }
                 assert!(Instant::now() < deadline, "{url} not healthy within 60 s");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -161,8 +166,16 @@ impl Stack {
                 self.pg.restart().await;
             }
             v => {
-                let (_, w) = self.services.iter_mut().find(|(s, _)| *s == v).unwrap();
-                w.restart();
+                // Instances of a kind take turns.
+                let mut of_kind: Vec<&mut Watched> = self
+                    .services
+                    .iter_mut()
+                    .filter(|(s, _)| *s == v)
+                    .map(|(_, w)| w)
+                    .collect();
+                let n = of_kind.len();
+                of_kind[self.next_victim % n].restart();
+                self.next_victim += 1;
             }
         }
     }
@@ -192,6 +205,9 @@ struct DeviceLog {
     redelivered: usize,
     connections: usize,
 }
+
+/// An acknowledged send: (chat index, sender index, message id, sequence).
+type Acked = (usize, usize, String, u64);
 
 struct User {
     id: String,
@@ -317,8 +333,19 @@ async fn device(ws: String, token: String, log: Arc<Mutex<DeviceLog>>, stop: Arc
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_acknowledged_message_survives_repeated_kills_of_every_process() {
+    run(1).await;
+}
+
+/// Two command-apis, two projector processes and two gateways against one NATS and one
+/// PostgreSQL, clients spread across them, the same kills and the same checker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_of_every_service_lose_nothing_under_the_same_faults() {
+    run(2).await;
+}
+
+async fn run(instances: usize) {
     let logs = tempfile::tempdir().unwrap();
-    let mut stack = Stack::start(logs.path()).await;
+    let mut stack = Stack::start(logs.path(), instances).await;
     let http = reqwest::Client::new();
     let retries = Arc::new(AtomicUsize::new(0));
 
@@ -328,7 +355,7 @@ async fn every_acknowledged_message_survives_repeated_kills_of_every_process() {
         let handle = format!("user_{i}");
         post_until_ok(
             &http,
-            &format!("{}/v1/users", stack.cmd),
+            &format!("{}/v1/users", stack.cmd[i % instances]),
             None,
             json!({"handle": handle, "display_name": handle, "password": "correct horse"}),
             &retries,
@@ -336,7 +363,7 @@ async fn every_acknowledged_message_survives_repeated_kills_of_every_process() {
         .await;
         let s = post_until_ok(
             &http,
-            &format!("{}/v1/sessions", stack.cmd),
+            &format!("{}/v1/sessions", stack.cmd[(i + 1) % instances]),
             None,
             json!({"handle": handle, "password": "correct horse", "device_name": "phone"}),
             &retries,
@@ -353,7 +380,7 @@ async fn every_acknowledged_message_survives_repeated_kills_of_every_process() {
         let others: Vec<&str> = members[1..].iter().map(|&m| users[m].id.as_str()).collect();
         let v = post_until_ok(
             &http,
-            &format!("{}/v1/chats", stack.cmd),
+            &format!("{}/v1/chats", stack.cmd[c % instances]),
             Some(&users[members[0]].token),
             json!({"kind": "group", "title": format!("chat {c}"), "members": others}),
             &retries,
@@ -370,7 +397,7 @@ async fn every_acknowledged_message_survives_repeated_kills_of_every_process() {
         let log = Arc::new(Mutex::new(DeviceLog::default()));
         device_logs.push(log.clone());
         device_tasks.push(tokio::spawn(device(
-            stack.ws.clone(),
+            stack.ws[device_tasks.len() % instances].clone(),
             u.token.clone(),
             log,
             stop.clone(),
@@ -381,7 +408,7 @@ async fn every_acknowledged_message_survives_repeated_kills_of_every_process() {
     // followed by a read receipt of the sender up to it.
     let total = messages_to_send();
     let next = Arc::new(AtomicUsize::new(0));
-    let acked: Arc<Mutex<Vec<(usize, usize, String, u64)>>> = Arc::default(); // (chat, sender, message, seq)
+    let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
     let reads: Arc<Mutex<HashMap<(usize, usize), u64>>> = Arc::default(); // (chat, user) → up_to
     let users = Arc::new(users);
     let chats = Arc::new(chats);
@@ -409,7 +436,7 @@ async fn every_acknowledged_message_survives_repeated_kills_of_every_process() {
                 let token = &users[sender].token;
                 let v = post_until_ok(
                     &http,
-                    &format!("{cmd}/v1/chats/{chat}/messages"),
+                    &format!("{}/v1/chats/{chat}/messages", cmd[n % cmd.len()]),
                     Some(token),
                     json!({"body": format!("message {n}")}),
                     &retries,
@@ -425,7 +452,7 @@ async fn every_acknowledged_message_survives_repeated_kills_of_every_process() {
                 if n % 10 == 0 {
                     post_until_ok(
                         &http,
-                        &format!("{cmd}/v1/chats/{chat}/read"),
+                        &format!("{}/v1/chats/{chat}/read", cmd[(n + 1) % cmd.len()]),
                         Some(token),
                         json!({"up_to": seq}),
                         &retries,
@@ -472,7 +499,7 @@ async fn every_acknowledged_message_survives_repeated_kills_of_every_process() {
     // Check. Every chat's last sequence from the read model, once it holds every ack.
     let acked = acked.lock().await.clone();
     let reads = reads.lock().await.clone();
-    let mut last_seq = vec![0u64; CHATS];
+    let mut last_seq = [0u64; CHATS];
     for (c, _, _, seq) in &acked {
         last_seq[*c] = last_seq[*c].max(*seq);
     }
@@ -487,7 +514,8 @@ async fn every_acknowledged_message_survives_repeated_kills_of_every_process() {
         loop {
             let url = format!(
                 "{}/v1/chats/{chat}/messages?after={after}&limit=200&min_sequence={}",
-                stack.query, last_seq[c]
+                stack.query[c % instances],
+                last_seq[c]
             );
             let deadline = Instant::now() + Duration::from_secs(60);
             let page = loop {
@@ -560,9 +588,13 @@ async fn every_acknowledged_message_survives_repeated_kills_of_every_process() {
     // Unread counts agree with the read watermarks: others' messages above the watermark.
     let mut unread_mismatches = 0;
     for (u, user) in users.iter().enumerate() {
-        let (s, v) = get(&http, &format!("{}/v1/chats", stack.query), &user.token)
-            .await
-            .unwrap();
+        let (s, v) = get(
+            &http,
+            &format!("{}/v1/chats", stack.query[u % instances]),
+            &user.token,
+        )
+        .await
+        .unwrap();
         assert_eq!(s, 200, "{v}");
         for (c, (chat, members)) in chats.iter().enumerate() {
             if !members.contains(&u) {
