@@ -269,3 +269,35 @@ async fn a_sender_sees_sent_then_delivered_then_read() {
     let (s, _) = app.get(&receipts, Some(&eve.token)).await;
     assert_eq!(s, 404);
 }
+
+#[tokio::test]
+async fn min_sequence_beyond_the_chat_is_422_for_a_member_and_never_a_5xx() {
+    let app = spawn_app().await;
+    let ada = app.signup("ada").await;
+    let bob = app.signup("bob").await;
+    let chat = app.group(&ada, &[&bob]).await;
+    let (s, _) = app
+        .get(
+            &format!("/v1/chats/{chat}?min_sequence=1"),
+            Some(&ada.token),
+        )
+        .await;
+    assert_eq!(s, 200);
+    // Larger than any bigint: invalid at once.
+    let (s, b) = app
+        .get(
+            &format!("/v1/chats/{chat}/messages?min_sequence=9223372036854775808"),
+            Some(&ada.token),
+        )
+        .await;
+    assert_eq!(s, 422, "{b}");
+    // A sequence the chat never reached: after the wait, 422 rather than "retry later".
+    let (s, b) = app
+        .get(
+            &format!("/v1/chats/{chat}?min_sequence=999"),
+            Some(&ada.token),
+        )
+        .await;
+    assert_eq!(s, 422, "{b}");
+    assert!(b["detail"].as_str().unwrap().contains("beyond"), "{b}");
+}

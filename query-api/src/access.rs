@@ -45,6 +45,11 @@ pub(crate) async fn fresh_head(
     let Some(want) = min_sequence.filter(|&s| s > 0) else {
         return Ok(chats::head(&state.pg, chat, user).await?);
     };
+    if want > MAX_SEQUENCE {
+        return Err(ApiError::Invalid(format!(
+            "min_sequence must be at most {MAX_SEQUENCE}"
+        )));
+    }
     let deadline = Instant::now() + state.config.min_sequence_wait;
     loop {
         let head = chats::head(&state.pg, chat, user).await?;
@@ -54,6 +59,15 @@ pub(crate) async fn fresh_head(
         }
         let now = Instant::now();
         if now >= deadline {
+            // A member asking for a sequence the chat never reached made a mistake, not a
+            // read-your-writes race: say so instead of "retry". Non-members learn nothing new.
+            if let Some(last) = head.as_ref().map(|h| h.last_sequence())
+                && stored_version(state, chat).await.is_some_and(|v| v < want)
+            {
+                return Err(ApiError::Invalid(format!(
+                    "min_sequence {want} is beyond this chat's last sequence ({last} here)"
+                )));
+            }
             return Err(ApiError::Behind {
                 chat_id: chat,
                 have,
@@ -65,11 +79,31 @@ pub(crate) async fn fresh_head(
     }
 }
 
+/// Sequences are PostgreSQL `bigint`s.
+const MAX_SEQUENCE: u64 = i64::MAX as u64;
+
+/// The chat's version in the `CHATS` stream (the `sequence` of its last event); `None` when it
+/// cannot be read, which leaves the caller's answer at "retry".
+async fn stored_version(state: &QueryState, chat: ChatId) -> Option<u64> {
+    let stream = state
+        .js
+        .get_stream(parley_nats::streams::CHATS)
+        .await
+        .ok()?;
+    let msg = stream
+        .direct_get_last_for_subject(format!("chats.{chat}"))
+        .await
+        .ok()?;
+    let event: parley_schemas::cloudevent::StoredEvent<parley_schemas::ChatEvent> =
+        parley_schemas::cloudevent::decode(&msg.payload).ok()?;
+    Some(event.meta.sequence)
+}
+
 /// The read-your-writes parameter every chat route accepts.
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct MinSequence {
     /// Read your writes: wait (up to 2 s, else 503) until the read model holds the chat at this
-    /// sequence or later.
+    /// sequence or later; 422 when the chat never reached it.
     pub min_sequence: Option<u64>,
 }

@@ -14,6 +14,8 @@ pub(crate) struct QueryState {
     pub pg: PgPool,
     /// Bearer-token checks; the `Principal` extractor finds it through `FromRef`.
     pub auth: Authenticator,
+    /// JetStream, consulted only when a `min_sequence` wait runs out: is the sequence real?
+    pub js: async_nats::jetstream::Context,
     /// Page sizes and the read-your-writes wait.
     pub config: Arc<QueryConfig>,
 }
@@ -23,6 +25,7 @@ impl QueryState {
         Self {
             pg: infra.pg.clone(),
             auth: infra.auth.clone(),
+            js: infra.js.clone(),
             config: Arc::new(config),
         }
     }
