@@ -341,6 +341,11 @@ async fn openapi_document_is_served_and_names_every_route() {
         "/v1/ws",
         "/v1/chats/{chat_id}/read",
         "/v1/chats/{chat_id}/messages/{message_id}/receipts",
+        "/v1/chats/{chat_id}/messages/{message_id}/thread",
+        "/v1/chats/{chat_id}/members/{user_id}/role",
+        "/v1/chats/{chat_id}/settings",
+        "/v1/users/{user_id}/block",
+        "/v1/channels",
     ] {
         assert!(doc["paths"][path].is_object(), "OpenAPI lacks {path}");
     }

@@ -33,7 +33,8 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
 
-pub async fn spawn_app_with(tune: impl FnOnce(&mut Settings)) -> TestApp {
+/// `spawn_app` with settings adjusted by `adjust` (limits, say) after the test defaults.
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     let nats = NatsServer::start().await;
     let db = TestDb::create().await;
     let mut settings = Settings::default();
@@ -42,7 +43,7 @@ pub async fn spawn_app_with(tune: impl FnOnce(&mut Settings)) -> TestApp {
     settings.infra.pg_max_connections = 8;
     settings.command.max_group_members = 5;
     settings.command.limits = parley_command_api::LimitsConfig::off();
-    tune(&mut settings);
+    adjust(&mut settings);
     let shutdown = CancellationToken::new();
     let app = App::build(
         settings,
@@ -80,6 +81,47 @@ impl TestApp {
         let res = req.send().await.expect("request");
         let status = res.status().as_u16();
         (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Any method, JSON body optional; the status and the JSON answer (null when none).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(token);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let res = req.send().await.expect("request");
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The type of the last event stored on `subject` (`users.<id>`, `chats.<id>`) in `stream`.
+    pub async fn last_event_type(&self, stream: &str, subject: &str) -> String {
+        let event = self.last_event(stream, subject).await;
+        event["type"].as_str().expect("type").to_owned()
+    }
+
+    /// The last CloudEvent stored on `subject` in `stream`, straight from JetStream (what the
+    /// write side holds, whatever the projectors have applied so far).
+    pub async fn last_event(&self, stream: &str, subject: &str) -> Value {
+        let client = async_nats::connect(self.nats.url()).await.expect("nats");
+        let js = async_nats::jetstream::new(client);
+        let msg = js
+            .get_stream(stream)
+            .await
+            .expect("stream")
+            .get_last_raw_message_by_subject(subject)
+            .await
+            .expect("last message");
+        serde_json::from_slice(&msg.payload).expect("cloudevent")
     }
 
     pub async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {

@@ -37,6 +37,8 @@ fn message(sender: UserId, id: MessageId) -> ChatEvent {
         body: "hi".into(),
         reply_to: None,
         attachments: vec![],
+        thread_root: None,
+        mentions: vec![],
     })
 }
 

@@ -21,6 +21,8 @@ struct MessageRow {
     body: String,
     reply_to: Option<Uuid>,
     sent_at: DateTime<Utc>,
+    thread_root: Option<Uuid>,
+    mentions: Vec<Uuid>,
 }
 
 struct ChatProgress {
@@ -99,19 +101,22 @@ async fn apply_one(
                 body: m.body.clone(),
                 reply_to: m.reply_to.map(|r| *r.as_uuid()),
                 sent_at: event.meta.time,
+                thread_root: m.thread_root.map(|r| *r.as_uuid()),
+                mentions: m.mentions.iter().map(|u| *u.as_uuid()).collect(),
             });
             return Ok(true);
         }
         ChatEvent::Created(c) => {
             sqlx::query(
-                "INSERT INTO chats (chat_id, kind, title, created_at, last_sequence, last_activity_at) \
-                 VALUES ($1, $2, $3, $4, $5, $4) ON CONFLICT (chat_id) DO NOTHING",
+                "INSERT INTO chats (chat_id, kind, title, created_at, last_sequence, last_activity_at, visibility) \
+                 VALUES ($1, $2, $3, $4, $5, $4, $6) ON CONFLICT (chat_id) DO NOTHING",
             )
             .bind(chat_id)
             .bind(c.kind.as_str())
             .bind(&c.title)
             .bind(event.meta.time)
             .bind(seq)
+            .bind(c.visibility.as_str())
             .execute(&mut *tx)
             .await?;
             let users: Vec<Uuid> = c.members.iter().map(|m| *m.user_id.as_uuid()).collect();
@@ -160,6 +165,21 @@ async fn apply_one(
             .execute(&mut *tx)
             .await?;
         }
+        ChatEvent::TitleChanged(t) => {
+            sqlx::query("UPDATE chats SET title = $2 WHERE chat_id = $1")
+                .bind(chat_id)
+                .bind(&t.title)
+                .execute(&mut *tx)
+                .await?;
+        }
+        ChatEvent::RoleChanged(r) => {
+            sqlx::query("UPDATE members SET role = $3 WHERE chat_id = $1 AND user_id = $2")
+                .bind(chat_id)
+                .bind(r.user_id.as_uuid())
+                .bind(r.role.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
     }
     if let ChatItem::Update(update) = frames::render(event) {
         sqlx::query(
@@ -189,6 +209,9 @@ async fn insert_messages(
     let mut body = Vec::with_capacity(rows.len());
     let mut reply = Vec::with_capacity(rows.len());
     let mut at = Vec::with_capacity(rows.len());
+    let mut root = Vec::with_capacity(rows.len());
+    // uuid[][] cannot be unnested row by row, so mentions travel as JSON arrays.
+    let mut mentions = Vec::with_capacity(rows.len());
     for r in rows {
         chat.push(r.chat_id);
         seq.push(r.sequence);
@@ -197,10 +220,15 @@ async fn insert_messages(
         body.push(r.body.as_str());
         reply.push(r.reply_to);
         at.push(r.sent_at);
+        root.push(r.thread_root);
+        mentions.push(sqlx::types::Json(&r.mentions));
     }
     sqlx::query(
-        "INSERT INTO messages (chat_id, sequence, message_id, sender_id, body, reply_to, sent_at) \
-         SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::uuid[], $4::uuid[], $5::text[], $6::uuid[], $7::timestamptz[]) \
+        "INSERT INTO messages (chat_id, sequence, message_id, sender_id, body, reply_to, sent_at, thread_root, mentions) \
+         SELECT c, s, i, u, b, r, a, t, \
+                ARRAY(SELECT jsonb_array_elements_text(m)::uuid) \
+         FROM UNNEST($1::uuid[], $2::bigint[], $3::uuid[], $4::uuid[], $5::text[], $6::uuid[], $7::timestamptz[], $8::uuid[], $9::jsonb[]) \
+              AS v(c, s, i, u, b, r, a, t, m) \
          ON CONFLICT DO NOTHING",
     )
     .bind(&chat)
@@ -209,6 +237,25 @@ async fn insert_messages(
     .bind(&sender)
     .bind(&body)
     .bind(&reply)
+    .bind(&at)
+    .bind(&root)
+    .bind(&mentions)
+    .execute(&mut *tx)
+    .await?;
+    // Thread summaries on the roots. The roots are inserted before their replies (a root is
+    // checked to exist before a reply is accepted, and the statement above already inserted
+    // this batch), and each reply is applied exactly once (per-chat checkpoint), so counting
+    // here is exact.
+    sqlx::query(
+        "UPDATE messages m SET thread_reply_count = m.thread_reply_count + v.n, \
+                last_reply_at = GREATEST(m.last_reply_at, v.at) \
+         FROM (SELECT c, t, count(*) AS n, max(a) AS at \
+               FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[]) AS x(c, t, a) \
+               WHERE t IS NOT NULL GROUP BY c, t) v \
+         WHERE m.chat_id = v.c AND m.message_id = v.t",
+    )
+    .bind(&chat)
+    .bind(&root)
     .bind(&at)
     .execute(&mut *tx)
     .await?;

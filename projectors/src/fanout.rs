@@ -28,7 +28,9 @@ pub async fn apply(
                 .map(|u| (*u, "added"))
                 .chain(p.removed.iter().map(|u| (*u, "removed")))
                 .collect(),
-            ChatEvent::MessageSent(_) => Vec::new(),
+            ChatEvent::MessageSent(_) | ChatEvent::TitleChanged(_) | ChatEvent::RoleChanged(_) => {
+                Vec::new()
+            }
         };
         for (user, change) in changes {
             let body = json!({

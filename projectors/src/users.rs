@@ -1,5 +1,5 @@
-//! The users projection: `users` and `devices` from the `USERS` stream; `users.version` is the
-//! per-user checkpoint. A device added to a user who is already in chats starts its cursors at
+//! The users projection: `users`, `devices`, `member_settings` and `user_blocks` from the
+//! `USERS` stream; `users.version` is the per-user checkpoint. A device added to a user who is already in chats starts its cursors at
 //! each chat's current sequence: older events are history, not inbox.
 
 use std::time::Duration;
@@ -79,6 +79,37 @@ pub async fn apply(
                     .bind(event.meta.time)
                     .execute(&mut *tx)
                     .await?;
+            }
+            UserEvent::Blocked(b) => {
+                sqlx::query(
+                    "INSERT INTO user_blocks (user_id, blocked_id, since) VALUES ($1, $2, $3) \
+                     ON CONFLICT DO NOTHING",
+                )
+                .bind(user_id)
+                .bind(b.user_id.as_uuid())
+                .bind(event.meta.time)
+                .execute(&mut *tx)
+                .await?;
+            }
+            UserEvent::Unblocked(b) => {
+                sqlx::query("DELETE FROM user_blocks WHERE user_id = $1 AND blocked_id = $2")
+                    .bind(user_id)
+                    .bind(b.user_id.as_uuid())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            UserEvent::ChatSettingsChanged(c) => {
+                sqlx::query(
+                    "INSERT INTO member_settings (user_id, chat_id, muted, notify) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (user_id, chat_id) DO UPDATE \
+                     SET muted = EXCLUDED.muted, notify = EXCLUDED.notify",
+                )
+                .bind(user_id)
+                .bind(c.chat_id.as_uuid())
+                .bind(c.muted)
+                .bind(c.notify.as_str())
+                .execute(&mut *tx)
+                .await?;
             }
         }
         sqlx::query("UPDATE users SET version = $2 WHERE user_id = $1")

@@ -9,7 +9,9 @@ use parley_platform::MIGRATOR;
 use parley_projectors::chats;
 use parley_projectors::runner::{Delivered, Disposition};
 use parley_schemas::cloudevent::{EventMeta, encode};
-use parley_schemas::events::{ChatCreated, MemberRole, MessageSent, ParticipantsModified};
+use parley_schemas::events::{
+    ChatCreated, MemberRole, MessageSent, ParticipantsModified, RoleChanged, TitleChanged,
+};
 use parley_schemas::{ChatEvent, ChatId, ChatKind, EventId, MessageId, Role, UserId};
 use parley_test_support::TestDb;
 use sqlx::PgPool;
@@ -61,6 +63,7 @@ impl Chat {
             kind: ChatKind::Group,
             title: Some("t".into()),
             members,
+            visibility: Default::default(),
         }))
     }
     fn message(&mut self, body: &str) -> Delivered {
@@ -70,6 +73,8 @@ impl Chat {
             body: body.into(),
             reply_to: None,
             attachments: vec![],
+            thread_root: None,
+            mentions: vec![],
         }))
     }
 }
@@ -206,4 +211,109 @@ async fn leaving_and_rejoining_moves_the_membership_window() {
             .await
             .unwrap();
     assert_eq!((joined, left), (4, None));
+}
+
+#[tokio::test]
+async fn thread_replies_count_on_their_root_once_even_when_redelivered_and_in_the_root_batch() {
+    let (_db, pg) = db().await;
+    let bob = UserId::new();
+    let mut chat = Chat::new();
+    let root = MessageId::new();
+    let reply = |chat: &mut Chat, body: &str| {
+        chat.next(ChatEvent::MessageSent(MessageSent {
+            message_id: MessageId::new(),
+            sender_id: bob,
+            body: body.into(),
+            reply_to: None,
+            attachments: vec![],
+            thread_root: Some(root),
+            mentions: vec![bob],
+        }))
+    };
+    let created = chat.created(&[bob]);
+    let root_event = chat.next(ChatEvent::MessageSent(MessageSent {
+        message_id: root,
+        sender_id: chat.admin,
+        body: "root".into(),
+        reply_to: None,
+        attachments: vec![],
+        thread_root: None,
+        mentions: vec![],
+    }));
+    let first = reply(&mut chat, "first");
+    let second = reply(&mut chat, "second");
+    // The root and its first reply in one batch, the second reply alone, then all again.
+    let again = vec![
+        copy(&created),
+        copy(&root_event),
+        copy(&first),
+        copy(&second),
+    ];
+    chats::apply(&pg, vec![created, root_event, first], DELAY)
+        .await
+        .unwrap();
+    chats::apply(&pg, vec![second], DELAY).await.unwrap();
+    chats::apply(&pg, again, DELAY).await.unwrap();
+    let (count, last): (i64, Option<chrono::DateTime<chrono::Utc>>) = sqlx::query_as(
+        "SELECT thread_reply_count, last_reply_at FROM messages WHERE message_id = $1",
+    )
+    .bind(root.as_uuid())
+    .fetch_one(&pg)
+    .await
+    .unwrap();
+    assert_eq!(count, 2);
+    assert!(last.is_some());
+    let replies: Vec<(Option<uuid::Uuid>, Vec<uuid::Uuid>)> = sqlx::query_as(
+        "SELECT thread_root, mentions FROM messages WHERE thread_root IS NOT NULL ORDER BY sequence",
+    )
+    .fetch_all(&pg)
+    .await
+    .unwrap();
+    assert_eq!(
+        replies,
+        vec![(Some(*root.as_uuid()), vec![*bob.as_uuid()]); 2]
+    );
+}
+
+#[tokio::test]
+async fn title_and_role_changes_update_the_chat_and_member_and_become_chat_updates() {
+    let (_db, pg) = db().await;
+    let bob = UserId::new();
+    let mut chat = Chat::new();
+    let batch = vec![
+        chat.created(&[bob]),
+        chat.next(ChatEvent::TitleChanged(TitleChanged {
+            title: "renamed".into(),
+        })),
+        chat.next(ChatEvent::RoleChanged(RoleChanged {
+            user_id: bob,
+            role: Role::Admin,
+        })),
+    ];
+    let out = chats::apply(&pg, batch, DELAY).await.unwrap();
+    assert_eq!(out, vec![Disposition::Ack; 3]);
+    let (title,): (Option<String>,) = sqlx::query_as("SELECT title FROM chats")
+        .fetch_one(&pg)
+        .await
+        .unwrap();
+    assert_eq!(title.as_deref(), Some("renamed"));
+    let (role,): (String,) = sqlx::query_as("SELECT role FROM members WHERE user_id = $1")
+        .bind(bob.as_uuid())
+        .fetch_one(&pg)
+        .await
+        .unwrap();
+    assert_eq!(role, "admin");
+    let kinds: Vec<(String,)> =
+        sqlx::query_as("SELECT \"update\"->>'kind' FROM chat_updates ORDER BY sequence")
+            .fetch_all(&pg)
+            .await
+            .unwrap();
+    assert_eq!(
+        kinds,
+        vec![
+            ("created".to_owned(),),
+            ("title_changed".to_owned(),),
+            ("role_changed".to_owned(),)
+        ]
+    );
 }

@@ -99,13 +99,15 @@ pub(crate) async fn events(
         r#"
         SELECT * FROM (
             (SELECT sequence, message_id, sender_id, body, reply_to, attachments,
-                    sent_at, edited_at, deleted, NULL::jsonb AS "update"
+                    sent_at, edited_at, deleted, thread_root, thread_reply_count,
+                    last_reply_at, mentions, NULL::jsonb AS "update"
              FROM messages
              WHERE chat_id = $1 AND sequence BETWEEN $2 AND $3
              ORDER BY sequence LIMIT $4)
             UNION ALL
             (SELECT sequence, NULL::uuid, NULL::uuid, NULL::text, NULL::uuid, NULL::jsonb,
-                    NULL::timestamptz, NULL::timestamptz, NULL::boolean, "update"
+                    NULL::timestamptz, NULL::timestamptz, NULL::boolean, NULL::uuid,
+                    NULL::bigint, NULL::timestamptz, NULL::uuid[], "update"
              FROM chat_updates
              WHERE chat_id = $1 AND sequence BETWEEN $2 AND $3
              ORDER BY sequence LIMIT $4)
@@ -156,6 +158,19 @@ fn message_frame(
         deleted: row.try_get::<Option<bool>, _>("deleted")?.unwrap_or(false),
         // The read models hold no reactions table yet.
         reactions: BTreeMap::new(),
+        thread_root: row
+            .try_get::<Option<Uuid>, _>("thread_root")?
+            .map(MessageId::from_uuid),
+        thread_reply_count: row
+            .try_get::<Option<i64>, _>("thread_reply_count")?
+            .map_or(0, seq),
+        last_reply_at: row.try_get("last_reply_at")?,
+        mentions: row
+            .try_get::<Option<Vec<Uuid>>, _>("mentions")?
+            .unwrap_or_default()
+            .into_iter()
+            .map(UserId::from_uuid)
+            .collect(),
     };
     let frame = ServerFrame::NewMessage {
         chat_id: chat,

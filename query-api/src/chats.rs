@@ -1,4 +1,5 @@
-//! `GET /v1/chats` and `GET /v1/chats/{chat_id}`: the caller's chats and one chat's detail.
+//! `GET /v1/chats` and `GET /v1/chats/{chat_id}`: the caller's chats and one chat's detail;
+//! `GET /v1/channels`: public channels anyone may join.
 
 use axum::extract::State;
 use axum::routing::get;
@@ -21,6 +22,7 @@ pub(crate) fn router() -> Router<QueryState> {
     Router::new()
         .route("/v1/chats", get(list))
         .route("/v1/chats/{chat_id}", get(detail))
+        .route("/v1/channels", get(channels))
 }
 
 /// The caller's chats, most recent activity first.
@@ -47,7 +49,11 @@ pub(crate) struct ChatSummaryView {
     pub last_message: Option<MessageView>,
     /// Others' messages, not deleted, above the caller's read watermark.
     pub unread_count: u64,
+    /// The caller's own setting (`PUT /v1/chats/{chat_id}/settings`).
     pub muted: bool,
+    /// The caller's own notify level: `all`, `mentions` or `none`.
+    #[schema(example = "all")]
+    pub notify: String,
 }
 
 /// A chat and its current members.
@@ -62,6 +68,9 @@ pub(crate) struct ChatDetailView {
     pub title: Option<String>,
     pub created_at: DateTime<Utc>,
     pub last_sequence: u64,
+    /// `public` (a channel anyone may join) or `private`.
+    #[schema(example = "private")]
+    pub visibility: String,
     /// Current members in the order they joined.
     pub members: Vec<MemberView>,
 }
@@ -78,6 +87,37 @@ pub(crate) struct MemberView {
     /// `admin` or `member`.
     #[schema(example = "member")]
     pub role: String,
+}
+
+/// Public channels, most recent activity first.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = ChannelList)]
+pub(crate) struct ChannelListView {
+    pub channels: Vec<ChannelView>,
+}
+
+/// A public channel as discovery shows it.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Channel)]
+pub(crate) struct ChannelView {
+    #[schema(value_type = uuid::Uuid)]
+    pub chat_id: ChatId,
+    pub title: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub member_count: u64,
+    /// Whether the caller is already a member.
+    pub is_member: bool,
+}
+
+/// Query parameters of channel discovery.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ChannelParams {
+    /// Only channels whose title contains this (case-insensitive), 1..128 characters.
+    q: Option<String>,
+    /// Most channels to return, 1 to 200 (default 50); 422 outside.
+    #[param(minimum = 1, maximum = 200)]
+    limit: Option<u64>,
 }
 
 /// Query parameters of the chat list.
@@ -120,6 +160,43 @@ pub(crate) async fn list(
     }
     let chats = db::chats::list(&state.pg, principal.user_id).await?;
     Ok(Json(ChatListView { chats }))
+}
+
+/// Public channels (optionally those whose title contains `q`), to join with
+/// `POST /v1/chats/{chat_id}/participants {"add": [me]}`.
+#[utoipa::path(
+    get,
+    path = "/v1/channels",
+    operation_id = "listPublicChannels",
+    tag = "chats",
+    security(("bearer" = [])),
+    params(ChannelParams),
+    responses(
+        (status = 200, description = "Public channels, most recent activity first", body = ChannelListView),
+        (status = 400, description = "Malformed query parameter", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "`q` or `limit` out of range", body = ProblemDoc, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn channels(
+    principal: Principal,
+    State(state): State<QueryState>,
+    ApiQuery(params): ApiQuery<ChannelParams>,
+) -> Result<Json<ChannelListView>, ApiError> {
+    let max = state.config.max_page.max(1);
+    let limit = match params.limit {
+        None => state.config.default_page.clamp(1, max),
+        Some(n) => u32::try_from(n)
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| ApiError::Invalid(format!("limit must be 1 to {max}, not {n}")))?,
+    };
+    let q = params.q.as_deref().filter(|q| !q.is_empty());
+    if q.is_some_and(|q| q.chars().count() > 128) {
+        return Err(ApiError::Invalid("q must be at most 128 characters".into()));
+    }
+    let channels = db::chats::public_channels(&state.pg, principal.user_id, q, limit).await?;
+    Ok(Json(ChannelListView { channels }))
 }
 
 /// One chat with its current members; 404 unless the caller is a current member.

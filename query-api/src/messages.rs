@@ -1,12 +1,13 @@
-//! `GET /v1/chats/{chat_id}/messages`: a chat's history, paged by sequence.
+//! `GET /v1/chats/{chat_id}/messages`: a chat's history, paged by sequence; and
+//! `GET /v1/chats/{chat_id}/messages/{message_id}/thread`: one thread's replies.
 
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use parley_platform::Principal;
 use parley_platform::extract::{ApiQuery, PathIds};
-use parley_schemas::ChatId;
 use parley_schemas::frames::MessageView;
+use parley_schemas::{ChatId, MessageId};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -19,7 +20,40 @@ use crate::openapi::{MessageDoc, ProblemDoc};
 use crate::state::QueryState;
 
 pub(crate) fn router() -> Router<QueryState> {
-    Router::new().route("/v1/chats/{chat_id}/messages", get(history))
+    Router::new()
+        .route("/v1/chats/{chat_id}/messages", get(history))
+        .route(
+            "/v1/chats/{chat_id}/messages/{message_id}/thread",
+            get(thread),
+        )
+}
+
+/// A thread: its root and a page of its replies, oldest first.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = ThreadPage)]
+pub(crate) struct ThreadPageView {
+    /// The message that started the thread, with its summary (`thread_reply_count`,
+    /// `last_reply_at`).
+    #[schema(value_type = MessageDoc)]
+    pub root: MessageView,
+    #[schema(value_type = Vec<MessageDoc>)]
+    pub messages: Vec<MessageView>,
+    /// Whether newer replies lie beyond this page (ask again with `after` = the last sequence).
+    pub has_more: bool,
+}
+
+/// Query parameters of a thread page.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ThreadParams {
+    /// The oldest replies with a sequence above this (default 0: from the first reply).
+    after: Option<u64>,
+    /// Page size, 1 to 200 (default 50); 422 outside.
+    #[param(minimum = 1, maximum = 200)]
+    limit: Option<u64>,
+    /// Read your writes: wait (up to 2 s, else 503) until the read model holds the chat at this
+    /// sequence or later.
+    min_sequence: Option<u64>,
 }
 
 /// A page of history, oldest first.
@@ -103,6 +137,63 @@ pub(crate) async fn history(
     access::require_member(&state, principal.user_id, chat_id, params.min_sequence).await?;
     let page = db::messages::page(&state.pg, chat_id, cursor, limit).await?;
     Ok(Json(MessagePageView {
+        messages: page.messages,
+        has_more: page.has_more,
+    }))
+}
+
+/// The replies of a thread, oldest first, keyset-paged like history; 404 unless the caller is
+/// a current member and `message_id` starts a thread of this chat (any message in no thread
+/// may: a root without replies answers an empty page).
+#[utoipa::path(
+    get,
+    path = "/v1/chats/{chat_id}/messages/{message_id}/thread",
+    operation_id = "listThread",
+    tag = "messages",
+    security(("bearer" = [])),
+    params(
+        ("chat_id" = uuid::Uuid, Path, description = "The chat"),
+        ("message_id" = uuid::Uuid, Path, description = "The thread's root message"),
+        ThreadParams
+    ),
+    responses(
+        (status = 200, description = "The root and a page of its replies, oldest first", body = ThreadPageView),
+        (status = 400, description = "Malformed query parameter", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad token", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "No such chat or root message, the message is itself a thread reply, or the caller is not a member", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "`limit` out of range", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "`min_sequence` not reached in time, or read model unavailable; see Retry-After", body = ProblemDoc, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    )
+)]
+pub(crate) async fn thread(
+    principal: Principal,
+    State(state): State<QueryState>,
+    PathIds((chat_id, root_id)): PathIds<(ChatId, MessageId)>,
+    ApiQuery(params): ApiQuery<ThreadParams>,
+) -> Result<Json<ThreadPageView>, ApiError> {
+    let history = HistoryParams {
+        before: None,
+        after: params.after,
+        limit: params.limit,
+        min_sequence: None,
+    };
+    let (_, limit) = history.page(&state.config)?;
+    access::require_member(&state, principal.user_id, chat_id, params.min_sequence).await?;
+    let root = db::messages::by_id(&state.pg, chat_id, root_id)
+        .await?
+        .filter(|m| m.thread_root.is_none())
+        .ok_or(ApiError::MessageNotFound)?;
+    let page = db::messages::thread_page(
+        &state.pg,
+        chat_id,
+        root_id,
+        params.after.unwrap_or(0),
+        limit,
+    )
+    .await?;
+    Ok(Json(ThreadPageView {
+        root,
         messages: page.messages,
         has_more: page.has_more,
     }))

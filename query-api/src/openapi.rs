@@ -25,6 +25,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         crate::chats::list,
         crate::chats::detail,
         crate::messages::history,
+        crate::messages::thread,
+        crate::chats::channels,
         crate::receipts::receipts,
     ),
     components(schemas(ProblemDoc, MessageDoc, AttachmentDoc)),
@@ -88,6 +90,14 @@ pub(crate) struct MessageDoc {
     deleted: bool,
     /// Emoji to the users who reacted with it.
     reactions: BTreeMap<String, Vec<uuid::Uuid>>,
+    /// The root of the thread this message replies in; null in the main conversation.
+    thread_root: Option<uuid::Uuid>,
+    /// On a thread's root: how many replies it has (0 on any other message).
+    thread_reply_count: u64,
+    /// On a thread's root: when its latest reply was sent.
+    last_reply_at: Option<DateTime<Utc>>,
+    /// Members the body names by `@handle`, resolved when sent.
+    mentions: Vec<uuid::Uuid>,
 }
 
 /// An attachment of a message.
@@ -140,6 +150,8 @@ mod tests {
             "/v1/chats",
             "/v1/chats/{chat_id}",
             "/v1/chats/{chat_id}/messages",
+            "/v1/chats/{chat_id}/messages/{message_id}/thread",
+            "/v1/channels",
         ] {
             assert!(spec["paths"][path]["get"].is_object(), "{path} missing");
         }
@@ -177,6 +189,10 @@ mod tests {
             edited_at: None,
             deleted: true,
             reactions: BTreeMap::new(),
+            thread_root: None,
+            thread_reply_count: 0,
+            last_reply_at: None,
+            mentions: Vec::new(),
         };
         let sent: BTreeSet<String> = serde_json::to_value(&view)
             .unwrap()

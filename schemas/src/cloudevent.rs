@@ -158,6 +158,8 @@ mod tests {
             body: "hello \"world\" ✓".into(),
             reply_to: None,
             attachments: vec![],
+            thread_root: None,
+            mentions: vec![],
         });
         (meta, event)
     }

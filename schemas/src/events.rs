@@ -45,6 +45,45 @@ impl Role {
     }
 }
 
+/// Who may join a channel: `public` ones anyone may join by adding themselves; `private` chats
+/// (every dm and group) only admins grow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Visibility {
+    Public,
+    #[default]
+    Private,
+}
+
+impl Visibility {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Visibility::Public => "public",
+            Visibility::Private => "private",
+        }
+    }
+}
+
+/// A member's own notification level in a chat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyLevel {
+    #[default]
+    All,
+    Mentions,
+    None,
+}
+
+impl NotifyLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotifyLevel::All => "all",
+            NotifyLevel::Mentions => "mentions",
+            NotifyLevel::None => "none",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct MemberRole {
     pub user_id: UserId,
@@ -59,6 +98,10 @@ pub struct ChatCreated {
     pub title: Option<String>,
     /// Everyone in the chat at creation, the creator first (as `admin`).
     pub members: Vec<MemberRole>,
+    /// Only a channel may be `public`; absent in events written before visibility existed
+    /// (they are all private).
+    #[serde(default)]
+    pub visibility: Visibility,
 }
 
 /// `parley.chat.participants_modified.v1`.
@@ -81,6 +124,26 @@ pub struct MessageSent {
     pub reply_to: Option<MessageId>,
     #[serde(default)]
     pub attachments: Vec<AttachmentId>,
+    /// The message that starts the thread this one replies in (itself in no thread); null for
+    /// a message of the main conversation. Absent in older events.
+    #[serde(default)]
+    pub thread_root: Option<MessageId>,
+    /// Members named by `@handle` in the body, resolved when sent. Absent in older events.
+    #[serde(default)]
+    pub mentions: Vec<UserId>,
+}
+
+/// `parley.chat.title_changed.v1`: a group's or channel's new title.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct TitleChanged {
+    pub title: String,
+}
+
+/// `parley.chat.role_changed.v1`: an admin made a member `admin` or `member`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RoleChanged {
+    pub user_id: UserId,
+    pub role: Role,
 }
 
 /// Events on `chats.<chat_id>` in the `CHATS` stream.
@@ -90,12 +153,16 @@ pub enum ChatEvent {
     Created(ChatCreated),
     ParticipantsModified(ParticipantsModified),
     MessageSent(MessageSent),
+    TitleChanged(TitleChanged),
+    RoleChanged(RoleChanged),
 }
 
 impl ChatEvent {
     pub const CREATED_V1: &'static str = "parley.chat.created.v1";
     pub const PARTICIPANTS_MODIFIED_V1: &'static str = "parley.chat.participants_modified.v1";
     pub const MESSAGE_SENT_V1: &'static str = "parley.chat.message_sent.v1";
+    pub const TITLE_CHANGED_V1: &'static str = "parley.chat.title_changed.v1";
+    pub const ROLE_CHANGED_V1: &'static str = "parley.chat.role_changed.v1";
 }
 
 impl DomainEvent for ChatEvent {
@@ -104,6 +171,8 @@ impl DomainEvent for ChatEvent {
         Self::CREATED_V1,
         Self::PARTICIPANTS_MODIFIED_V1,
         Self::MESSAGE_SENT_V1,
+        Self::TITLE_CHANGED_V1,
+        Self::ROLE_CHANGED_V1,
     ];
 
     fn event_type(&self) -> &'static str {
@@ -111,6 +180,8 @@ impl DomainEvent for ChatEvent {
             ChatEvent::Created(_) => Self::CREATED_V1,
             ChatEvent::ParticipantsModified(_) => Self::PARTICIPANTS_MODIFIED_V1,
             ChatEvent::MessageSent(_) => Self::MESSAGE_SENT_V1,
+            ChatEvent::TitleChanged(_) => Self::TITLE_CHANGED_V1,
+            ChatEvent::RoleChanged(_) => Self::ROLE_CHANGED_V1,
         }
     }
 
@@ -122,6 +193,8 @@ impl DomainEvent for ChatEvent {
                 ChatEvent::ParticipantsModified(serde_json::from_str(d)?)
             }
             Self::MESSAGE_SENT_V1 => ChatEvent::MessageSent(serde_json::from_str(d)?),
+            Self::TITLE_CHANGED_V1 => ChatEvent::TitleChanged(serde_json::from_str(d)?),
+            Self::ROLE_CHANGED_V1 => ChatEvent::RoleChanged(serde_json::from_str(d)?),
             other => return Err(DecodeError::UnknownType(other.to_owned())),
         })
     }
@@ -150,6 +223,28 @@ pub struct DeviceRemoved {
     pub device_id: DeviceId,
 }
 
+/// `parley.user.user_blocked.v1`: this user blocked `user_id`, who can then neither open a dm
+/// with them nor add them to a chat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct UserBlocked {
+    pub user_id: UserId,
+}
+
+/// `parley.user.user_unblocked.v1`: the block on `user_id` is lifted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct UserUnblocked {
+    pub user_id: UserId,
+}
+
+/// `parley.user.chat_settings_changed.v1`: this user's own settings in one chat, in full. A user
+/// event, not a chat event, so that it takes no chat sequence and no other member sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ChatSettingsChanged {
+    pub chat_id: ChatId,
+    pub muted: bool,
+    pub notify: NotifyLevel,
+}
+
 /// Events on `users.<user_id>` in the `USERS` stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
@@ -157,12 +252,18 @@ pub enum UserEvent {
     Registered(UserRegistered),
     DeviceAdded(DeviceAdded),
     DeviceRemoved(DeviceRemoved),
+    Blocked(UserBlocked),
+    Unblocked(UserUnblocked),
+    ChatSettingsChanged(ChatSettingsChanged),
 }
 
 impl UserEvent {
     pub const REGISTERED_V1: &'static str = "parley.user.registered.v1";
     pub const DEVICE_ADDED_V1: &'static str = "parley.user.device_added.v1";
     pub const DEVICE_REMOVED_V1: &'static str = "parley.user.device_removed.v1";
+    pub const BLOCKED_V1: &'static str = "parley.user.user_blocked.v1";
+    pub const UNBLOCKED_V1: &'static str = "parley.user.user_unblocked.v1";
+    pub const CHAT_SETTINGS_CHANGED_V1: &'static str = "parley.user.chat_settings_changed.v1";
 }
 
 impl DomainEvent for UserEvent {
@@ -171,6 +272,9 @@ impl DomainEvent for UserEvent {
         Self::REGISTERED_V1,
         Self::DEVICE_ADDED_V1,
         Self::DEVICE_REMOVED_V1,
+        Self::BLOCKED_V1,
+        Self::UNBLOCKED_V1,
+        Self::CHAT_SETTINGS_CHANGED_V1,
     ];
 
     fn event_type(&self) -> &'static str {
@@ -178,6 +282,9 @@ impl DomainEvent for UserEvent {
             UserEvent::Registered(_) => Self::REGISTERED_V1,
             UserEvent::DeviceAdded(_) => Self::DEVICE_ADDED_V1,
             UserEvent::DeviceRemoved(_) => Self::DEVICE_REMOVED_V1,
+            UserEvent::Blocked(_) => Self::BLOCKED_V1,
+            UserEvent::Unblocked(_) => Self::UNBLOCKED_V1,
+            UserEvent::ChatSettingsChanged(_) => Self::CHAT_SETTINGS_CHANGED_V1,
         }
     }
 
@@ -187,6 +294,11 @@ impl DomainEvent for UserEvent {
             Self::REGISTERED_V1 => UserEvent::Registered(serde_json::from_str(d)?),
             Self::DEVICE_ADDED_V1 => UserEvent::DeviceAdded(serde_json::from_str(d)?),
             Self::DEVICE_REMOVED_V1 => UserEvent::DeviceRemoved(serde_json::from_str(d)?),
+            Self::BLOCKED_V1 => UserEvent::Blocked(serde_json::from_str(d)?),
+            Self::UNBLOCKED_V1 => UserEvent::Unblocked(serde_json::from_str(d)?),
+            Self::CHAT_SETTINGS_CHANGED_V1 => {
+                UserEvent::ChatSettingsChanged(serde_json::from_str(d)?)
+            }
             other => return Err(DecodeError::UnknownType(other.to_owned())),
         })
     }
@@ -238,5 +350,25 @@ impl DomainEvent for ReceiptEvent {
             Self::READ_V1 => ReceiptEvent::Read(serde_json::from_str(d)?),
             other => return Err(DecodeError::UnknownType(other.to_owned())),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_sent_written_before_threads_and_mentions_reads_with_empty_defaults() {
+        let old = r#"{"message_id":"0190b7e2-6a4c-7b1a-9c1e-0b7f6c1d2e3f","sender_id":"0190b7e2-6a4c-7b1a-9c1e-0b7f6c1d2e40","body":"hi","reply_to":null,"attachments":[]}"#;
+        let m: MessageSent = serde_json::from_str(old).unwrap();
+        assert_eq!(m.thread_root, None);
+        assert!(m.mentions.is_empty());
+    }
+
+    #[test]
+    fn a_chat_created_before_visibility_existed_is_private() {
+        let old = r#"{"chat_id":"0190b7e2-6a4c-7b1a-9c1e-0b7f6c1d2e3f","kind":"channel","title":"x","members":[]}"#;
+        let c: ChatCreated = serde_json::from_str(old).unwrap();
+        assert_eq!(c.visibility, Visibility::Private);
     }
 }

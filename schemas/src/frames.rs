@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::cloudevent::StoredEvent;
-use crate::events::{ChatEvent, ChatKind, MemberRole};
+use crate::events::{ChatEvent, ChatKind, MemberRole, Role, Visibility};
 use crate::ids::{AttachmentId, ChatId, DeviceId, MessageId, UserId};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,6 +32,18 @@ pub struct MessageView {
     pub edited_at: Option<DateTime<Utc>>,
     pub deleted: bool,
     pub reactions: BTreeMap<String, Vec<UserId>>,
+    /// The root of the thread this message replies in; null in the main conversation.
+    #[serde(default)]
+    pub thread_root: Option<MessageId>,
+    /// On a thread's root: how many replies the thread holds (0 for any other message).
+    #[serde(default)]
+    pub thread_reply_count: u64,
+    /// On a thread's root: when its latest reply was sent.
+    #[serde(default)]
+    pub last_reply_at: Option<DateTime<Utc>>,
+    /// Members the body names by `@handle`, resolved when sent.
+    #[serde(default)]
+    pub mentions: Vec<UserId>,
 }
 
 /// The `update` of a `chatUpdate` frame: the event's kind, who did it, when, and its facts.
@@ -50,11 +62,20 @@ pub enum Change {
         chat_kind: ChatKind,
         title: Option<String>,
         members: Vec<MemberRole>,
+        #[serde(default)]
+        visibility: Visibility,
     },
     ParticipantsModified {
         added: Vec<UserId>,
         removed: Vec<UserId>,
         promoted: Vec<UserId>,
+    },
+    TitleChanged {
+        title: String,
+    },
+    RoleChanged {
+        user_id: UserId,
+        role: Role,
     },
 }
 
@@ -87,16 +108,28 @@ pub fn render(event: &StoredEvent<ChatEvent>) -> ChatItem {
             edited_at: None,
             deleted: false,
             reactions: BTreeMap::new(),
+            thread_root: m.thread_root,
+            thread_reply_count: 0,
+            last_reply_at: None,
+            mentions: m.mentions.clone(),
         }),
         ChatEvent::Created(c) => update(Change::Created {
             chat_kind: c.kind,
             title: c.title.clone(),
             members: c.members.clone(),
+            visibility: c.visibility,
         }),
         ChatEvent::ParticipantsModified(p) => update(Change::ParticipantsModified {
             added: p.added.clone(),
             removed: p.removed.clone(),
             promoted: p.promoted.clone(),
+        }),
+        ChatEvent::TitleChanged(t) => update(Change::TitleChanged {
+            title: t.title.clone(),
+        }),
+        ChatEvent::RoleChanged(r) => update(Change::RoleChanged {
+            user_id: r.user_id,
+            role: r.role,
         }),
     }
 }

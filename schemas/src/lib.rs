@@ -9,7 +9,7 @@ pub mod json_schema;
 pub mod values;
 
 pub use cloudevent::{DecodeError, DomainEvent, EventMeta, StoredEvent};
-pub use events::{ChatEvent, ChatKind, ReceiptEvent, Role, UserEvent};
+pub use events::{ChatEvent, ChatKind, NotifyLevel, ReceiptEvent, Role, UserEvent, Visibility};
 pub use ids::{AttachmentId, ChatId, DeviceId, EventId, IdError, MessageId, UserId};
 pub use values::{
     ChatTitle, DeviceName, DisplayName, Handle, MessageBody, Password, Platform, ValueError,

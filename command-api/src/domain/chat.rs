@@ -1,11 +1,16 @@
-//! The chat aggregate: who is in it and with which role. Messages are not state: deciding
-//! never needs the history, so loading a chat costs its membership, not its length.
+//! The chat aggregate: who is in it and with which role, its title and visibility. Messages are
+//! not state: deciding never needs the history, so loading a chat costs its membership, not its
+//! length.
 
 use std::collections::BTreeMap;
 
 use parley_nats::Aggregate;
-use parley_schemas::events::{ChatCreated, MemberRole, MessageSent, ParticipantsModified};
-use parley_schemas::{ChatEvent, ChatId, ChatKind, MessageBody, MessageId, Role, UserId};
+use parley_schemas::events::{
+    ChatCreated, MemberRole, MessageSent, ParticipantsModified, RoleChanged, TitleChanged,
+};
+use parley_schemas::{
+    ChatEvent, ChatId, ChatKind, ChatTitle, MessageBody, MessageId, Role, UserId, Visibility,
+};
 use serde::{Deserialize, Serialize};
 
 use super::Rejection;
@@ -26,6 +31,12 @@ pub enum Chat {
         members: BTreeMap<UserId, Membership>,
         /// Events applied so far (the aggregate version), kept for seniority.
         version: u64,
+        /// Only a channel is ever public: then anyone may add themselves.
+        #[serde(default)]
+        visibility: Visibility,
+        /// A group's or channel's title (a dm has none).
+        #[serde(default)]
+        title: Option<String>,
     },
 }
 
@@ -39,18 +50,36 @@ pub enum ChatCommand {
         /// The others; the creator is always in.
         members: Vec<UserId>,
         max_members: usize,
+        visibility: Visibility,
+        /// Those of `members` who have blocked the creator (read from their user aggregates).
+        blocked_by: Vec<UserId>,
     },
     ModifyParticipants {
         actor: UserId,
         add: Vec<UserId>,
         remove: Vec<UserId>,
         max_members: usize,
+        /// Those of `add` who have blocked the actor (read from their user aggregates).
+        blocked_by: Vec<UserId>,
     },
     SendMessage {
         actor: UserId,
         message_id: MessageId,
         body: MessageBody,
         reply_to: Option<MessageId>,
+        /// Checked by the caller against the read model: a message of this chat in no thread.
+        thread_root: Option<MessageId>,
+        /// Users the body's `@handle`s name; only current members other than the sender stay.
+        mentions: Vec<UserId>,
+    },
+    ChangeTitle {
+        actor: UserId,
+        title: ChatTitle,
+    },
+    ChangeRole {
+        actor: UserId,
+        user: UserId,
+        role: Role,
     },
 }
 
@@ -64,10 +93,25 @@ impl Chat {
             Chat::Absent => None,
         }
     }
+    /// A channel anyone may join by adding themselves.
+    pub fn is_public(&self) -> bool {
+        matches!(
+            self,
+            Chat::Live {
+                visibility: Visibility::Public,
+                ..
+            }
+        )
+    }
 }
 
 pub fn decide(state: &Chat, cmd: &ChatCommand) -> Result<Vec<ChatEvent>, Rejection> {
     match (state, cmd) {
+        // Checked before anything else, so that asking again for an existing dm with someone
+        // who has since blocked the creator is refused too; it reads as "no such user".
+        (_, ChatCommand::Create { blocked_by, .. }) if !blocked_by.is_empty() => {
+            Err(Rejection::NotFound)
+        }
         (
             Chat::Absent,
             ChatCommand::Create {
@@ -77,6 +121,8 @@ pub fn decide(state: &Chat, cmd: &ChatCommand) -> Result<Vec<ChatEvent>, Rejecti
                 title,
                 members,
                 max_members,
+                visibility,
+                blocked_by: _,
             },
         ) => create(
             *chat_id,
@@ -85,20 +131,36 @@ pub fn decide(state: &Chat, cmd: &ChatCommand) -> Result<Vec<ChatEvent>, Rejecti
             title.clone(),
             members,
             *max_members,
+            *visibility,
         ),
         // Creating what exists is a retry of the same command (the id is pre-minted per
         // command): nothing more to do.
         (Chat::Live { .. }, ChatCommand::Create { .. }) => Ok(Vec::new()),
         (Chat::Absent, _) => Err(Rejection::NotFound),
         (
-            Chat::Live { kind, members, .. },
+            Chat::Live {
+                kind,
+                members,
+                visibility,
+                ..
+            },
             ChatCommand::ModifyParticipants {
                 actor,
                 add,
                 remove,
                 max_members,
+                blocked_by,
             },
-        ) => modify(*kind, members, *actor, add, remove, *max_members),
+        ) => modify(
+            *kind,
+            *visibility,
+            members,
+            *actor,
+            add,
+            remove,
+            *max_members,
+            blocked_by,
+        ),
         (
             Chat::Live { members, .. },
             ChatCommand::SendMessage {
@@ -106,20 +168,86 @@ pub fn decide(state: &Chat, cmd: &ChatCommand) -> Result<Vec<ChatEvent>, Rejecti
                 message_id,
                 body,
                 reply_to,
+                thread_root,
+                mentions,
             },
         ) => {
             if !members.contains_key(actor) {
                 return Err(Rejection::NotFound);
             }
+            // Only people who can read the message are recorded as mentioned: a handle of a
+            // non-member stays plain text.
+            let mentions = dedup_others(mentions, *actor)
+                .into_iter()
+                .filter(|u| members.contains_key(u))
+                .collect();
             Ok(vec![ChatEvent::MessageSent(MessageSent {
                 message_id: *message_id,
                 sender_id: *actor,
                 body: body.as_str().to_owned(),
                 reply_to: *reply_to,
                 attachments: Vec::new(),
+                thread_root: *thread_root,
+                mentions,
             })])
         }
+        (
+            Chat::Live {
+                kind,
+                members,
+                title: current,
+                ..
+            },
+            ChatCommand::ChangeTitle { actor, title },
+        ) => {
+            let me = members.get(actor).ok_or(Rejection::NotFound)?;
+            if *kind == ChatKind::Dm {
+                return Err(Rejection::Invalid("a dm has no title".into()));
+            }
+            if me.role != Role::Admin {
+                return Err(Rejection::Forbidden("only admins change the title"));
+            }
+            if current.as_deref() == Some(title.as_str()) {
+                return Ok(Vec::new());
+            }
+            Ok(vec![ChatEvent::TitleChanged(TitleChanged {
+                title: title.as_str().to_owned(),
+            })])
+        }
+        (Chat::Live { kind, members, .. }, ChatCommand::ChangeRole { actor, user, role }) => {
+            change_role(*kind, members, *actor, *user, *role)
+        }
     }
+}
+
+fn change_role(
+    kind: ChatKind,
+    members: &BTreeMap<UserId, Membership>,
+    actor: UserId,
+    user: UserId,
+    role: Role,
+) -> Result<Vec<ChatEvent>, Rejection> {
+    let me = members.get(&actor).ok_or(Rejection::NotFound)?;
+    if kind == ChatKind::Dm {
+        return Err(Rejection::Invalid("a dm has no roles to change".into()));
+    }
+    if me.role != Role::Admin {
+        return Err(Rejection::Forbidden("only admins change roles"));
+    }
+    let target = members.get(&user).ok_or(Rejection::NotFound)?;
+    if target.role == role {
+        return Ok(Vec::new());
+    }
+    let admins = members.values().filter(|m| m.role == Role::Admin).count();
+    if role == Role::Member && admins <= 1 {
+        return Err(Rejection::Invalid(
+            "a chat keeps at least one admin: make another member admin first".into(),
+        ));
+    }
+    Ok(vec![ChatEvent::RoleChanged(RoleChanged {
+        user_id: user,
+        role,
+    })])
 }
 
 fn dedup_others(list: &[UserId], exclude: UserId) -> Vec<UserId> {
@@ -139,8 +267,12 @@ fn create(
     title: Option<String>,
     members: &[UserId],
     max_members: usize,
+    visibility: Visibility,
 ) -> Result<Vec<ChatEvent>, Rejection> {
     let others = dedup_others(members, creator);
+    if visibility == Visibility::Public && kind != ChatKind::Channel {
+        return Err(Rejection::Invalid("only a channel can be public".into()));
+    }
     match kind {
         ChatKind::Dm if others.len() != 1 => {
             return Err(Rejection::Invalid(
@@ -171,32 +303,46 @@ fn create(
         kind,
         title,
         members: list,
+        visibility,
     })])
 }
 
+#[allow(clippy::too_many_arguments)]
 fn modify(
     kind: ChatKind,
+    visibility: Visibility,
     members: &BTreeMap<UserId, Membership>,
     actor: UserId,
     add: &[UserId],
     remove: &[UserId],
     max_members: usize,
+    blocked_by: &[UserId],
 ) -> Result<Vec<ChatEvent>, Rejection> {
-    let Some(me) = members.get(&actor) else {
-        return Err(Rejection::NotFound);
-    };
     let added: Vec<UserId> = dedup_others(add, UserId::from_uuid(uuid::Uuid::nil()))
         .into_iter()
         .filter(|u| !members.contains_key(u))
         .collect();
+    // A stranger may do exactly one thing: join a public channel by adding only themselves.
+    // Anything else from a non-member is about a chat they cannot see.
+    let joins_public =
+        visibility == Visibility::Public && added == [actor] && remove.iter().all(|u| *u == actor);
+    let me = match members.get(&actor) {
+        Some(me) => Some(me),
+        None if joins_public => None,
+        None => return Err(Rejection::NotFound),
+    };
+    // Someone who blocked the actor reads as nobody the actor can add.
+    if added.iter().any(|u| blocked_by.contains(u)) {
+        return Err(Rejection::NotFound);
+    }
     let mut removed: Vec<UserId> = Vec::new();
     for u in remove {
         if members.contains_key(u) && !removed.contains(u) {
             removed.push(*u);
         }
     }
-    let touches_others = !added.is_empty() || removed.iter().any(|u| *u != actor);
-    if touches_others && me.role != Role::Admin {
+    let touches_others = added.iter().any(|u| *u != actor) || removed.iter().any(|u| *u != actor);
+    if touches_others && me.is_none_or(|m| m.role != Role::Admin) {
         return Err(Rejection::Forbidden("only admins add or remove others"));
     }
     if kind == ChatKind::Dm && (!added.is_empty() || !removed.is_empty()) {
@@ -242,6 +388,8 @@ fn modify(
 pub fn evolve(state: Chat, event: &ChatEvent) -> Chat {
     match (state, event) {
         (Chat::Absent, ChatEvent::Created(c)) => Chat::Live {
+            visibility: c.visibility,
+            title: c.title.clone(),
             kind: c.kind,
             members: c
                 .members
@@ -263,6 +411,8 @@ pub fn evolve(state: Chat, event: &ChatEvent) -> Chat {
                 kind,
                 mut members,
                 version,
+                visibility,
+                mut title,
             },
             event,
         ) => {
@@ -287,12 +437,20 @@ pub fn evolve(state: Chat, event: &ChatEvent) -> Chat {
                         }
                     }
                 }
+                ChatEvent::TitleChanged(t) => title = Some(t.title.clone()),
+                ChatEvent::RoleChanged(r) => {
+                    if let Some(m) = members.get_mut(&r.user_id) {
+                        m.role = r.role;
+                    }
+                }
                 ChatEvent::MessageSent(_) | ChatEvent::Created(_) => {}
             }
             Chat::Live {
                 kind,
                 members,
                 version,
+                visibility,
+                title,
             }
         }
         // An event before creation cannot happen in a well-formed stream; ignore rather
@@ -305,7 +463,8 @@ impl Aggregate for Chat {
     type Event = ChatEvent;
     const PREFIX: &'static str = "chats";
     const STREAM: &'static str = parley_nats::streams::CHATS;
-    const SNAPSHOT_VERSION: u32 = 1;
+    // 2: title and visibility joined the state; older snapshots would lack a creation title.
+    const SNAPSHOT_VERSION: u32 = 2;
     fn evolve(self, event: &ChatEvent) -> Self {
         evolve(self, event)
     }
@@ -334,6 +493,8 @@ mod tests {
                 title: Some("t".into()),
                 members: others.to_vec(),
                 max_members: 100,
+                visibility: Visibility::Private,
+                blocked_by: vec![],
             },
         )
         .unwrap()
@@ -346,6 +507,7 @@ mod tests {
             add: add.to_vec(),
             remove: remove.to_vec(),
             max_members: 5,
+            blocked_by: vec![],
         }
     }
 
@@ -355,6 +517,8 @@ mod tests {
             message_id: MessageId::new(),
             body: MessageBody::parse("hi").unwrap(),
             reply_to: None,
+            thread_root: None,
+            mentions: vec![],
         }
     }
 
@@ -394,6 +558,8 @@ mod tests {
                     title,
                     members,
                     max_members: 2,
+                    visibility: Visibility::Private,
+                    blocked_by: vec![],
                 },
             )
         };
@@ -418,6 +584,8 @@ mod tests {
                 title: None,
                 members: users(3),
                 max_members: 3,
+                visibility: Visibility::Private,
+                blocked_by: vec![],
             },
         );
         assert!(matches!(res, Err(Rejection::Invalid(_))));
@@ -434,6 +602,8 @@ mod tests {
             title: None,
             members: vec![],
             max_members: 100,
+            visibility: Visibility::Private,
+            blocked_by: vec![],
         };
         assert_eq!(decide(&state, &again), Ok(vec![]));
     }
@@ -531,6 +701,8 @@ mod tests {
                 title: None,
                 members: vec![b],
                 max_members: 2,
+                visibility: Visibility::Private,
+                blocked_by: vec![],
             },
         )
         .unwrap();
@@ -551,11 +723,286 @@ mod tests {
         assert_eq!(decide(&state, &send(b)), Err(Rejection::NotFound));
     }
 
+    fn channel_of(creator: UserId, others: &[UserId], visibility: Visibility) -> ChatEvent {
+        decide(
+            &Chat::Absent,
+            &ChatCommand::Create {
+                chat_id: ChatId::new(),
+                creator,
+                kind: ChatKind::Channel,
+                title: Some("news".into()),
+                members: others.to_vec(),
+                max_members: 100_000,
+                visibility,
+                blocked_by: vec![],
+            },
+        )
+        .unwrap()
+        .remove(0)
+    }
+
+    fn title(actor: UserId, t: &str) -> ChatCommand {
+        ChatCommand::ChangeTitle {
+            actor,
+            title: ChatTitle::parse(t).unwrap(),
+        }
+    }
+
+    fn role(actor: UserId, user: UserId, role: Role) -> ChatCommand {
+        ChatCommand::ChangeRole { actor, user, role }
+    }
+
+    #[test]
+    fn only_a_channel_can_be_public() {
+        let a = UserId::new();
+        for kind in [ChatKind::Group, ChatKind::Dm] {
+            let res = decide(
+                &Chat::Absent,
+                &ChatCommand::Create {
+                    chat_id: ChatId::new(),
+                    creator: a,
+                    kind,
+                    title: None,
+                    members: vec![UserId::new()],
+                    max_members: 100,
+                    visibility: Visibility::Public,
+                    blocked_by: vec![],
+                },
+            );
+            assert!(matches!(res, Err(Rejection::Invalid(_))), "{kind:?}");
+        }
+        let ChatEvent::Created(c) = channel_of(a, &[], Visibility::Public) else {
+            panic!("not a creation")
+        };
+        assert_eq!(c.visibility, Visibility::Public);
+    }
+
+    #[test]
+    fn anyone_may_join_a_public_channel_by_adding_only_themselves() {
+        let [a, stranger, other] = users(3)[..] else {
+            unreachable!()
+        };
+        let state = given(&[channel_of(a, &[], Visibility::Public)]);
+        let join = decide(&state, &modify_cmd(stranger, &[stranger], &[])).unwrap();
+        assert_eq!(
+            join,
+            vec![ChatEvent::ParticipantsModified(ParticipantsModified {
+                added: vec![stranger],
+                removed: vec![],
+                promoted: vec![],
+            })]
+        );
+        let state = evolve(state, &join[0]);
+        assert!(state.is_member(stranger));
+        // Joined as a plain member: adding others still takes an admin.
+        assert!(matches!(
+            decide(&state, &modify_cmd(stranger, &[other], &[])),
+            Err(Rejection::Forbidden(_))
+        ));
+    }
+
+    #[test]
+    fn a_stranger_cannot_join_a_private_channel_or_group_nor_bring_others_into_a_public_one() {
+        let [a, stranger, other] = users(3)[..] else {
+            unreachable!()
+        };
+        for created in [channel_of(a, &[], Visibility::Private), group_of(a, &[])] {
+            let state = given(&[created]);
+            assert_eq!(
+                decide(&state, &modify_cmd(stranger, &[stranger], &[])),
+                Err(Rejection::NotFound)
+            );
+        }
+        let public = given(&[channel_of(a, &[], Visibility::Public)]);
+        assert_eq!(
+            decide(&public, &modify_cmd(stranger, &[stranger, other], &[])),
+            Err(Rejection::NotFound)
+        );
+        assert_eq!(
+            decide(&public, &modify_cmd(stranger, &[other], &[])),
+            Err(Rejection::NotFound)
+        );
+    }
+
+    #[test]
+    fn joining_a_full_public_channel_is_invalid() {
+        let [a, b, stranger] = users(3)[..] else {
+            unreachable!()
+        };
+        let state = given(&[channel_of(a, &[b], Visibility::Public)]);
+        let cmd = ChatCommand::ModifyParticipants {
+            actor: stranger,
+            add: vec![stranger],
+            remove: vec![],
+            max_members: 2,
+            blocked_by: vec![],
+        };
+        assert!(matches!(decide(&state, &cmd), Err(Rejection::Invalid(_))));
+    }
+
+    #[test]
+    fn nobody_can_add_or_open_a_dm_with_a_user_who_blocked_them() {
+        let [a, b, blocker] = users(3)[..] else {
+            unreachable!()
+        };
+        let state = given(&[group_of(a, &[b])]);
+        let add = ChatCommand::ModifyParticipants {
+            actor: a,
+            add: vec![blocker],
+            remove: vec![],
+            max_members: 5,
+            blocked_by: vec![blocker],
+        };
+        assert_eq!(decide(&state, &add), Err(Rejection::NotFound));
+        for existing in [Chat::Absent, state] {
+            let dm = ChatCommand::Create {
+                chat_id: ChatId::new(),
+                creator: a,
+                kind: ChatKind::Dm,
+                title: None,
+                members: vec![blocker],
+                max_members: 2,
+                visibility: Visibility::Private,
+                blocked_by: vec![blocker],
+            };
+            assert_eq!(decide(&existing, &dm), Err(Rejection::NotFound));
+        }
+    }
+
+    #[test]
+    fn mentions_keep_only_current_members_other_than_the_sender_once_each() {
+        let [a, b, outsider] = users(3)[..] else {
+            unreachable!()
+        };
+        let state = given(&[group_of(a, &[b])]);
+        let cmd = ChatCommand::SendMessage {
+            actor: a,
+            message_id: MessageId::new(),
+            body: MessageBody::parse("@b @b @outsider @a").unwrap(),
+            reply_to: None,
+            thread_root: None,
+            mentions: vec![b, b, outsider, a],
+        };
+        let [ChatEvent::MessageSent(m)] = &decide(&state, &cmd).unwrap()[..] else {
+            panic!("not one message")
+        };
+        assert_eq!(m.mentions, vec![b]);
+    }
+
+    #[test]
+    fn a_thread_reply_records_its_root() {
+        let a = UserId::new();
+        let state = given(&[group_of(a, &[])]);
+        let root = MessageId::new();
+        let cmd = ChatCommand::SendMessage {
+            actor: a,
+            message_id: MessageId::new(),
+            body: MessageBody::parse("in thread").unwrap(),
+            reply_to: None,
+            thread_root: Some(root),
+            mentions: vec![],
+        };
+        let [ChatEvent::MessageSent(m)] = &decide(&state, &cmd).unwrap()[..] else {
+            panic!("not one message")
+        };
+        assert_eq!(m.thread_root, Some(root));
+    }
+
+    #[test]
+    fn only_admins_change_the_title_a_dm_has_none_and_the_same_title_changes_nothing() {
+        let [a, b] = users(2)[..] else { unreachable!() };
+        let state = given(&[group_of(a, &[b])]);
+        assert!(matches!(
+            decide(&state, &title(b, "x")),
+            Err(Rejection::Forbidden(_))
+        ));
+        let changed = decide(&state, &title(a, "renamed")).unwrap();
+        assert_eq!(
+            changed,
+            vec![ChatEvent::TitleChanged(TitleChanged {
+                title: "renamed".into()
+            })]
+        );
+        let state = evolve(state, &changed[0]);
+        assert_eq!(decide(&state, &title(a, "renamed")), Ok(vec![]));
+        assert_eq!(
+            decide(&state, &title(UserId::new(), "x")),
+            Err(Rejection::NotFound)
+        );
+        let dm = decide(
+            &Chat::Absent,
+            &ChatCommand::Create {
+                chat_id: ChatId::new(),
+                creator: a,
+                kind: ChatKind::Dm,
+                title: None,
+                members: vec![b],
+                max_members: 2,
+                visibility: Visibility::Private,
+                blocked_by: vec![],
+            },
+        )
+        .unwrap();
+        assert!(matches!(
+            decide(&given(&dm), &title(a, "x")),
+            Err(Rejection::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn only_admins_change_roles_of_members() {
+        let [a, b, c] = users(3)[..] else {
+            unreachable!()
+        };
+        let state = given(&[group_of(a, &[b, c])]);
+        assert!(matches!(
+            decide(&state, &role(b, c, Role::Admin)),
+            Err(Rejection::Forbidden(_))
+        ));
+        assert_eq!(
+            decide(&state, &role(a, UserId::new(), Role::Admin)),
+            Err(Rejection::NotFound)
+        );
+        assert_eq!(
+            decide(&state, &role(UserId::new(), b, Role::Admin)),
+            Err(Rejection::NotFound)
+        );
+        let promote = decide(&state, &role(a, b, Role::Admin)).unwrap();
+        let state = evolve(state, &promote[0]);
+        // b is an admin now, and may demote the creator; repeating a role changes nothing.
+        assert_eq!(decide(&state, &role(b, b, Role::Admin)), Ok(vec![]));
+        let demote = decide(&state, &role(b, a, Role::Member)).unwrap();
+        assert_eq!(
+            demote,
+            vec![ChatEvent::RoleChanged(RoleChanged {
+                user_id: a,
+                role: Role::Member
+            })]
+        );
+        let state = evolve(state, &demote[0]);
+        assert!(matches!(
+            decide(&state, &role(a, c, Role::Admin)),
+            Err(Rejection::Forbidden(_))
+        ));
+    }
+
+    #[test]
+    fn the_last_admin_cannot_be_demoted() {
+        let [a, b] = users(2)[..] else { unreachable!() };
+        let state = given(&[group_of(a, &[b])]);
+        assert!(matches!(
+            decide(&state, &role(a, a, Role::Member)),
+            Err(Rejection::Invalid(_))
+        ));
+    }
+
     #[derive(Debug, Clone)]
     enum Step {
         Send(usize),
         Add(usize, usize),
         Remove(usize, usize),
+        Promote(usize, usize),
+        Demote(usize, usize),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -563,6 +1010,8 @@ mod tests {
             (0..6usize).prop_map(Step::Send),
             (0..6usize, 0..6usize).prop_map(|(a, b)| Step::Add(a, b)),
             (0..6usize, 0..6usize).prop_map(|(a, b)| Step::Remove(a, b)),
+            (0..6usize, 0..6usize).prop_map(|(a, b)| Step::Promote(a, b)),
+            (0..6usize, 0..6usize).prop_map(|(a, b)| Step::Demote(a, b)),
         ]
     }
 
@@ -581,6 +1030,8 @@ mod tests {
                     Step::Send(a) => send(people[a]),
                     Step::Add(a, b) => modify_cmd(people[a], &[people[b]], &[]),
                     Step::Remove(a, b) => modify_cmd(people[a], &[], &[people[b]]),
+                    Step::Promote(a, b) => role(people[a], people[b], Role::Admin),
+                    Step::Demote(a, b) => role(people[a], people[b], Role::Member),
                 };
                 if let Ok(events) = decide(&state, &cmd) {
                     for e in &events {
@@ -605,7 +1056,7 @@ mod tests {
             let events = [
                 group_of(a, &[]),
                 ChatEvent::ParticipantsModified(ParticipantsModified { added: vec![UserId::new()], removed: vec![a], promoted: vec![] }),
-                ChatEvent::MessageSent(MessageSent { message_id: MessageId::new(), sender_id: a, body: "x".into(), reply_to: None, attachments: vec![] }),
+                ChatEvent::MessageSent(MessageSent { message_id: MessageId::new(), sender_id: a, body: "x".into(), reply_to: None, attachments: vec![], thread_root: None, mentions: vec![] }),
             ];
             let _ = order.iter().fold(Chat::Absent, |s, i| evolve(s, &events[*i]));
         }

@@ -1,10 +1,15 @@
-//! The user aggregate: registration and the set of active devices (at most five).
+//! The user aggregate: registration, the set of active devices (at most five), whom the user
+//! blocks, and the user's own settings per chat.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use parley_nats::Aggregate;
-use parley_schemas::events::{DeviceAdded, DeviceRemoved, UserRegistered};
-use parley_schemas::{DeviceId, DeviceName, DisplayName, Handle, Platform, UserEvent, UserId};
+use parley_schemas::events::{
+    ChatSettingsChanged, DeviceAdded, DeviceRemoved, UserBlocked, UserRegistered, UserUnblocked,
+};
+use parley_schemas::{
+    ChatId, DeviceId, DeviceName, DisplayName, Handle, NotifyLevel, Platform, UserEvent, UserId,
+};
 use serde::{Deserialize, Serialize};
 
 use super::Rejection;
@@ -17,7 +22,21 @@ pub enum User {
         /// Every device ever added: `true` while active. Removed ones stay so that a repeated
         /// removal is recognised as done rather than unknown.
         devices: BTreeMap<DeviceId, bool>,
+        /// Users this one blocks. (Absent from snapshots taken before blocks existed, when
+        /// it could only be empty.)
+        #[serde(default)]
+        blocked: BTreeSet<UserId>,
+        /// This user's own settings in the chats where they changed them.
+        #[serde(default)]
+        chat_settings: BTreeMap<ChatId, ChatSettings>,
     },
+}
+
+/// A member's own settings in one chat; the default until they change them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatSettings {
+    pub muted: bool,
+    pub notify: NotifyLevel,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,13 +55,46 @@ pub enum UserCommand {
     RemoveDevice {
         device_id: DeviceId,
     },
+    /// `actor` blocks `user`; the aggregate is the actor's.
+    Block {
+        actor: UserId,
+        user: UserId,
+        /// Whether `user` is registered (read from their aggregate by the caller).
+        user_exists: bool,
+    },
+    Unblock {
+        actor: UserId,
+        user: UserId,
+        user_exists: bool,
+    },
+    /// Only the given fields change. The caller checked that the user is a member of the chat.
+    ChangeChatSettings {
+        chat_id: ChatId,
+        muted: Option<bool>,
+        notify: Option<NotifyLevel>,
+    },
 }
 
 impl User {
     pub fn active_devices(&self) -> usize {
         match self {
-            User::Registered { devices } => devices.values().filter(|a| **a).count(),
+            User::Registered { devices, .. } => devices.values().filter(|a| **a).count(),
             User::Absent => 0,
+        }
+    }
+
+    /// Whether this user blocks `other`.
+    pub fn blocks(&self, other: UserId) -> bool {
+        matches!(self, User::Registered { blocked, .. } if blocked.contains(&other))
+    }
+
+    /// This user's settings in `chat` (the defaults until changed).
+    pub fn chat_settings(&self, chat: ChatId) -> ChatSettings {
+        match self {
+            User::Registered { chat_settings, .. } => {
+                chat_settings.get(&chat).copied().unwrap_or_default()
+            }
+            User::Absent => ChatSettings::default(),
         }
     }
 }
@@ -65,7 +117,7 @@ pub fn decide(state: &User, cmd: &UserCommand) -> Result<Vec<UserEvent>, Rejecti
         (User::Registered { .. }, UserCommand::Register { .. }) => Ok(Vec::new()),
         (User::Absent, _) => Err(Rejection::NotFound),
         (
-            User::Registered { devices },
+            User::Registered { devices, .. },
             UserCommand::AddDevice {
                 device_id,
                 device_name,
@@ -87,7 +139,7 @@ pub fn decide(state: &User, cmd: &UserCommand) -> Result<Vec<UserEvent>, Rejecti
                 platform: platform.as_ref().map(|p| p.as_str().to_owned()),
             })])
         }
-        (User::Registered { devices }, UserCommand::RemoveDevice { device_id }) => {
+        (User::Registered { devices, .. }, UserCommand::RemoveDevice { device_id }) => {
             match devices.get(device_id) {
                 None => Err(Rejection::NotFound),
                 Some(false) => Ok(Vec::new()),
@@ -96,21 +148,109 @@ pub fn decide(state: &User, cmd: &UserCommand) -> Result<Vec<UserEvent>, Rejecti
                 })]),
             }
         }
+        (
+            User::Registered { blocked, .. },
+            UserCommand::Block {
+                actor,
+                user,
+                user_exists,
+            },
+        ) => {
+            check_block_target(*actor, *user, *user_exists)?;
+            if blocked.contains(user) {
+                return Ok(Vec::new());
+            }
+            Ok(vec![UserEvent::Blocked(UserBlocked { user_id: *user })])
+        }
+        (
+            User::Registered { blocked, .. },
+            UserCommand::Unblock {
+                actor,
+                user,
+                user_exists,
+            },
+        ) => {
+            check_block_target(*actor, *user, *user_exists)?;
+            if !blocked.contains(user) {
+                return Ok(Vec::new());
+            }
+            Ok(vec![UserEvent::Unblocked(UserUnblocked { user_id: *user })])
+        }
+        (
+            User::Registered { .. },
+            UserCommand::ChangeChatSettings {
+                chat_id,
+                muted,
+                notify,
+            },
+        ) => {
+            let now = state.chat_settings(*chat_id);
+            let next = ChatSettings {
+                muted: muted.unwrap_or(now.muted),
+                notify: notify.unwrap_or(now.notify),
+            };
+            if next == now {
+                return Ok(Vec::new());
+            }
+            Ok(vec![UserEvent::ChatSettingsChanged(ChatSettingsChanged {
+                chat_id: *chat_id,
+                muted: next.muted,
+                notify: next.notify,
+            })])
+        }
     }
+}
+
+fn check_block_target(actor: UserId, user: UserId, exists: bool) -> Result<(), Rejection> {
+    if actor == user {
+        return Err(Rejection::Invalid("you cannot block yourself".into()));
+    }
+    if !exists {
+        return Err(Rejection::NotFound);
+    }
+    Ok(())
 }
 
 pub fn evolve(state: User, event: &UserEvent) -> User {
     match (state, event) {
         (User::Absent, UserEvent::Registered(_)) => User::Registered {
             devices: BTreeMap::new(),
+            blocked: BTreeSet::new(),
+            chat_settings: BTreeMap::new(),
         },
-        (User::Registered { mut devices }, UserEvent::DeviceAdded(d)) => {
-            devices.insert(d.device_id, true);
-            User::Registered { devices }
-        }
-        (User::Registered { mut devices }, UserEvent::DeviceRemoved(d)) => {
-            devices.insert(d.device_id, false);
-            User::Registered { devices }
+        (mut state @ User::Registered { .. }, event) => {
+            if let User::Registered {
+                devices,
+                blocked,
+                chat_settings,
+            } = &mut state
+            {
+                match event {
+                    UserEvent::DeviceAdded(d) => {
+                        devices.insert(d.device_id, true);
+                    }
+                    UserEvent::DeviceRemoved(d) => {
+                        devices.insert(d.device_id, false);
+                    }
+                    UserEvent::Blocked(b) => {
+                        blocked.insert(b.user_id);
+                    }
+                    UserEvent::Unblocked(b) => {
+                        blocked.remove(&b.user_id);
+                    }
+                    UserEvent::ChatSettingsChanged(c) => {
+                        chat_settings.insert(
+                            c.chat_id,
+                            ChatSettings {
+                                muted: c.muted,
+                                notify: c.notify,
+                            },
+                        );
+                    }
+                    UserEvent::Registered(_) => {}
+                }
+            }
+            state
         }
         (state, _) => state,
     }
@@ -204,6 +344,90 @@ mod tests {
             decide(&User::Absent, &add(DeviceId::new())),
             Err(Rejection::NotFound)
         );
+    }
+
+    fn block(actor: UserId, user: UserId) -> UserCommand {
+        UserCommand::Block {
+            actor,
+            user,
+            user_exists: true,
+        }
+    }
+
+    fn unblock(actor: UserId, user: UserId) -> UserCommand {
+        UserCommand::Unblock {
+            actor,
+            user,
+            user_exists: true,
+        }
+    }
+
+    #[test]
+    fn blocking_is_recorded_once_and_unblocking_lifts_it() {
+        let [me, other] = [UserId::new(), UserId::new()];
+        let state = apply(registered(), &block(me, other)).unwrap();
+        assert!(state.blocks(other));
+        assert_eq!(decide(&state, &block(me, other)), Ok(vec![]));
+        let state = apply(state, &unblock(me, other)).unwrap();
+        assert!(!state.blocks(other));
+        assert_eq!(decide(&state, &unblock(me, other)), Ok(vec![]));
+    }
+
+    #[test]
+    fn blocking_yourself_is_invalid_and_an_unknown_user_is_not_found() {
+        let me = UserId::new();
+        assert!(matches!(
+            decide(&registered(), &block(me, me)),
+            Err(Rejection::Invalid(_))
+        ));
+        let unknown = UserCommand::Block {
+            actor: me,
+            user: UserId::new(),
+            user_exists: false,
+        };
+        assert_eq!(decide(&registered(), &unknown), Err(Rejection::NotFound));
+    }
+
+    #[test]
+    fn chat_settings_change_only_the_given_fields_and_a_repeat_changes_nothing() {
+        let chat = ChatId::new();
+        let mute = UserCommand::ChangeChatSettings {
+            chat_id: chat,
+            muted: Some(true),
+            notify: None,
+        };
+        let events = decide(&registered(), &mute).unwrap();
+        assert_eq!(
+            events,
+            vec![UserEvent::ChatSettingsChanged(ChatSettingsChanged {
+                chat_id: chat,
+                muted: true,
+                notify: NotifyLevel::All,
+            })]
+        );
+        let state = events.iter().fold(registered(), evolve);
+        assert_eq!(decide(&state, &mute), Ok(vec![]));
+        let mentions = UserCommand::ChangeChatSettings {
+            chat_id: chat,
+            muted: None,
+            notify: Some(NotifyLevel::Mentions),
+        };
+        let state = apply(state, &mentions).unwrap();
+        assert_eq!(
+            state.chat_settings(chat),
+            ChatSettings {
+                muted: true,
+                notify: NotifyLevel::Mentions
+            }
+        );
+        assert_eq!(state.chat_settings(ChatId::new()), ChatSettings::default());
+    }
+
+    #[test]
+    fn a_snapshot_from_before_blocks_and_settings_still_loads() {
+        let old = r#"{"Registered":{"devices":{}}}"#;
+        let state: User = serde_json::from_str(old).unwrap();
+        assert!(!state.blocks(UserId::new()));
     }
 
     proptest! {

@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use futures::{StreamExt, TryStreamExt};
 use parley_nats::AppendContext;
 use parley_platform::{ApiJson, PathIds, Principal};
-use parley_schemas::{ChatId, ChatKind, ChatTitle, UserId};
+use parley_schemas::{ChatId, ChatKind, ChatTitle, UserId, Visibility};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -36,6 +36,11 @@ pub struct CreateChatRequest {
     /// The others; the creator is always in.
     #[schema(value_type = Vec<String>)]
     members: Vec<UserId>,
+    /// `public` (anyone may join by adding themselves) or `private` (the default); only a
+    /// channel may be public.
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "public")]
+    visibility: Option<Visibility>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -81,7 +86,8 @@ const MAX_IDS_PER_REQUEST: usize = 1000;
         (status = 200, body = CreateChatResponse, description = "the existing dm of this pair"),
         (status = 400, body = parley_platform::Problem),
         (status = 401, body = parley_platform::Problem),
-        (status = 422, body = parley_platform::Problem, description = "unknown members, over the member limit, bad dm"),
+        (status = 404, body = parley_platform::Problem, description = "a named member is not someone the caller may add (never says why)"),
+        (status = 422, body = parley_platform::Problem, description = "unknown members, over the member limit, bad dm, a public group or dm"),
     ))]
 pub async fn create(
     State(state): State<CommandState>,
@@ -97,7 +103,7 @@ pub async fn create(
             "at most {MAX_IDS_PER_REQUEST} members per request"
         )));
     }
-    ensure_users_exist(state, &req.members).await?;
+    let blocked_by = users_to_add(state, me.user_id, &req.members).await?;
     let scope = format!("chats:{}", me.user_id);
     let ids = || Ids {
         chat_id: ChatId::new(),
@@ -105,7 +111,9 @@ pub async fn create(
     let req = &req;
     let res = idempotency::once(state, &scope, key, req, ids, |ids, msg_id| async move {
         let mut chat_id = ids.chat_id;
+        // Someone who blocked the caller gets no dm reservation: decide refuses the dm anyway.
         if req.kind == ChatKind::Dm
+            && blocked_by.is_empty()
             && let [other] = dedup(&req.members, me.user_id)[..]
             && let Reservation::Existing(existing) =
                 reserve_dm(state, me.user_id, other, chat_id).await?
@@ -119,6 +127,8 @@ pub async fn create(
             title: title.map(String::from),
             members: req.members.clone(),
             max_members: max_members(state, req.kind),
+            visibility: req.visibility.unwrap_or_default(),
+            blocked_by: blocked_by.clone(),
         };
         let ctx = AppendContext::idempotent(me.user_id, msg_id);
         let outcome = state
@@ -147,10 +157,12 @@ pub async fn create(
 #[utoipa::path(post, path = "/v1/chats/{chat_id}/participants", request_body = ParticipantsRequest,
     params(("chat_id" = String, Path, format = Uuid)),
     security(("bearer" = [])),
+    description = "Admins add and remove others; any member may remove itself (leave). Anyone may \
+                   join a public channel by adding only itself.",
     responses(
         (status = 200, body = SequenceResponse),
         (status = 403, body = parley_platform::Problem, description = "not an admin"),
-        (status = 404, body = parley_platform::Problem, description = "unknown chat or not a member"),
+        (status = 404, body = parley_platform::Problem, description = "unknown chat or not a member (and not joining a public channel), or a user to add who is not the caller's to add"),
         (status = 422, body = parley_platform::Problem, description = "over the member limit, unknown users, a dm"),
     ))]
 pub async fn participants(
@@ -164,20 +176,24 @@ pub async fn participants(
             "at most {MAX_IDS_PER_REQUEST} users per request"
         )));
     }
-    // Membership first, so a non-member learns nothing about which users exist.
+    // Membership first (or a public channel, which anyone may join), so a non-member learns
+    // nothing about which users exist.
     let kind = state
         .chats
         .read(*chat_id.as_uuid(), |c, _| {
-            c.is_member(me.user_id).then(|| c.kind()).flatten()
+            (c.is_member(me.user_id) || c.is_public())
+                .then(|| c.kind())
+                .flatten()
         })
         .await?
         .ok_or(ApiError::Rejected(crate::domain::Rejection::NotFound))?;
-    ensure_users_exist(&state, &req.add).await?;
+    let blocked_by = users_to_add(&state, me.user_id, &req.add).await?;
     let cmd = ChatCommand::ModifyParticipants {
         actor: me.user_id,
         add: req.add,
         remove: req.remove,
         max_members: max_members(&state, kind),
+        blocked_by,
     };
     let outcome = state
         .chats
@@ -209,19 +225,35 @@ fn dedup(list: &[UserId], me: UserId) -> Vec<UserId> {
 }
 
 /// Every named user must be registered: checked against the `USERS` stream (not the lagging
-/// read model), with a few lookups in flight at once.
-async fn ensure_users_exist(state: &CommandState, users: &[UserId]) -> Result<(), ApiError> {
-    let unknown: Vec<UserId> = futures::stream::iter(users.iter().copied())
+/// read model), with a few lookups in flight at once. Answers those of them who block `actor`,
+/// a fact `decide` needs and cannot read itself.
+async fn users_to_add(
+    state: &CommandState,
+    actor: UserId,
+    users: &[UserId],
+) -> Result<Vec<UserId>, ApiError> {
+    let found: Vec<(UserId, bool, bool)> = futures::stream::iter(users.iter().copied())
         .map(|u| async move {
-            let version = state.users.read(*u.as_uuid(), |_, v| v).await?;
-            Ok::<_, ApiError>((u, version))
+            let (exists, blocks) = state
+                .users
+                .read(*u.as_uuid(), |user, v| (v > 0, user.blocks(actor)))
+                .await?;
+            Ok::<_, ApiError>((u, exists, blocks))
         })
         .buffer_unordered(32)
-        .try_filter_map(|(u, v)| async move { Ok((v == 0).then_some(u)) })
         .try_collect()
         .await?;
+    let unknown: Vec<UserId> = found
+        .iter()
+        .filter(|(_, exists, _)| !exists)
+        .map(|(u, _, _)| *u)
+        .collect();
     if unknown.is_empty() {
-        Ok(())
+        Ok(found
+            .into_iter()
+            .filter(|(_, _, blocks)| *blocks)
+            .map(|(u, _, _)| u)
+            .collect())
     } else {
         let list: Vec<String> = unknown.iter().take(5).map(|u| u.to_string()).collect();
         Err(ApiError::Invalid(format!(

@@ -1,6 +1,9 @@
-//! `POST /v1/chats/{chat_id}/messages` (sendMessage).
+//! `POST /v1/chats/{chat_id}/messages` (sendMessage): replies, thread replies and `@handle`
+//! mentions are resolved here into facts the decider records.
 
 use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
 
 use axum::Router;
 use axum::extract::State;
@@ -10,13 +13,14 @@ use axum::routing::post;
 use chrono::{DateTime, Utc};
 use parley_nats::AppendContext;
 use parley_platform::{ApiJson, ClientIp, PathIds, Principal};
-use parley_schemas::{AttachmentId, ChatId, MessageBody, MessageId};
+use parley_schemas::{AttachmentId, ChatId, MessageBody, MessageId, UserId};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{answer, respond};
 use crate::domain::Rejection;
 use crate::domain::chat::{self, ChatCommand};
+use crate::domain::mentions::mentioned_handles;
 use crate::error::ApiError;
 use crate::idempotency::{self, IdempotencyKey};
 use crate::state::CommandState;
@@ -40,6 +44,12 @@ pub struct SendRequest {
     #[serde(default)]
     #[schema(value_type = Vec<String>)]
     attachments: Vec<AttachmentId>,
+    /// Reply in the thread of this message: a message of the same chat that is itself in no
+    /// thread (422 otherwise). The thread is listed by
+    /// `GET /v1/chats/{chat_id}/messages/{thread_root}/thread`.
+    #[serde(default)]
+    #[schema(value_type = Option<String>, format = Uuid)]
+    thread_root: Option<MessageId>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -66,9 +76,10 @@ struct Ids {
         (status = 400, body = parley_platform::Problem),
         (status = 404, body = parley_platform::Problem, description = "unknown chat or not a member"),
         (status = 413, body = parley_platform::Problem),
-        (status = 422, body = parley_platform::Problem, description = "bad body, reply_to or attachments"),
+        (status = 422, body = parley_platform::Problem, description = "bad body, reply_to, thread_root or attachments"),
         (status = 429, body = parley_platform::Problem, description = "rate limited or flooding (see Retry-After)"),
-    ))]
+    ),
+    description = "`@handle` tokens in the body that name current members are recorded as the message's `mentions`.")]
 pub async fn send(
     State(state): State<CommandState>,
     me: Principal,
@@ -97,13 +108,19 @@ pub async fn send(
     let req = &req;
     let res = idempotency::once(state, &scope, key, req, ids, |ids, msg_id| async move {
         if let Some(target) = req.reply_to {
-            check_reply_target(state, me.user_id, chat_id, target).await?;
+            check_target(state, me.user_id, chat_id, target, Target::Reply).await?;
         }
+        if let Some(root) = req.thread_root {
+            check_target(state, me.user_id, chat_id, root, Target::ThreadRoot).await?;
+        }
+        let mentions = resolve_mentions(state, &body).await?;
         let cmd = ChatCommand::SendMessage {
             actor: me.user_id,
             message_id: ids.message_id,
             body,
             reply_to: req.reply_to,
+            thread_root: req.thread_root,
+            mentions,
         };
         let ctx = AppendContext::idempotent(me.user_id, msg_id);
         let outcome = state
@@ -128,15 +145,56 @@ pub async fn send(
     Ok(respond(res))
 }
 
-/// A reply must name a message of the same chat. Messages are not aggregate state, so this
-/// reads the read model; if the read model is behind the chat, it waits (up to 2 s) for it to
-/// catch up before deciding the target does not exist.
-async fn check_reply_target(
+/// The users the body's `@handle`s name, from the `handles` bucket (authoritative, unlike the
+/// lagging read model). Unknown handles name nobody; `decide` keeps only current members.
+async fn resolve_mentions(
     state: &CommandState,
-    me: parley_schemas::UserId,
+    body: &MessageBody,
+) -> Result<Vec<UserId>, ApiError> {
+    let handles = mentioned_handles(body.as_str());
+    let found: Vec<Option<UserId>> = futures::stream::iter(handles)
+        .map(|h| async move {
+            let owner = state
+                .buckets
+                .handles
+                .get(h.as_str())
+                .await
+                .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+            Ok::<_, ApiError>(owner.and_then(|b| {
+                std::str::from_utf8(&b)
+                    .ok()
+                    .and_then(|s| UserId::parse(s).ok())
+            }))
+        })
+        .buffered(8)
+        .try_collect()
+        .await?;
+    Ok(found.into_iter().flatten().collect())
+}
+
+/// What a message may point at.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// `reply_to`: any message of the chat.
+    Reply,
+    /// `thread_root`: a message of the chat that is itself in no thread.
+    ThreadRoot,
+}
+
+/// A reply or thread reply must name a message of the same chat. Messages are not aggregate
+/// state, so this reads the read model; if the read model is behind the chat, it waits (up to
+/// 2 s) for it to catch up before deciding the target does not exist.
+async fn check_target(
+    state: &CommandState,
+    me: UserId,
     chat_id: ChatId,
     target: MessageId,
+    kind: Target,
 ) -> Result<(), ApiError> {
+    let field = match kind {
+        Target::Reply => "reply_to",
+        Target::ThreadRoot => "thread_root",
+    };
     let version = state
         .chats
         .read(*chat_id.as_uuid(), |c, v| c.is_member(me).then_some(v))
@@ -144,8 +202,10 @@ async fn check_reply_target(
         .ok_or(ApiError::Rejected(Rejection::NotFound))?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     loop {
-        let row: Option<(bool, i64)> = sqlx::query_as(
+        let row: Option<(bool, bool, i64)> = sqlx::query_as(
             "SELECT EXISTS (SELECT 1 FROM messages WHERE chat_id = $1 AND message_id = $2), \
+                    EXISTS (SELECT 1 FROM messages WHERE chat_id = $1 AND message_id = $2 \
+                            AND thread_root IS NOT NULL), \
              COALESCE((SELECT last_sequence FROM chats WHERE chat_id = $1), 0)",
         )
         .bind(chat_id.as_uuid())
@@ -153,14 +213,19 @@ async fn check_reply_target(
         .fetch_optional(&state.pg)
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-        let (found, projected) = row.unwrap_or((false, 0));
+        let (found, in_thread, projected) = row.unwrap_or((false, false, 0));
+        if found && kind == Target::ThreadRoot && in_thread {
+            return Err(ApiError::Invalid(
+                "thread_root names a message that is itself in a thread; reply to its root".into(),
+            ));
+        }
         if found {
             return Ok(());
         }
         if projected as u64 >= version || tokio::time::Instant::now() >= deadline {
-            return Err(ApiError::Invalid(
-                "reply_to does not name a message of this chat".into(),
-            ));
+            return Err(ApiError::Invalid(format!(
+                "{field} does not name a message of this chat"
+            )));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

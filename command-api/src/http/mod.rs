@@ -1,5 +1,8 @@
 //! The command routes and their OpenAPI description.
 
+mod blocks;
+mod chat_admin;
+mod chat_settings;
 mod chats;
 mod devices;
 mod messages;
@@ -25,6 +28,9 @@ pub fn router(state: CommandState) -> Router {
         .merge(chats::router())
         .merge(messages::router())
         .merge(receipts::router())
+        .merge(chat_admin::router())
+        .merge(chat_settings::router())
+        .merge(blocks::router())
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -57,6 +63,11 @@ pub(crate) fn answer<T: serde::Serialize>(status: StatusCode, body: &T) -> Answe
         chats::participants,
         messages::send,
         receipts::read,
+        chat_admin::change_title,
+        chat_admin::change_role,
+        chat_settings::change,
+        blocks::block,
+        blocks::unblock,
     ),
     components(schemas(parley_platform::problem::Problem))
 )]

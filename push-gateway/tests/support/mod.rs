@@ -130,6 +130,7 @@ impl Harness {
                 kind: ChatKind::Group,
                 title: Some("test".into()),
                 members,
+                visibility: Default::default(),
             }),
         );
         self.publish(&created).await;
@@ -211,7 +212,7 @@ impl Harness {
                     .unwrap();
                 }
             }
-            ChatEvent::MessageSent(_) => {}
+            ChatEvent::MessageSent(_) | ChatEvent::TitleChanged(_) | ChatEvent::RoleChanged(_) => {}
         }
         match render(event) {
             ChatItem::Message(m) => {
@@ -338,6 +339,8 @@ impl Chat {
                 body: body.into(),
                 reply_to: None,
                 attachments: vec![],
+                thread_root: None,
+                mentions: vec![],
             }),
         )
     }

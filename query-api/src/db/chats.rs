@@ -9,7 +9,7 @@ use sqlx::{FromRow, PgPool};
 use uuid::Uuid;
 
 use super::{messages, seq, snapshot};
-use crate::chats::{ChatDetailView, ChatSummaryView, MemberView};
+use crate::chats::{ChannelView, ChatDetailView, ChatSummaryView, MemberView};
 
 /// What access checks need: how far the read model is in the chat, and whether the caller is
 /// a current member there.
@@ -53,18 +53,22 @@ struct SummaryRow {
     last_message_seq: Option<i64>,
     unread_count: i64,
     muted: bool,
+    notify: String,
 }
 
 /// The chats `user` is a current member of, most recent activity first, each with its last
-/// message and the count of others' live messages above the user's read watermark.
+/// message and the count of others' live messages above the user's read watermark. Mute and
+/// notify come from `member_settings` (the user's own events), else the `members` defaults.
 pub(crate) async fn list(pg: &PgPool, user: UserId) -> Result<Vec<ChatSummaryView>, sqlx::Error> {
     let mut tx = snapshot(pg).await?;
     let rows: Vec<SummaryRow> = sqlx::query_as(
-        "SELECT c.chat_id, c.kind, c.title, c.last_sequence, c.last_message_seq, m.muted, \
+        "SELECT c.chat_id, c.kind, c.title, c.last_sequence, c.last_message_seq, \
+                COALESCE(s.muted, m.muted) AS muted, COALESCE(s.notify, m.notify) AS notify, \
                 (SELECT count(*) FROM messages x \
                  WHERE x.chat_id = c.chat_id AND x.sequence > m.read_up_to \
                    AND x.sender_id <> m.user_id AND NOT x.deleted) AS unread_count \
          FROM members m JOIN chats c ON c.chat_id = m.chat_id \
+         LEFT JOIN member_settings s ON s.user_id = m.user_id AND s.chat_id = m.chat_id \
          WHERE m.user_id = $1 AND m.left_seq IS NULL \
          ORDER BY c.last_activity_at DESC, c.chat_id DESC",
     )
@@ -92,6 +96,7 @@ pub(crate) async fn list(pg: &PgPool, user: UserId) -> Result<Vec<ChatSummaryVie
                 last_message: last.remove(&chat_id),
                 unread_count: seq(r.unread_count),
                 muted: r.muted,
+                notify: r.notify,
             }
         })
         .collect())
@@ -104,6 +109,7 @@ struct ChatRow {
     title: Option<String>,
     created_at: DateTime<Utc>,
     last_sequence: i64,
+    visibility: String,
 }
 
 #[derive(FromRow)]
@@ -121,7 +127,8 @@ pub(crate) async fn detail(
 ) -> Result<Option<ChatDetailView>, sqlx::Error> {
     let mut tx = snapshot(pg).await?;
     let row: Option<ChatRow> = sqlx::query_as(
-        "SELECT chat_id, kind, title, created_at, last_sequence FROM chats WHERE chat_id = $1",
+        "SELECT chat_id, kind, title, created_at, last_sequence, visibility FROM chats \
+         WHERE chat_id = $1",
     )
     .bind(chat.as_uuid())
     .fetch_optional(&mut *tx)
@@ -146,6 +153,7 @@ pub(crate) async fn detail(
         title: row.title,
         created_at: row.created_at,
         last_sequence: seq(row.last_sequence),
+        visibility: row.visibility,
         members: members
             .into_iter()
             .map(|m| MemberView {
@@ -156,4 +164,56 @@ pub(crate) async fn detail(
             })
             .collect(),
     }))
+}
+
+#[derive(FromRow)]
+struct ChannelRow {
+    chat_id: Uuid,
+    title: Option<String>,
+    created_at: DateTime<Utc>,
+    member_count: i64,
+    is_member: bool,
+}
+
+/// Public channels whose title contains `q` (case-insensitive; every one without `q`), most
+/// recent activity first, at most `limit`.
+pub(crate) async fn public_channels(
+    pg: &PgPool,
+    user: UserId,
+    q: Option<&str>,
+    limit: u32,
+) -> Result<Vec<ChannelView>, sqlx::Error> {
+    // LIKE metacharacters in the query are taken literally.
+    let pattern = q.map(|q| {
+        let escaped = q
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        format!("%{escaped}%")
+    });
+    let rows: Vec<ChannelRow> = sqlx::query_as(
+        "SELECT c.chat_id, c.title, c.created_at, \
+                (SELECT count(*) FROM members m WHERE m.chat_id = c.chat_id AND m.left_seq IS NULL) \
+                    AS member_count, \
+                EXISTS (SELECT 1 FROM members m WHERE m.chat_id = c.chat_id AND m.user_id = $1 \
+                        AND m.left_seq IS NULL) AS is_member \
+         FROM chats c \
+         WHERE c.visibility = 'public' AND ($2::text IS NULL OR c.title ILIKE $2) \
+         ORDER BY c.last_activity_at DESC, c.chat_id DESC LIMIT $3",
+    )
+    .bind(user.as_uuid())
+    .bind(pattern)
+    .bind(i64::from(limit))
+    .fetch_all(pg)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| ChannelView {
+            chat_id: ChatId::from_uuid(r.chat_id),
+            title: r.title,
+            created_at: r.created_at,
+            member_count: seq(r.member_count),
+            is_member: r.is_member,
+        })
+        .collect())
 }

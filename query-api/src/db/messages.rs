@@ -12,8 +12,9 @@ use uuid::Uuid;
 use super::{bound, seq};
 
 /// The columns every message read selects, in `MessageRow` order.
-pub(crate) const MESSAGE_COLUMNS: &str =
-    "message_id, sequence, sender_id, body, reply_to, attachments, sent_at, edited_at, deleted";
+pub(crate) const MESSAGE_COLUMNS: &str = "message_id, sequence, sender_id, body, reply_to, \
+     attachments, sent_at, edited_at, deleted, thread_root, thread_reply_count, last_reply_at, \
+     mentions";
 
 #[derive(FromRow)]
 pub(crate) struct MessageRow {
@@ -26,6 +27,10 @@ pub(crate) struct MessageRow {
     sent_at: DateTime<Utc>,
     edited_at: Option<DateTime<Utc>>,
     deleted: bool,
+    thread_root: Option<Uuid>,
+    thread_reply_count: i64,
+    last_reply_at: Option<DateTime<Utc>>,
+    mentions: Vec<Uuid>,
 }
 
 impl MessageRow {
@@ -44,6 +49,10 @@ impl MessageRow {
             deleted: self.deleted,
             // Reactions are not projected yet.
             reactions: BTreeMap::new(),
+            thread_root: self.thread_root.map(MessageId::from_uuid),
+            thread_reply_count: seq(self.thread_reply_count),
+            last_reply_at: self.last_reply_at,
+            mentions: self.mentions.into_iter().map(UserId::from_uuid).collect(),
         }
     }
 }
@@ -110,6 +119,50 @@ pub(crate) async fn page(
     if matches!(cursor, Cursor::Before(_)) {
         rows.reverse();
     }
+    Ok(Page {
+        messages: rows.into_iter().map(MessageRow::into_view).collect(),
+        has_more,
+    })
+}
+
+/// One message of the chat by id, if the read model holds it.
+pub(crate) async fn by_id(
+    pg: &PgPool,
+    chat: ChatId,
+    message: MessageId,
+) -> Result<Option<MessageView>, sqlx::Error> {
+    let row: Option<MessageRow> = sqlx::query_as(&format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = $1 AND message_id = $2"
+    ))
+    .bind(chat.as_uuid())
+    .bind(message.as_uuid())
+    .fetch_optional(pg)
+    .await?;
+    Ok(row.map(MessageRow::into_view))
+}
+
+/// The replies of the thread started by `root`, oldest first, with a sequence above `after`:
+/// keyset paging over `messages_by_thread`, the page size plus one row to learn `has_more`.
+pub(crate) async fn thread_page(
+    pg: &PgPool,
+    chat: ChatId,
+    root: MessageId,
+    after: u64,
+    limit: u32,
+) -> Result<Page, sqlx::Error> {
+    let mut rows: Vec<MessageRow> = sqlx::query_as(&format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages \
+         WHERE chat_id = $1 AND thread_root = $2 AND sequence > $3 \
+         ORDER BY sequence ASC LIMIT $4"
+    ))
+    .bind(chat.as_uuid())
+    .bind(root.as_uuid())
+    .bind(bound(after))
+    .bind(i64::from(limit) + 1)
+    .fetch_all(pg)
+    .await?;
+    let has_more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
     Ok(Page {
         messages: rows.into_iter().map(MessageRow::into_view).collect(),
         has_more,
