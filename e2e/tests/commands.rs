@@ -341,6 +341,9 @@ async fn openapi_document_is_served_and_names_every_route() {
         "/v1/ws",
         "/v1/chats/{chat_id}/read",
         "/v1/chats/{chat_id}/messages/{message_id}/receipts",
+        "/v1/users/{user_id}/presence",
+        "/v1/inbox",
+        "/v1/inbox/ack",
     ] {
         assert!(doc["paths"][path].is_object(), "OpenAPI lacks {path}");
     }

@@ -29,6 +29,11 @@ impl Drop for TestApp {
 }
 
 pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// `spawn_app` with some settings changed (a short presence TTL, say).
+pub async fn spawn_app_with(change: impl FnOnce(&mut Settings)) -> TestApp {
     let nats = NatsServer::start().await;
     let db = TestDb::create().await;
     let mut settings = Settings::default();
@@ -36,6 +41,7 @@ pub async fn spawn_app() -> TestApp {
     settings.infra.database_url = db.url.clone();
     settings.infra.pg_max_connections = 8;
     settings.command.max_group_members = 5;
+    change(&mut settings);
     let shutdown = CancellationToken::new();
     let app = App::build(
         settings,
@@ -199,6 +205,18 @@ impl Socket {
         loop {
             let f = self.next_frame(wait).await?;
             if f["type"] == "newMessage" || f["type"] == "chatUpdate" {
+                return Some(f);
+            }
+        }
+    }
+
+    /// The next frame of type `ty`, skipping others; `None` if none arrives within `wait`.
+    pub async fn next_of_type(&mut self, ty: &str, wait: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let f = self.next_frame(left).await?;
+            if f["type"] == ty {
                 return Some(f);
             }
         }

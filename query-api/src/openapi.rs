@@ -26,6 +26,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         crate::chats::detail,
         crate::messages::history,
         crate::receipts::receipts,
+        crate::presence::presence,
     ),
     components(schemas(ProblemDoc, MessageDoc, AttachmentDoc)),
     modifiers(&BearerAuth),
@@ -33,6 +34,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         (name = "me", description = "The caller"),
         (name = "chats", description = "The caller's chats"),
         (name = "messages", description = "Chat history"),
+        (name = "users", description = "Other users"),
     )
 )]
 struct ApiDoc;
@@ -140,6 +142,7 @@ mod tests {
             "/v1/chats",
             "/v1/chats/{chat_id}",
             "/v1/chats/{chat_id}/messages",
+            "/v1/users/{user_id}/presence",
         ] {
             assert!(spec["paths"][path]["get"].is_object(), "{path} missing");
         }

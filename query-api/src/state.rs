@@ -14,6 +14,8 @@ pub(crate) struct QueryState {
     pub pg: PgPool,
     /// Bearer-token checks; the `Principal` extractor finds it through `FromRef`.
     pub auth: Authenticator,
+    /// The `presence` and `last_seen` buckets (and the presence TTL).
+    pub buckets: parley_nats::Buckets,
     /// Page sizes and the read-your-writes wait.
     pub config: Arc<QueryConfig>,
 }
@@ -23,6 +25,7 @@ impl QueryState {
         Self {
             pg: infra.pg.clone(),
             auth: infra.auth.clone(),
+            buckets: infra.buckets.clone(),
             config: Arc::new(config),
         }
     }
