@@ -137,6 +137,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
     let mut doc = parley_command_api::openapi();
     doc.merge(parley_query_api::openapi());
+    doc.merge(parley_push_gateway::openapi());
     doc.merge(ws_doc());
     doc.info.title = "Parley API".into();
     doc.info.version = "1".into();

@@ -58,6 +58,10 @@ struct Opts {
     /// JetStream duplicate window for `Nats-Msg-Id`.
     #[arg(long, global = true, env = "PARLEY_DUPLICATE_WINDOW", default_value = "2m", value_parser = parse_duration)]
     duplicate_window: Duration,
+    /// A user with no gateway heartbeat for this long is offline; gateways heartbeat every
+    /// third of it.
+    #[arg(long, global = true, env = "PARLEY_PRESENCE_TTL", default_value = "60s", value_parser = parse_duration)]
+    presence_ttl: Duration,
     /// Stream replicas: 1 on one server, 3 on a cluster.
     #[arg(long, global = true, env = "PARLEY_REPLICAS", default_value_t = 1)]
     replicas: usize,
@@ -193,6 +197,7 @@ impl Opts {
                     receipts_max_age: self.receipts_max_age,
                     duplicate_window: self.duplicate_window,
                     replicas: self.replicas,
+                    presence_ttl: self.presence_ttl,
                 },
             },
             ..Default::default()

@@ -346,6 +346,9 @@ async fn openapi_document_is_served_and_names_every_route() {
         "/v1/chats/{chat_id}/settings",
         "/v1/users/{user_id}/block",
         "/v1/channels",
+        "/v1/users/{user_id}/presence",
+        "/v1/inbox",
+        "/v1/inbox/ack",
     ] {
         assert!(doc["paths"][path].is_object(), "OpenAPI lacks {path}");
     }

@@ -253,6 +253,18 @@ impl Socket {
         }
     }
 
+    /// The next frame of type `ty`, skipping others; `None` if none arrives within `wait`.
+    pub async fn next_of_type(&mut self, ty: &str, wait: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let f = self.next_frame(left).await?;
+            if f["type"] == ty {
+                return Some(f);
+            }
+        }
+    }
+
     pub async fn send(&mut self, v: Value) {
         self.ws
             .send(Message::text(v.to_string()))

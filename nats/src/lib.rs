@@ -1,6 +1,7 @@
 //! Parley's JetStream layer: the one definition of every stream, consumer name and bucket, and
 //! the event store (optimistic append with dedup, aggregate loading from cache and snapshots).
 
+pub mod presence;
 pub mod receipts;
 pub mod setup;
 pub mod store;

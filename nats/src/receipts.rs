@@ -46,3 +46,30 @@ pub async fn publish(
     )
     .await
 }
+
+/// `live.receipts.<chat_id>` (core NATS): a member's watermark moved in the read model. The
+/// receipts projector publishes one per advanced (chat, member) and batch, after its commit;
+/// gateways turn it into `receipt` frames for the chat's other members connected to them.
+/// Best effort, like every core NATS notice: the watermarks themselves are in the read model.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WatermarkMoved {
+    pub chat_id: ChatId,
+    pub user_id: parley_schemas::UserId,
+    /// The member's new delivered watermark, when it moved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_up_to: Option<u64>,
+    /// The member's new read watermark, when it moved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_up_to: Option<u64>,
+}
+
+/// Publishes a [`WatermarkMoved`] on its chat's subject (not flushed: the caller flushes once
+/// for a whole batch).
+pub async fn announce(
+    nats: &async_nats::Client,
+    moved: &WatermarkMoved,
+) -> Result<(), async_nats::PublishError> {
+    let payload = serde_json::to_vec(moved).unwrap_or_default();
+    nats.publish(subjects::live_receipts(moved.chat_id), payload.into())
+        .await
+}

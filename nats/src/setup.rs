@@ -29,6 +29,20 @@ pub mod subjects {
     }
     /// Core NATS: a device was removed; gateways close its sockets.
     pub const DEVICE_REVOKED: &str = "notify.devices.revoked";
+    /// Core NATS: a chat's typing indicators (never stored).
+    pub fn typing(id: ChatId) -> String {
+        format!("typing.{id}")
+    }
+    /// Core NATS: a member's delivered/read watermark moved (the receipts projector announces
+    /// it after its commit; gateways fan it out to the chat's other members on this gateway).
+    pub fn live_receipts(id: ChatId) -> String {
+        format!("live.receipts.{id}")
+    }
+    /// Every heartbeat written to the `presence` bucket: a KV put is an ordinary publish on
+    /// `$KV.presence.<user_id>`, so a plain subscription sees it (no KV watch needed).
+    pub const PRESENCE_HEARTBEATS: &str = "$KV.presence.>";
+    /// The prefix of [`PRESENCE_HEARTBEATS`] before the user id.
+    pub const PRESENCE_PREFIX: &str = "$KV.presence.";
 }
 
 /// Retention and safety settings of the streams (`PARLEY_*_MAX_AGE`, …).
@@ -41,6 +55,9 @@ pub struct JetStreamSettings {
     pub duplicate_window: Duration,
     /// 1 on a single server, 3 on a cluster.
     pub replicas: usize,
+    /// Age of the `presence` bucket's entries: a user with no heartbeat for this long is
+    /// offline. Gateways heartbeat every third of it.
+    pub presence_ttl: Duration,
 }
 
 impl Default for JetStreamSettings {
@@ -52,6 +69,7 @@ impl Default for JetStreamSettings {
             receipts_max_age: days(30),
             duplicate_window: Duration::from_secs(120),
             replicas: 1,
+            presence_ttl: Duration::from_secs(60),
         }
     }
 }
@@ -71,6 +89,12 @@ pub struct Buckets {
     pub snapshots: kv::Store,
     /// Idempotency records of `POST`s, kept 25 h.
     pub idempotency: kv::Store,
+    /// user_id → latest heartbeat of an online user; entries expire after `presence_ttl`.
+    pub presence: kv::Store,
+    /// user_id → latest heartbeat, kept forever: `last_seen_at` once the user is offline.
+    pub last_seen: kv::Store,
+    /// The `presence` bucket's TTL (see [`JetStreamSettings::presence_ttl`]).
+    pub presence_ttl: Duration,
 }
 
 /// Connects to `url`, which may list several servers of a cluster separated by commas
@@ -180,5 +204,9 @@ pub async fn ensure(js: &jetstream::Context, s: &JetStreamSettings) -> Result<Bu
         dms: bucket("dms", Duration::ZERO).await?,
         snapshots: bucket("snapshots", Duration::ZERO).await?,
         idempotency: bucket("idempotency", Duration::from_secs(25 * 3600)).await?,
+        // A zero TTL would mean "forever" to JetStream: nobody would ever go offline.
+        presence: bucket("presence", s.presence_ttl.max(Duration::from_secs(1))).await?,
+        last_seen: bucket("last_seen", Duration::ZERO).await?,
+        presence_ttl: s.presence_ttl.max(Duration::from_secs(1)),
     })
 }

@@ -70,14 +70,17 @@ pub async fn spawn(
         async move { users::apply(&pg, batch, delay).await }
     }));
     let pg = infra.pg.clone();
+    let nats = infra.nats.clone();
     tracker.spawn(receipts.run(move |batch| {
         let pg = pg.clone();
-        async move { receipts::apply(&pg, batch).await }
+        let nats = nats.clone();
+        async move { receipts::apply(&pg, &nats, batch).await }
     }));
+    let pg = infra.pg.clone();
     let nats = infra.nats.clone();
     tracker.spawn(fanout.run(move |batch| {
-        let nats = nats.clone();
-        async move { fanout::apply(&nats, batch).await }
+        let (pg, nats) = (pg.clone(), nats.clone());
+        async move { fanout::apply(&pg, &nats, batch, delay).await }
     }));
     Ok(())
 }

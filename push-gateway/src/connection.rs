@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
+use async_nats::jetstream::stream::Stream;
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use futures::stream::SplitStream;
 use futures::{StreamExt, future};
@@ -24,11 +24,11 @@ use tokio::time::Instant;
 use crate::gateway::AppState;
 use crate::hub::{ConnId, LiveItem, LiveMsg, Subscriber};
 use crate::inbox::{self, BATCH, Membership, Replayed};
+use crate::presence::{self, PresenceHandle};
 use crate::seam::{ChatCursor, Verdict};
 use crate::stop::{StopReason, Stopper};
 use crate::wire::{
-    MembershipChange, MembershipNotice, SequenceOnly, Typing, error_frame, pong_frame, ready_frame,
-    typing_subject,
+    MembershipChange, MembershipNotice, Typing, error_frame, pong_frame, ready_frame,
 };
 use crate::writer::{self, Closing};
 
@@ -46,6 +46,8 @@ const REORDER_WINDOW: usize = 256;
 const HEAD_READS_IN_FLIGHT: usize = 16;
 /// Waiting for the client's close reply, so the socket closes cleanly.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
+/// Presence frames queued per connection; beyond this they are dropped (best effort).
+const PRESENCE_QUEUE: usize = 64;
 
 /// Serves an authenticated connection until it ends, then closes it.
 pub(crate) async fn run(socket: WebSocket, gw: AppState, me: Principal, chats_stream: Stream<()>) {
@@ -59,6 +61,7 @@ pub(crate) async fn run(socket: WebSocket, gw: AppState, me: Principal, chats_st
     let writer = tokio::spawn(writer::run(sink, out_rx, close_rx));
     let (live_tx, mut live_rx) = mpsc::channel(queue);
     let (fetched_tx, mut fetched_rx) = mpsc::unbounded_channel();
+    let (presence_tx, mut presence_rx) = mpsc::channel(PRESENCE_QUEUE);
 
     let mut conn = Connection {
         gw,
@@ -71,14 +74,24 @@ pub(crate) async fn run(socket: WebSocket, gw: AppState, me: Principal, chats_st
         chats: HashMap::new(),
         fetch_permits: Arc::new(Semaphore::new(FETCHES_PER_CONNECTION)),
         chats_stream,
+        presence_tx,
+        presence: None,
     };
     let reason = match conn.start().await {
         Ok(mut notices) => {
-            conn.serve(&mut stream, &mut notices, &mut live_rx, &mut fetched_rx)
-                .await
+            let mut feeds = Feeds {
+                notices: &mut notices,
+                live: &mut live_rx,
+                fetched: &mut fetched_rx,
+                presence: &mut presence_rx,
+            };
+            conn.serve(&mut stream, &mut feeds).await
         }
         Err(reason) => reason,
     };
+    // Leaves presence before the socket closes: the user's last connection here stops its
+    // heartbeats at once.
+    conn.presence = None;
     tracing::debug!(conn = id, user = %me.user_id, ?reason, "connection ends");
     // Cancels this connection's pending fetches too.
     stopper.stop(reason);
@@ -157,10 +170,23 @@ struct Connection {
     chats: HashMap<ChatId, Chat>,
     fetch_permits: Arc<Semaphore>,
     chats_stream: Stream<()>,
+    presence_tx: mpsc::Sender<Utf8Bytes>,
+    /// Counts the user as connected here (heartbeats) and watches its contacts.
+    presence: Option<PresenceHandle>,
 }
 
 /// What a handler tells the loop: carry on, or stop for this reason.
 type Step = Result<(), StopReason>;
+
+/// Everything besides the client that the connection's loop listens to.
+struct Feeds<'a> {
+    /// `notify.user.<user_id>`: membership changes.
+    notices: &'a mut async_nats::Subscriber,
+    live: &'a mut mpsc::Receiver<LiveMsg>,
+    fetched: &'a mut mpsc::UnboundedReceiver<Fetched>,
+    /// Rendered `presence` frames about the user's contacts.
+    presence: &'a mut mpsc::Receiver<Utf8Bytes>,
+}
 
 impl Connection {
     /// Subscribes (membership notices, then every chat's live feed), reads the inbox cursors,
@@ -182,6 +208,13 @@ impl Connection {
         for m in &memberships {
             self.chats.insert(m.chat, Chat::new(cursor_for(m)));
         }
+        let contacts = self.contacts().await;
+        self.presence = Some(self.gw.presence.join(
+            self.me.user_id,
+            self.id,
+            contacts,
+            self.presence_tx.clone(),
+        ));
         let live: Vec<ChatId> = self
             .chats
             .iter()
@@ -230,9 +263,7 @@ impl Connection {
     async fn serve(
         &mut self,
         client: &mut SplitStream<WebSocket>,
-        notices: &mut async_nats::Subscriber,
-        live: &mut mpsc::Receiver<LiveMsg>,
-        fetched: &mut mpsc::UnboundedReceiver<Fetched>,
+        feeds: &mut Feeds<'_>,
     ) -> StopReason {
         let idle_timeout = self.gw.config.idle_timeout;
         let idle = tokio::time::sleep(idle_timeout);
@@ -254,9 +285,10 @@ impl Connection {
                     idle.as_mut().reset(Instant::now() + idle_timeout);
                     self.on_client(frame).await
                 }
-                Some(msg) = live.recv() => self.on_live(msg).await,
-                Some(done) = fetched.recv() => self.on_fetched(done).await,
-                notice = notices.next() => match notice {
+                Some(msg) = feeds.live.recv() => self.on_live(msg).await,
+                Some(done) = feeds.fetched.recv() => self.on_fetched(done).await,
+                Some(frame) = feeds.presence.recv() => self.emit(frame).await,
+                notice = feeds.notices.next() => match notice {
                     Some(msg) => self.on_notice(&msg.payload).await,
                     None => Err(StopReason::Unavailable),
                 },
@@ -364,7 +396,7 @@ impl Connection {
             .gw
             .infra
             .nats
-            .publish(typing_subject(chat), payload.into())
+            .publish(subjects::typing(chat), payload.into())
             .await
         {
             tracing::debug!(%error, "typing indicator not published");
@@ -379,7 +411,9 @@ impl Connection {
             return Ok(());
         };
         match &*msg.item {
-            LiveItem::Typing { user_id, frame } => {
+            // The user's own typing and receipts are not echoed to its other devices: they are
+            // about the user, for the others (docs/delivery.md, "Receipts").
+            LiveItem::Ephemeral { user_id, frame } => {
                 if *user_id != me && c.cursor.is_member() {
                     let frame = frame.clone();
                     return self.emit(frame).await;
@@ -452,7 +486,7 @@ impl Connection {
             let query = async {
                 let _local = local.acquire_owned().await;
                 let _global = global.acquire_owned().await;
-                inbox::events(&pg, chat, from, to).await
+                inbox::events(&pg, chat, from, to, BATCH).await
             };
             let result = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -590,6 +624,7 @@ impl Connection {
             }
         };
         let chat = notice.chat_id;
+        self.refresh_contacts().await;
         let state = self
             .chats
             .get(&chat)
@@ -642,6 +677,7 @@ impl Connection {
                     return Ok(());
                 }
             };
+        self.refresh_contacts().await;
         for m in memberships {
             let state = self
                 .chats
@@ -707,6 +743,25 @@ impl Connection {
         Ok(())
     }
 
+    /// The users whose presence this connection is told about. Presence is best effort: a
+    /// failed read means no presence frames until the next resync, not a closed socket.
+    async fn contacts(&self) -> Vec<parley_schemas::UserId> {
+        presence::contacts(&self.gw.infra.pg, self.me.user_id)
+            .await
+            .unwrap_or_else(|error| {
+                tracing::warn!(%error, "cannot read contacts");
+                Vec::new()
+            })
+    }
+
+    async fn refresh_contacts(&mut self) {
+        let contacts = self.contacts().await;
+        let tx = self.presence_tx.clone();
+        if let Some(p) = self.presence.as_mut() {
+            p.set_contacts(contacts, tx);
+        }
+    }
+
     fn leave(&mut self, chat: ChatId) {
         if let Some(c) = self.chats.get_mut(&chat)
             && c.subscribed
@@ -756,16 +811,9 @@ fn cursor_for(m: &Membership) -> ChatCursor {
 
 /// The chat's latest stored sequence, read from the stream leader (a replica could be behind).
 async fn stream_head(stream: &Stream<()>, chat: ChatId) -> Result<u64, StopReason> {
-    match stream
-        .get_last_raw_message_by_subject(&subjects::chat(chat))
+    inbox::stream_head(stream, chat)
         .await
-    {
-        Ok(msg) => Ok(serde_json::from_slice::<SequenceOnly>(&msg.payload)
-            .map(|s| s.sequence)
-            .unwrap_or(0)),
-        Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(0),
-        Err(e) => Err(unavailable("read the chat's stream head", &e)),
-    }
+        .map_err(|e| unavailable("read the chat's stream head", &e))
 }
 
 fn backoff(base: Duration, misses: u32) -> Duration {

@@ -1,5 +1,6 @@
 //! The gateway's shared state (`AppState`): cheap handles every connection uses, and the
-//! process-wide tasks (revocation listener, ack flusher) started with the first connection.
+//! process-wide tasks (revocation listener, ack flusher, presence) started with the first
+//! connection (or the first inbox call).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,6 +14,7 @@ use tokio::sync::{OnceCell, Semaphore};
 use crate::GatewayConfig;
 use crate::acks::AckBatcher;
 use crate::hub::{ConnId, Hub};
+use crate::presence::Presence;
 use crate::registry::Registry;
 use crate::wire::DeviceRevoked;
 
@@ -28,6 +30,8 @@ pub(crate) struct Gateway {
     pub registry: Arc<Registry>,
     /// Acks waiting for the next flush to `RECEIPTS`.
     pub acks: Arc<AckBatcher>,
+    /// Heartbeats of the users connected here; presence frames about their contacts.
+    pub presence: Arc<Presence>,
     /// Bounds the catch-up queries of all connections together, so a burst of reconnects
     /// queues here instead of timing out on the pool that other services share.
     pub pg_permits: Arc<Semaphore>,
@@ -58,6 +62,7 @@ impl Gateway {
             hub: Hub::new(infra.nats.clone(), infra.shutdown.clone()),
             registry: Registry::new(config.max_connections_per_user),
             acks: Arc::new(AckBatcher::default()),
+            presence: Presence::new(infra.buckets.clone()),
             pg_permits: Arc::new(Semaphore::new((pool_size / 2).max(1))),
             background: OnceCell::new(),
             next_conn: AtomicU64::new(1),
@@ -102,6 +107,10 @@ impl Gateway {
                     self.config.ack_flush,
                     self.infra.shutdown.clone(),
                 ));
+                tokio::spawn(
+                    Arc::clone(&self.presence)
+                        .run(self.infra.nats.clone(), self.infra.shutdown.clone()),
+                );
                 let chats = self.infra.js.get_stream_no_info(streams::CHATS).await?;
                 Ok(Background { chats })
             })

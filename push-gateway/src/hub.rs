@@ -1,5 +1,6 @@
-//! The process-wide live feed: one core NATS subscription per chat (its `live.chats.<id>` and
-//! `typing.<id>`), shared by every connection tracking the chat. Each event is decoded, rendered
+//! The process-wide live feed: one set of core NATS subscriptions per chat (its
+//! `live.chats.<id>`, `typing.<id>` and `live.receipts.<id>`), shared by every connection
+//! tracking the chat. Each event is decoded, rendered
 //! and serialised once here, and the same frame bytes are handed to every connection.
 //!
 //! Fan-out never waits: a connection whose queue is full is stopped as a slow consumer (it
@@ -12,6 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use async_nats::Client;
 use axum::extract::ws::Utf8Bytes;
 use futures::StreamExt;
+use parley_nats::receipts::WatermarkMoved;
 use parley_nats::subjects;
 use parley_schemas::cloudevent::decode;
 use parley_schemas::frames::{ServerFrame, render};
@@ -20,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::stop::{StopReason, Stopper};
-use crate::wire::{SequenceOnly, Typing, typing_frame, typing_subject};
+use crate::wire::{SequenceOnly, Typing};
 
 /// Identifies one WebSocket connection inside this process.
 pub(crate) type ConnId = u64;
@@ -35,7 +37,12 @@ pub(crate) struct LiveMsg {
 #[derive(Debug)]
 pub(crate) enum LiveItem {
     Event(LiveEvent),
-    Typing { user_id: UserId, frame: Utf8Bytes },
+    /// A best-effort frame about `user_id` (typing, receipt): for the chat's other members
+    /// only, never for the user it is about.
+    Ephemeral {
+        user_id: UserId,
+        frame: Utf8Bytes,
+    },
 }
 
 #[derive(Debug)]
@@ -172,11 +179,12 @@ impl Hub {
     ) {
         let subscribed = async {
             let live = self.nats.subscribe(subjects::live_chat(chat)).await?;
-            let typing = self.nats.subscribe(typing_subject(chat)).await?;
-            Ok::<_, async_nats::SubscribeError>((live, typing))
+            let typing = self.nats.subscribe(subjects::typing(chat)).await?;
+            let receipts = self.nats.subscribe(subjects::live_receipts(chat)).await?;
+            Ok::<_, async_nats::SubscribeError>((live, typing, receipts))
         }
         .await;
-        let (mut live, mut typing) = match subscribed {
+        let (mut live, mut typing, mut receipts) = match subscribed {
             Ok(subs) => subs,
             Err(error) => {
                 tracing::warn!(%chat, %error, "live subscription failed");
@@ -200,6 +208,14 @@ impl Hub {
                 msg = typing.next() => match msg {
                     Some(msg) => {
                         if let Some(item) = typing_item(chat, &msg.payload) {
+                            fan_out(&subscribers, chat, item);
+                        }
+                    }
+                    None => break,
+                },
+                msg = receipts.next() => match msg {
+                    Some(msg) => {
+                        if let Some(item) = receipt_item(chat, &msg.payload) {
                             fan_out(&subscribers, chat, item);
                         }
                     }
@@ -231,8 +247,9 @@ fn fan_out(subscribers: &RwLock<Vec<Subscriber>>, chat: ChatId, item: LiveItem) 
     for sub in read(subscribers).iter() {
         match sub.tx.try_send(msg.clone()) {
             Ok(()) => {}
-            // Typing is best effort; a missed chat event would need the inbox anyway, so the
-            // client is cut off and replays it on reconnect instead of buffering without bound.
+            // Typing and receipts are best effort; a missed chat event would need the inbox
+            // anyway, so the client is cut off and replays it on reconnect instead of
+            // buffering without bound.
             Err(mpsc::error::TrySendError::Full(_)) if is_event => {
                 sub.stopper.stop(StopReason::SlowConsumer);
             }
@@ -283,9 +300,37 @@ fn typing_item(chat: ChatId, payload: &[u8]) -> Option<LiveItem> {
     if typing.chat_id != chat {
         return None;
     }
-    Some(LiveItem::Typing {
+    let frame = ServerFrame::Typing {
+        chat_id: chat,
         user_id: typing.user_id,
-        frame: typing_frame(&typing),
+    };
+    Some(LiveItem::Ephemeral {
+        user_id: typing.user_id,
+        frame: frame.to_json().into(),
+    })
+}
+
+/// A moved watermark, rendered once as the `receipt` frame every other member gets.
+fn receipt_item(chat: ChatId, payload: &[u8]) -> Option<LiveItem> {
+    let moved: WatermarkMoved = match serde_json::from_slice(payload) {
+        Ok(m) => m,
+        Err(error) => {
+            tracing::warn!(%chat, %error, "malformed receipt notice; ignored");
+            return None;
+        }
+    };
+    if moved.chat_id != chat || (moved.delivered_up_to.is_none() && moved.read_up_to.is_none()) {
+        return None;
+    }
+    let frame = ServerFrame::Receipt {
+        chat_id: chat,
+        user_id: moved.user_id,
+        delivered_up_to: moved.delivered_up_to,
+        read_up_to: moved.read_up_to,
+    };
+    Some(LiveItem::Ephemeral {
+        user_id: moved.user_id,
+        frame: frame.to_json().into(),
     })
 }
 

@@ -1,15 +1,20 @@
 //! The device's inbox in PostgreSQL: which chats it follows from which cursor, and the events
 //! above a cursor (`messages` ∪ `chat_updates`) rendered as the frames live delivery sends.
+//! The socket's catch-up and the HTTP inbox (`GET /v1/inbox`) both read it through here.
 
 use std::collections::BTreeMap;
 
+use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
 use axum::extract::ws::Utf8Bytes;
 use chrono::{DateTime, Utc};
+use parley_nats::subjects;
 use parley_schemas::frames::{AttachmentView, Change, ChatUpdate, MessageView, ServerFrame};
 use parley_schemas::{ChatId, DeviceId, MessageId, UserId};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
+
+use crate::wire::SequenceOnly;
 
 /// Rows per catch-up query.
 pub(crate) const BATCH: usize = 500;
@@ -79,6 +84,117 @@ pub(crate) async fn acked_up_to(
     Ok(acked.map_or(0, seq))
 }
 
+/// Where a page of the HTTP inbox ends: the next page starts after this event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Position {
+    pub chat: ChatId,
+    pub sequence: u64,
+}
+
+/// A page of the device's inbox, chat by chat (in chat id order), each chat in sequence order.
+#[derive(Debug)]
+pub(crate) struct Page {
+    pub events: Vec<Replayed>,
+    /// Set when more events wait after the last one of this page.
+    pub next: Option<Position>,
+}
+
+/// Up to `limit` (at most [`BATCH`]) events the device has not acked, after `after` when
+/// paging: exactly what a socket would replay, a chat's events contiguous from its cursor
+/// and ending at the user's removal.
+pub(crate) async fn page(
+    pg: &PgPool,
+    user: UserId,
+    device: DeviceId,
+    after: Option<Position>,
+    limit: usize,
+) -> Result<Page, sqlx::Error> {
+    let limit = limit.clamp(1, BATCH);
+    let mut chats = memberships(pg, user, device).await?;
+    chats.sort_by_key(|m| *m.chat.as_uuid());
+    let mut events = Vec::new();
+    let mut more = false;
+    for m in chats {
+        let mut from = m.cursor.saturating_add(1);
+        if let Some(after) = after {
+            if m.chat.as_uuid() < after.chat.as_uuid() {
+                continue;
+            }
+            if m.chat == after.chat {
+                from = from.max(after.sequence.saturating_add(1));
+            }
+        }
+        let last = m.left_seq.unwrap_or(m.last_sequence);
+        if from > last {
+            continue;
+        }
+        if events.len() == limit {
+            more = true;
+            break;
+        }
+        let rows = self::events(pg, m.chat, from, m.left_seq, limit - events.len()).await?;
+        let mut expected = from;
+        for row in rows {
+            // Only the contiguous run: a hole (never expected from the projector) stops the
+            // chat here rather than skip an event.
+            if row.sequence != expected {
+                break;
+            }
+            expected += 1;
+            events.push((m.chat, row));
+        }
+        if events.len() == limit && expected <= last {
+            more = true;
+            break;
+        }
+    }
+    let next = if more {
+        events.last().map(|(chat, r)| Position {
+            chat: *chat,
+            sequence: r.sequence,
+        })
+    } else {
+        None
+    };
+    Ok(Page {
+        events: events.into_iter().map(|(_, r)| r).collect(),
+        next,
+    })
+}
+
+/// The user's membership of a chat, current or past: `(joined_seq, left_seq)`.
+pub(crate) async fn membership(
+    pg: &PgPool,
+    user: UserId,
+    chat: ChatId,
+) -> Result<Option<(u64, Option<u64>)>, sqlx::Error> {
+    let row: Option<(i64, Option<i64>)> = sqlx::query_as(
+        "SELECT joined_seq, left_seq FROM members WHERE chat_id = $1 AND user_id = $2",
+    )
+    .bind(chat.as_uuid())
+    .bind(user.as_uuid())
+    .fetch_optional(pg)
+    .await?;
+    Ok(row.map(|(j, l)| (seq(j), l.map(seq))))
+}
+
+/// The chat's latest stored sequence, read from the stream (the read model may lag it).
+pub(crate) async fn stream_head(
+    stream: &Stream<()>,
+    chat: ChatId,
+) -> Result<u64, async_nats::jetstream::stream::LastRawMessageError> {
+    match stream
+        .get_last_raw_message_by_subject(&subjects::chat(chat))
+        .await
+    {
+        Ok(msg) => Ok(serde_json::from_slice::<SequenceOnly>(&msg.payload)
+            .map(|s| s.sequence)
+            .unwrap_or(0)),
+        Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
 /// One event read back from the read model, ready to send.
 #[derive(Debug, Clone)]
 pub(crate) struct Replayed {
@@ -87,13 +203,14 @@ pub(crate) struct Replayed {
     pub removed: Vec<UserId>,
 }
 
-/// Up to [`BATCH`] events of `chat` with `from <= sequence <= to`, in sequence order. Missing
+/// Up to `limit` events of `chat` with `from <= sequence <= to`, in sequence order. Missing
 /// sequences are simply absent: the caller sends only the contiguous run it expects.
 pub(crate) async fn events(
     pg: &PgPool,
     chat: ChatId,
     from: u64,
     to: Option<u64>,
+    limit: usize,
 ) -> Result<Vec<Replayed>, sqlx::Error> {
     let rows = sqlx::query(
         r#"
@@ -119,7 +236,7 @@ pub(crate) async fn events(
     .bind(chat.as_uuid())
     .bind(db_seq(from))
     .bind(to.map_or(i64::MAX, db_seq))
-    .bind(BATCH as i64)
+    .bind(limit.clamp(1, BATCH) as i64)
     .fetch_all(pg)
     .await?;
     let mut out = Vec::with_capacity(rows.len());

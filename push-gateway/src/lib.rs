@@ -17,13 +17,19 @@
 //!
 //! Close codes: 1001 shutdown, 1008 slow consumer, 1009 frame too large, 1011 dependency down,
 //! 4401 unauthorized or device revoked, 4408 idle, 4429 too many connections.
+//!
+//! Besides the socket: `receipt` frames (watermarks announced by the receipts projector, per
+//! chat), `presence` (heartbeats in KV, see `presence`), and the HTTP inbox (`GET /v1/inbox`,
+//! `POST /v1/inbox/ack`) for clients that cannot hold a socket.
 
 mod acks;
 mod connection;
 mod gateway;
 mod handler;
+mod http;
 mod hub;
 mod inbox;
+mod presence;
 mod registry;
 mod seam;
 mod stop;
@@ -71,11 +77,27 @@ impl Default for GatewayConfig {
     }
 }
 
-/// The gateway's routes (`GET /v1/ws`), with their state applied. Background tasks start with
-/// the first connection and stop when `infra.shutdown` fires, which also closes every socket.
+/// The gateway's routes (`GET /v1/ws`, the HTTP inbox), with their state applied. Background
+/// tasks start with the first connection and stop when `infra.shutdown` fires, which also
+/// closes every socket.
 pub fn router(infra: &parley_platform::Infra, config: GatewayConfig) -> Router {
     let state = Arc::new(gateway::Gateway::new(infra.clone(), config));
     Router::new()
         .route("/v1/ws", get(handler::upgrade))
+        .merge(http::router())
         .with_state(state)
+}
+
+/// The OpenAPI description of the gateway's HTTP routes (the inbox; `/v1/ws` is described by
+/// the binary next to them).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    use utoipa::OpenApi;
+    #[derive(OpenApi)]
+    #[openapi(
+        paths(http::read, http::ack),
+        components(schemas(parley_platform::Problem)),
+        tags((name = "inbox", description = "The calling device's unacked events, over HTTP"))
+    )]
+    struct InboxDoc;
+    InboxDoc::openapi()
 }

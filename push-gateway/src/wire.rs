@@ -1,15 +1,10 @@
-//! The JSON the gateway reads from and writes to core NATS, and the frames that
-//! `schemas::frames::ServerFrame` does not cover (typing).
+//! The JSON the gateway reads from and writes to core NATS, and small helpers that render
+//! `schemas::frames::ServerFrame`s.
 
 use axum::extract::ws::Utf8Bytes;
 use parley_schemas::frames::ServerFrame;
 use parley_schemas::{ChatId, DeviceId, UserId};
 use serde::{Deserialize, Serialize};
-
-/// Core NATS subject of a chat's typing indicators (never stored).
-pub(crate) fn typing_subject(chat: ChatId) -> String {
-    format!("typing.{chat}")
-}
 
 /// `notify.user.<user_id>`: the user joined or left a chat at `sequence`.
 #[derive(Debug, Deserialize)]
@@ -37,23 +32,6 @@ pub(crate) struct DeviceRevoked {
 pub(crate) struct Typing {
     pub chat_id: ChatId,
     pub user_id: UserId,
-}
-
-#[derive(Serialize)]
-struct TypingFrame<'a> {
-    #[serde(rename = "type")]
-    ty: &'static str,
-    #[serde(flatten)]
-    typing: &'a Typing,
-}
-
-pub(crate) fn typing_frame(typing: &Typing) -> Utf8Bytes {
-    let frame = TypingFrame {
-        ty: "typing",
-        typing,
-    };
-    // Two ids and a constant: serialisation cannot fail.
-    serde_json::to_string(&frame).unwrap_or_default().into()
 }
 
 pub(crate) fn error_frame(code: &'static str, detail: impl Into<String>) -> Utf8Bytes {
@@ -85,17 +63,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pong_and_typing_frames_have_the_documented_shape() {
+    fn the_pong_frame_has_the_documented_shape() {
         let pong: serde_json::Value = serde_json::from_str(&pong_frame()).unwrap();
         assert_eq!(pong, serde_json::json!({"type": "pong"}));
-        let t = Typing {
-            chat_id: ChatId::new(),
-            user_id: UserId::new(),
-        };
-        let v: serde_json::Value = serde_json::from_str(&typing_frame(&t)).unwrap();
-        assert_eq!(
-            v,
-            serde_json::json!({"type": "typing", "chat_id": t.chat_id, "user_id": t.user_id})
-        );
     }
 }

@@ -302,6 +302,35 @@ async fn typing_reaches_other_members_but_not_the_typer() {
 }
 
 #[tokio::test]
+async fn a_receipt_notice_becomes_a_receipt_frame_for_other_members_only() {
+    let h = Harness::start().await;
+    let alice = h.login().await;
+    let bob = h.login().await;
+    let chat = h.create_chat(alice.user, &[bob.user]).await;
+    let mut a = h.connect(&alice).await;
+    let mut b = h.connect(&bob).await;
+    a.sequences(&chat, 1).await;
+    b.sequences(&chat, 1).await;
+    h.notify(
+        format!("live.receipts.{}", chat.id),
+        json!({"chat_id": chat.id, "user_id": bob.user, "read_up_to": 1}),
+    )
+    .await;
+    let r = a.next_json().await;
+    assert_eq!(
+        r,
+        json!({"type": "receipt", "chat_id": chat.id, "user_id": bob.user, "read_up_to": 1})
+    );
+    // Bob's socket had the notice queued ahead of this event, had it been for him.
+    h.publish(&chat.message(2, alice.user, "after")).await;
+    assert_eq!(
+        b.sequences(&chat, 1).await,
+        vec![2],
+        "no receipt about himself"
+    );
+}
+
+#[tokio::test]
 async fn a_non_member_never_sees_a_frame_of_the_chat() {
     let h = Harness::start().await;
     let alice = h.login().await;

@@ -14,6 +14,9 @@ pub(crate) enum ApiError {
     /// A message the chat does not hold (or not of the kind the route needs).
     #[error("no such message")]
     MessageNotFound,
+    /// No such user, or one that shares no chat with the caller: alike, so nothing leaks.
+    #[error("no such user")]
+    UserNotVisible,
     /// The caller's user is not projected yet (a token can exist before its read model row).
     #[error("the caller's user is not in the read model yet")]
     UserNotFound,
@@ -33,6 +36,9 @@ pub(crate) enum ApiError {
     /// PostgreSQL cannot be reached or has no free connection: worth a retry.
     #[error("read model unavailable")]
     Unavailable(#[source] sqlx::Error),
+    /// The presence buckets cannot be read: worth a retry.
+    #[error("presence unavailable")]
+    PresenceUnavailable(#[source] parley_nats::presence::PresenceError),
     /// Anything else the database says: our fault.
     #[error("read model query failed")]
     Database(#[source] sqlx::Error),
@@ -55,6 +61,7 @@ impl From<ApiError> for Problem {
         match e {
             ApiError::ChatNotFound => Problem::not_found("no such chat"),
             ApiError::MessageNotFound => Problem::not_found("no such message in this chat"),
+            ApiError::UserNotVisible => Problem::not_found("no such user"),
             ApiError::UserNotFound => {
                 Problem::not_found("your user is not available yet; retry shortly")
             }
@@ -74,6 +81,10 @@ impl From<ApiError> for Problem {
             ApiError::Unavailable(cause) => {
                 tracing::warn!(error = %cause, "read model unavailable");
                 Problem::unavailable("the read model is unavailable", 1)
+            }
+            ApiError::PresenceUnavailable(cause) => {
+                tracing::warn!(error = %cause, "presence unavailable");
+                Problem::unavailable("presence is unavailable", 1)
             }
             ApiError::Database(cause) => {
                 tracing::error!(error = %cause, debug = ?cause, "read model query failed");

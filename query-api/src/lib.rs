@@ -12,6 +12,7 @@ mod error;
 mod me;
 mod messages;
 mod openapi;
+mod presence;
 mod receipts;
 mod state;
 
@@ -54,6 +55,7 @@ pub fn router(infra: &Infra, config: QueryConfig) -> Router {
         .merge(chats::router())
         .merge(messages::router())
         .merge(receipts::router())
+        .merge(presence::router())
         .method_not_allowed_fallback(error::method_not_allowed)
         .fallback(parley_platform::problem::not_found_fallback)
         .with_state(state::QueryState::new(infra, config))

@@ -28,6 +28,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         crate::messages::thread,
         crate::chats::channels,
         crate::receipts::receipts,
+        crate::presence::presence,
     ),
     components(schemas(ProblemDoc, MessageDoc, AttachmentDoc)),
     modifiers(&BearerAuth),
@@ -35,6 +36,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         (name = "me", description = "The caller"),
         (name = "chats", description = "The caller's chats"),
         (name = "messages", description = "Chat history"),
+        (name = "users", description = "Other users"),
     )
 )]
 struct ApiDoc;
@@ -152,6 +154,7 @@ mod tests {
             "/v1/chats/{chat_id}/messages",
             "/v1/chats/{chat_id}/messages/{message_id}/thread",
             "/v1/channels",
+            "/v1/users/{user_id}/presence",
         ] {
             assert!(spec["paths"][path]["get"].is_object(), "{path} missing");
         }

@@ -16,6 +16,8 @@ pub(crate) struct QueryState {
     pub auth: Authenticator,
     /// JetStream, consulted only when a `min_sequence` wait runs out: is the sequence real?
     pub js: async_nats::jetstream::Context,
+    /// The `presence` and `last_seen` buckets (and the presence TTL).
+    pub buckets: parley_nats::Buckets,
     /// Page sizes and the read-your-writes wait.
     pub config: Arc<QueryConfig>,
 }
@@ -26,6 +28,7 @@ impl QueryState {
             pg: infra.pg.clone(),
             auth: infra.auth.clone(),
             js: infra.js.clone(),
+            buckets: infra.buckets.clone(),
             config: Arc::new(config),
         }
     }

@@ -155,6 +155,26 @@ pub enum ServerFrame<'a> {
         sequence: u64,
         update: &'a ChatUpdate,
     },
+    /// A member's delivered or read watermark moved (sent to the chat's other members).
+    #[serde(rename = "receipt")]
+    Receipt {
+        chat_id: ChatId,
+        user_id: UserId,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        delivered_up_to: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        read_up_to: Option<u64>,
+    },
+    /// A user who shares a DM or group with the device's user went online or offline.
+    #[serde(rename = "presence")]
+    Presence {
+        user_id: UserId,
+        online: bool,
+        last_seen_at: Option<DateTime<Utc>>,
+    },
+    /// Another member is typing in a chat (never stored).
+    #[serde(rename = "typing")]
+    Typing { chat_id: ChatId, user_id: UserId },
     #[serde(rename = "pong")]
     Pong,
     #[serde(rename = "error")]
@@ -180,6 +200,49 @@ impl ServerFrame<'_> {
     pub fn to_json(&self) -> String {
         // Plain data with string keys: serialisation cannot fail.
         serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(frame: &ServerFrame<'_>) -> serde_json::Value {
+        serde_json::from_str(&frame.to_json()).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_receipt_frame_names_only_the_watermarks_that_moved() {
+        let (chat_id, user_id) = (ChatId::new(), UserId::new());
+        let delivered = ServerFrame::Receipt {
+            chat_id,
+            user_id,
+            delivered_up_to: Some(7),
+            read_up_to: None,
+        };
+        assert_eq!(
+            json(&delivered),
+            serde_json::json!({"type": "receipt", "chat_id": chat_id, "user_id": user_id, "delivered_up_to": 7})
+        );
+    }
+
+    #[test]
+    fn presence_and_typing_frames_have_the_documented_shape() {
+        let user_id = UserId::new();
+        let presence = ServerFrame::Presence {
+            user_id,
+            online: false,
+            last_seen_at: None,
+        };
+        assert_eq!(
+            json(&presence),
+            serde_json::json!({"type": "presence", "user_id": user_id, "online": false, "last_seen_at": null})
+        );
+        let chat_id = ChatId::new();
+        assert_eq!(
+            json(&ServerFrame::Typing { chat_id, user_id }),
+            serde_json::json!({"type": "typing", "chat_id": chat_id, "user_id": user_id})
+        );
     }
 }
 

@@ -385,12 +385,18 @@ impl Client {
         self.ws.send(m).await.unwrap();
     }
 
-    /// The next text frame as JSON; panics on close or after [`WAIT`].
+    /// The next text frame as JSON, `presence` frames aside (they come whenever a co-member
+    /// connects, which these tests do not look at); panics on close or after [`WAIT`].
     pub async fn next_json(&mut self) -> Value {
         tokio::time::timeout(WAIT, async {
             loop {
                 match self.ws.next().await {
-                    Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
+                    Some(Ok(Message::Text(t))) => {
+                        let v: Value = serde_json::from_str(&t).unwrap();
+                        if v["type"] != "presence" {
+                            return v;
+                        }
+                    }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                     other => panic!("expected a text frame, got {other:?}"),
                 }

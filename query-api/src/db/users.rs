@@ -1,4 +1,4 @@
-//! Reads of `users` and `devices`: who the caller is.
+//! Reads of `users` and `devices`: who the caller is, and whom it may see.
 
 use chrono::{DateTime, Utc};
 use parley_schemas::{DeviceId, UserId};
@@ -55,4 +55,16 @@ pub(crate) async fn me(pg: &PgPool, user: UserId) -> Result<Option<MeView>, sqlx
             })
             .collect(),
     }))
+}
+
+/// Whether `a` and `b` are both current members of some chat: who may see whose presence.
+pub(crate) async fn share_a_chat(pg: &PgPool, a: UserId, b: UserId) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM members x JOIN members y ON y.chat_id = x.chat_id \
+         WHERE x.user_id = $1 AND y.user_id = $2 AND x.left_seq IS NULL AND y.left_seq IS NULL)",
+    )
+    .bind(a.as_uuid())
+    .bind(b.as_uuid())
+    .fetch_one(pg)
+    .await
 }

@@ -1,0 +1,367 @@
+//! The push gateway as a real process (the `parley` binary, `parley push-gateway`), next to a
+//! `parley up` child that serves commands, queries and runs the projectors: a gateway killed
+//! with SIGKILL mid-stream loses nothing once restarted, and a client that stops reading is cut
+//! off without the gateway's memory growing past a bound.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use parley_test_support::{NatsServer, TestDb, eventually, free_port};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A `parley` child process, killed with SIGKILL on drop.
+struct Parley {
+    child: Child,
+    port: u16,
+}
+
+impl Parley {
+    /// Runs `parley <role> --addr 127.0.0.1:<free port>` and waits for `/healthz`.
+    async fn start(nats: &NatsServer, db: &TestDb, role: &str) -> Parley {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_parley"))
+            .args([role, "--addr", &format!("127.0.0.1:{port}")])
+            .env("NATS_URL", nats.url())
+            .env("DATABASE_URL", &db.url)
+            .env("PARLEY_PG_MAX_CONNECTIONS", "4")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("run the parley binary");
+        let p = Parley { child, port };
+        let url = format!("http://127.0.0.1:{port}/healthz");
+        let http = reqwest::Client::new();
+        eventually(
+            WAIT,
+            &format!("parley {role} to answer /healthz"),
+            || async {
+                let res = http.get(&url).send().await.ok()?;
+                res.status().is_success().then_some(())
+            },
+        )
+        .await;
+        p
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash or the OOM killer would: no shutdown code runs.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Parley {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// HTTP calls to the `parley up` child.
+#[derive(Clone)]
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+#[derive(Clone)]
+struct User {
+    user_id: String,
+    token: String,
+}
+
+impl Api {
+    async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
+        let mut req = self.http.post(format!("{}{path}", self.base)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let res = req.send().await.expect("request");
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, path: &str, token: &str) -> Value {
+        let res = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request");
+        res.json().await.unwrap_or(Value::Null)
+    }
+
+    async fn signup(&self, handle: &str) -> User {
+        let (s, b) = self
+            .post(
+                "/v1/users",
+                None,
+                json!({"handle": handle, "display_name": handle, "password": "correct horse"}),
+            )
+            .await;
+        assert_eq!(s, 201, "{b}");
+        let (s, b) = self
+            .post(
+                "/v1/sessions",
+                None,
+                json!({"handle": handle, "password": "correct horse", "device_name": "d"}),
+            )
+            .await;
+        assert_eq!(s, 201, "{b}");
+        User {
+            user_id: b["user_id"].as_str().unwrap().to_owned(),
+            token: b["token"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    async fn group(&self, admin: &User, other: &User) -> String {
+        let (s, b) = self
+            .post(
+                "/v1/chats",
+                Some(&admin.token),
+                json!({"kind": "group", "title": "t", "members": [other.user_id]}),
+            )
+            .await;
+        assert_eq!(s, 201, "{b}");
+        b["chat_id"].as_str().unwrap().to_owned()
+    }
+
+    async fn send(&self, from: &User, chat: &str, body: &str) -> u64 {
+        let (s, b) = self
+            .post(
+                &format!("/v1/chats/{chat}/messages"),
+                Some(&from.token),
+                json!({ "body": body }),
+            )
+            .await;
+        assert_eq!(s, 201, "{b}");
+        b["sequence"].as_u64().unwrap()
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(port: u16, token: &str) -> Ws {
+    let mut req = format!("ws://127.0.0.1:{port}/v1/ws")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("websocket");
+    let ready = next_json(&mut ws, WAIT).await.expect("ready frame");
+    assert_eq!(ready["type"], "ready", "{ready}");
+    ws
+}
+
+/// The next JSON text frame; `None` when the socket ends or nothing comes within `wait`.
+async fn next_json(ws: &mut Ws, wait: Duration) -> Option<Value> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await.ok()?? {
+            Ok(Message::Text(t)) => return Some(serde_json::from_str(&t).unwrap()),
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => continue,
+        }
+    }
+}
+
+/// NATS, a database, and a `parley up` child (commands, queries, projectors) on them.
+async fn stack() -> (NatsServer, TestDb, Parley, Api) {
+    let nats = NatsServer::start().await;
+    let db = TestDb::create().await;
+    let up = Parley::start(&nats, &db, "up").await;
+    let api = Api {
+        base: up.base(),
+        http: reqwest::Client::new(),
+    };
+    (nats, db, up, api)
+}
+
+/// What a device has of one chat: the next sequence it expects, and each message's body.
+struct Received {
+    next: u64,
+    bodies: HashMap<u64, String>,
+}
+
+impl Received {
+    /// Takes one frame: a duplicate of what it holds is dropped (the contract allows it);
+    /// anything but the next sequence is a gap or reorder and fails the test.
+    fn take(&mut self, chat: &str, f: &Value) {
+        if f["type"] != "newMessage" && f["type"] != "chatUpdate" {
+            return;
+        }
+        assert_eq!(f["chat_id"], chat, "{f}");
+        let seq = f["sequence"].as_u64().unwrap();
+        if seq < self.next {
+            return;
+        }
+        assert_eq!(seq, self.next, "gap or reorder: {f}");
+        if let Some(body) = f["message"]["body"].as_str() {
+            self.bodies.insert(seq, body.to_owned());
+        }
+        self.next += 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_process_killed_with_sigkill_mid_stream_loses_nothing_after_restart() {
+    let (nats, db, _up, api) = stack().await;
+    let ada = api.signup("ada").await;
+    let bob = api.signup("bob").await;
+    let chat = api.group(&ada, &bob).await;
+    let mut gateway = Parley::start(&nats, &db, "push-gateway").await;
+    let mut ws = connect(gateway.port, &bob.token).await;
+
+    const MESSAGES: usize = 300;
+    let sender = {
+        let (api, ada, chat) = (api.clone(), ada.clone(), chat.clone());
+        tokio::spawn(async move {
+            let mut last = 0;
+            for i in 0..MESSAGES {
+                last = api.send(&ada, &chat, &format!("m{i}")).await;
+                // Keeps the stream flowing across the kill and the restart.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            last
+        })
+    };
+
+    let mut got = Received {
+        next: 1,
+        bodies: HashMap::new(),
+    };
+    while got.next <= 60 {
+        let f = next_json(&mut ws, WAIT)
+            .await
+            .unwrap_or_else(|| panic!("stalled at {}", got.next));
+        got.take(&chat, &f);
+        if got.next.is_multiple_of(10) {
+            let acked = got.next - 1;
+            let ack = json!({"type": "ack", "chat_id": chat, "sequence": acked});
+            ws.send(Message::text(ack.to_string())).await.unwrap();
+        }
+    }
+    assert!(!sender.is_finished(), "the kill must come mid-stream");
+    gateway.kill();
+    // Whatever the dead socket still holds is read; then it ends without a close frame.
+    while let Some(f) = next_json(&mut ws, Duration::from_secs(5)).await {
+        got.take(&chat, &f);
+    }
+    let killed_at = got.next;
+
+    let gateway = Parley::start(&nats, &db, "push-gateway").await;
+    let mut ws = connect(gateway.port, &bob.token).await;
+    let last = sender.await.unwrap();
+    assert_eq!(last, MESSAGES as u64 + 1, "created, then every message");
+    while got.next <= last {
+        let f = next_json(&mut ws, WAIT)
+            .await
+            .unwrap_or_else(|| panic!("stalled at {} of {last} (killed at {killed_at})", got.next));
+        got.take(&chat, &f);
+    }
+    for i in 0..MESSAGES {
+        let seq = i as u64 + 2;
+        assert_eq!(
+            got.bodies.get(&seq).map(String::as_str),
+            Some(format!("m{i}").as_str())
+        );
+    }
+}
+
+/// `VmRSS` / `VmHWM` of a process, in KiB.
+fn memory_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// Documented in docs/delivery.md ("Limits"): what one connection that stops reading may cost
+/// the gateway before it is cut off.
+const RSS_GROWTH_BOUND_KIB: u64 = 64 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_and_the_gateway_memory_stays_bounded() {
+    let (nats, db, _up, api) = stack().await;
+    let ada = api.signup("ada").await;
+    let bob = api.signup("bob").await;
+    // Eight chats, so the senders never contend for one chat's sequence.
+    let mut chats = Vec::new();
+    for _ in 0..8 {
+        chats.push(api.group(&ada, &bob).await);
+    }
+    // Projected first, so the replay below is not a race with the projector.
+    eventually(WAIT, "bob's 8 chats in the read model", || async {
+        let list = api.get("/v1/chats", &bob.token).await;
+        (list["chats"].as_array().map(Vec::len) == Some(8)).then_some(())
+    })
+    .await;
+    let gateway = Parley::start(&nats, &db, "push-gateway").await;
+    let mut ws = connect(gateway.port, &bob.token).await;
+    // Bob's socket replays the eight `created` events, then Bob stops reading.
+    for _ in 0..8 {
+        next_json(&mut ws, WAIT).await.expect("created");
+    }
+    let baseline = memory_kib(gateway.pid(), "VmRSS:");
+
+    const PER_CHAT: usize = 750;
+    let body = "x".repeat(3500);
+    let api = &api;
+    let sent = futures::future::join_all(chats.iter().map(|chat| {
+        let (ada, body) = (&ada, &body);
+        async move {
+            for _ in 0..PER_CHAT {
+                api.send(ada, chat, body).await;
+            }
+        }
+    }));
+    sent.await;
+    let total = 8 * PER_CHAT;
+
+    // The socket holds what the kernel buffered, then ends: the gateway cut it off.
+    let mut frames = 0;
+    let ended = tokio::time::timeout(WAIT, async {
+        while next_json(&mut ws, Duration::from_secs(10)).await.is_some() {
+            frames += 1;
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection was not closed");
+    assert!(
+        frames < total,
+        "a client that did not read got all {total} frames: it was never cut off"
+    );
+    let peak = memory_kib(gateway.pid(), "VmHWM:");
+    let growth = peak.saturating_sub(baseline);
+    eprintln!(
+        "gateway RSS: baseline {baseline} KiB, peak {peak} KiB, growth {growth} KiB; \
+         {frames} of {total} frames reached the client before it was cut off"
+    );
+    assert!(
+        growth < RSS_GROWTH_BOUND_KIB,
+        "gateway RSS grew by {growth} KiB (bound {RSS_GROWTH_BOUND_KIB} KiB)"
+    );
+}
