@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use parley_nats::{Buckets, EventStore};
+use parley_nats::{Buckets, EventStore, MessageKeys};
 use parley_platform::{Authenticator, Infra};
 
 use crate::CommandConfig;
@@ -24,6 +24,8 @@ pub struct CommandState {
     /// Read models, consulted only to validate reply targets.
     pub pg: sqlx::PgPool,
     pub auth: Authenticator,
+    /// Per-message body keys: sealing on send and edit, destruction on delete.
+    pub keys: MessageKeys,
     pub config: Arc<CommandConfig>,
 }
 
@@ -51,6 +53,7 @@ impl CommandState {
             js: infra.js.clone(),
             pg: infra.pg.clone(),
             auth: infra.auth.clone(),
+            keys: MessageKeys::new(infra.buckets.message_keys.clone(), infra.js.clone()),
             config: Arc::new(config),
         })
     }

@@ -13,6 +13,7 @@ mod me;
 mod messages;
 mod openapi;
 mod receipts;
+mod search;
 mod state;
 
 use std::time::Duration;
@@ -54,6 +55,7 @@ pub fn router(infra: &Infra, config: QueryConfig) -> Router {
         .merge(chats::router())
         .merge(messages::router())
         .merge(receipts::router())
+        .merge(search::router())
         .method_not_allowed_fallback(error::method_not_allowed)
         .fallback(parley_platform::problem::not_found_fallback)
         .with_state(state::QueryState::new(infra, config))

@@ -26,6 +26,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         crate::chats::detail,
         crate::messages::history,
         crate::receipts::receipts,
+        crate::search::search,
     ),
     components(schemas(ProblemDoc, MessageDoc, AttachmentDoc)),
     modifiers(&BearerAuth),
@@ -33,6 +34,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         (name = "me", description = "The caller"),
         (name = "chats", description = "The caller's chats"),
         (name = "messages", description = "Chat history"),
+        (name = "search", description = "Full-text search over the caller's chats"),
     )
 )]
 struct ApiDoc;
@@ -140,6 +142,7 @@ mod tests {
             "/v1/chats",
             "/v1/chats/{chat_id}",
             "/v1/chats/{chat_id}/messages",
+            "/v1/search",
         ] {
             assert!(spec["paths"][path]["get"].is_object(), "{path} missing");
         }

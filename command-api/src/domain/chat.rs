@@ -4,11 +4,14 @@
 use std::collections::BTreeMap;
 
 use parley_nats::Aggregate;
-use parley_schemas::events::{ChatCreated, MemberRole, MessageSent, ParticipantsModified};
+use parley_schemas::events::{
+    ChatCreated, MemberRole, MessageSent, MessageSentV2, ParticipantsModified, SealedBody,
+};
 use parley_schemas::{ChatEvent, ChatId, ChatKind, MessageBody, MessageId, Role, UserId};
 use serde::{Deserialize, Serialize};
 
 use super::Rejection;
+use super::message::{self, MessageChange, MessageFacts};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Membership {
@@ -51,6 +54,23 @@ pub enum ChatCommand {
         message_id: MessageId,
         body: MessageBody,
         reply_to: Option<MessageId>,
+    },
+    /// What the API sends since crypto-shredding (ADR 7): the body, validated as a
+    /// `MessageBody`, arrives sealed under the message's key (`message_sent.v2`).
+    /// `SendMessage` (plaintext `v1`) is kept for the decider's tests and older tooling.
+    SendSealedMessage {
+        actor: UserId,
+        message_id: MessageId,
+        body: SealedBody,
+        reply_to: Option<MessageId>,
+    },
+    /// Edit, delete or react to an existing message, given its facts from the read model.
+    ChangeMessage {
+        actor: UserId,
+        message_id: MessageId,
+        /// `None`: no such message in this chat.
+        target: Option<MessageFacts>,
+        change: MessageChange,
     },
 }
 
@@ -119,6 +139,35 @@ pub fn decide(state: &Chat, cmd: &ChatCommand) -> Result<Vec<ChatEvent>, Rejecti
                 attachments: Vec::new(),
             })])
         }
+        (
+            Chat::Live { members, .. },
+            ChatCommand::SendSealedMessage {
+                actor,
+                message_id,
+                body,
+                reply_to,
+            },
+        ) => {
+            if !members.contains_key(actor) {
+                return Err(Rejection::NotFound);
+            }
+            Ok(vec![ChatEvent::MessageSentV2(MessageSentV2 {
+                message_id: *message_id,
+                sender_id: *actor,
+                sealed_body: body.clone(),
+                reply_to: *reply_to,
+                attachments: Vec::new(),
+            })])
+        }
+        (
+            Chat::Live { members, .. },
+            ChatCommand::ChangeMessage {
+                actor,
+                message_id,
+                target,
+                change,
+            },
+        ) => message::decide(members, *actor, *message_id, target.as_ref(), change),
     }
 }
 
@@ -287,7 +336,14 @@ pub fn evolve(state: Chat, event: &ChatEvent) -> Chat {
                         }
                     }
                 }
-                ChatEvent::MessageSent(_) | ChatEvent::Created(_) => {}
+                // Messages are not aggregate state (see `domain::message`).
+                ChatEvent::MessageSent(_)
+                | ChatEvent::MessageSentV2(_)
+                | ChatEvent::MessageEdited(_)
+                | ChatEvent::MessageDeleted(_)
+                | ChatEvent::ReactionAdded(_)
+                | ChatEvent::ReactionRemoved(_)
+                | ChatEvent::Created(_) => {}
             }
             Chat::Live {
                 kind,

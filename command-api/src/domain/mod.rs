@@ -2,6 +2,7 @@
 //! a command carries every fact it needs (actor, pre-minted ids, limits).
 
 pub mod chat;
+pub mod message;
 pub mod user;
 
 /// Why a command was refused. The HTTP layer maps each kind to one status.

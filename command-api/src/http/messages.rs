@@ -95,11 +95,17 @@ pub async fn send(
     let res = idempotency::once(state, &scope, key, req, ids, |ids, msg_id| async move {
         if let Some(target) = req.reply_to {
             check_reply_target(state, me.user_id, chat_id, target).await?;
+        } else {
+            // Only members get a message key made for them: a stranger cannot fill the bucket.
+            require_member(state, me.user_id, chat_id).await?;
         }
-        let cmd = ChatCommand::SendMessage {
+        // The key exists before the event does, so every reader of the event can open it.
+        let key = state.keys.create(chat_id, ids.message_id).await?;
+        let sealed = parley_nats::message_keys::seal(&key, chat_id, ids.message_id, body.as_str());
+        let cmd = ChatCommand::SendSealedMessage {
             actor: me.user_id,
             message_id: ids.message_id,
-            body,
+            body: sealed,
             reply_to: req.reply_to,
         };
         let ctx = AppendContext::idempotent(me.user_id, msg_id);
@@ -125,6 +131,19 @@ pub async fn send(
     Ok(respond(res))
 }
 
+/// The chat's current version if `me` is a member; 404 otherwise.
+pub(crate) async fn require_member(
+    state: &CommandState,
+    me: parley_schemas::UserId,
+    chat_id: ChatId,
+) -> Result<u64, ApiError> {
+    state
+        .chats
+        .read(*chat_id.as_uuid(), |c, v| c.is_member(me).then_some(v))
+        .await?
+        .ok_or(ApiError::Rejected(Rejection::NotFound))
+}
+
 /// A reply must name a message of the same chat. Messages are not aggregate state, so this
 /// reads the read model; if the read model is behind the chat, it waits (up to 2 s) for it to
 /// catch up before deciding the target does not exist.
@@ -134,11 +153,7 @@ async fn check_reply_target(
     chat_id: ChatId,
     target: MessageId,
 ) -> Result<(), ApiError> {
-    let version = state
-        .chats
-        .read(*chat_id.as_uuid(), |c, v| c.is_member(me).then_some(v))
-        .await?
-        .ok_or(ApiError::Rejected(Rejection::NotFound))?;
+    let version = require_member(state, me, chat_id).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     loop {
         let row: Option<(bool, i64)> = sqlx::query_as(

@@ -2,6 +2,7 @@
 
 mod chats;
 mod devices;
+mod message_changes;
 mod messages;
 mod receipts;
 mod sessions;
@@ -24,6 +25,7 @@ pub fn router(state: CommandState) -> Router {
         .merge(devices::router())
         .merge(chats::router())
         .merge(messages::router())
+        .merge(message_changes::router())
         .merge(receipts::router())
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -56,6 +58,10 @@ pub(crate) fn answer<T: serde::Serialize>(status: StatusCode, body: &T) -> Answe
         chats::create,
         chats::participants,
         messages::send,
+        message_changes::edit,
+        message_changes::delete,
+        message_changes::react,
+        message_changes::unreact,
         receipts::read,
     ),
     components(schemas(parley_platform::problem::Problem))

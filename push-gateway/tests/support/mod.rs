@@ -211,7 +211,13 @@ impl Harness {
                     .unwrap();
                 }
             }
-            ChatEvent::MessageSent(_) => {}
+            // Messages go in below; changes to messages are covered by the e2e tests.
+            ChatEvent::MessageSent(_)
+            | ChatEvent::MessageSentV2(_)
+            | ChatEvent::MessageEdited(_)
+            | ChatEvent::MessageDeleted(_)
+            | ChatEvent::ReactionAdded(_)
+            | ChatEvent::ReactionRemoved(_) => {}
         }
         match render(event) {
             ChatItem::Message(m) => {

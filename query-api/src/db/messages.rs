@@ -11,9 +11,12 @@ use uuid::Uuid;
 
 use super::{bound, seq};
 
-/// The columns every message read selects, in `MessageRow` order.
-pub(crate) const MESSAGE_COLUMNS: &str =
-    "message_id, sequence, sender_id, body, reply_to, attachments, sent_at, edited_at, deleted";
+/// The columns every message read selects, in `MessageRow` order. `reactions` is
+/// `{emoji: [user_id]}` with reactors in the order they reacted (NULL when none).
+pub(crate) const MESSAGE_COLUMNS: &str = "message_id, sequence, sender_id, body, reply_to, attachments, sent_at, edited_at, deleted, \
+     (SELECT jsonb_object_agg(emoji, users) FROM \
+        (SELECT emoji, jsonb_agg(user_id ORDER BY sequence) AS users FROM reactions r \
+         WHERE r.message_id = messages.message_id GROUP BY emoji) x) AS reactions";
 
 #[derive(FromRow)]
 pub(crate) struct MessageRow {
@@ -26,6 +29,7 @@ pub(crate) struct MessageRow {
     sent_at: DateTime<Utc>,
     edited_at: Option<DateTime<Utc>>,
     deleted: bool,
+    reactions: Option<Json<BTreeMap<String, Vec<UserId>>>>,
 }
 
 impl MessageRow {
@@ -42,8 +46,11 @@ impl MessageRow {
             sent_at: self.sent_at,
             edited_at: self.edited_at,
             deleted: self.deleted,
-            // Reactions are not projected yet.
-            reactions: BTreeMap::new(),
+            // The projector drops a deleted message's reactions; never show any on one.
+            reactions: match (self.deleted, self.reactions) {
+                (false, Some(Json(r))) => r,
+                _ => BTreeMap::new(),
+            },
         }
     }
 }
