@@ -56,9 +56,15 @@ impl From<ExecuteError<Rejection>> for ApiError {
     fn from(e: ExecuteError<Rejection>) -> Self {
         match e {
             ExecuteError::Rejected(r) => ApiError::Rejected(r),
-            ExecuteError::Conflict => ApiError::Contended,
+            ExecuteError::Conflict | ExecuteError::Stale { .. } => ApiError::Contended,
             ExecuteError::Store(s) => s.into(),
         }
+    }
+}
+
+impl From<parley_nats::KeyError> for ApiError {
+    fn from(e: parley_nats::KeyError) -> Self {
+        ApiError::Unavailable(e.to_string())
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use parley_nats::{Buckets, EventStore};
+use parley_nats::{Buckets, EventStore, MessageKeys};
 use parley_platform::{Authenticator, Infra};
 
 use crate::CommandConfig;
@@ -27,6 +27,8 @@ pub struct CommandState {
     pub auth: Authenticator,
     /// Abuse limits (per process).
     pub limits: Limits,
+    /// Per-message body keys: sealing on send and edit, destruction on delete.
+    pub keys: MessageKeys,
     pub config: Arc<CommandConfig>,
 }
 
@@ -55,6 +57,7 @@ impl CommandState {
             pg: infra.pg.clone(),
             auth: infra.auth.clone(),
             limits: Limits::new(&config.limits, &infra.shutdown),
+            keys: MessageKeys::new(infra.buckets.message_keys.clone(), infra.js.clone()),
             config: Arc::new(config),
         })
     }

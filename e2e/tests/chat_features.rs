@@ -203,18 +203,20 @@ async fn an_admin_renames_a_group_and_members_see_title_changed_but_nobody_else_
     let path = format!("/v1/chats/{chat}");
     let title = |t: &str| Some(json!({ "title": t }));
     let (s, b) = app
-        .call(Method::PATCH, &path, &bob.token, title("mine"))
+        .call_as(Method::PATCH, &path, &bob.token, title("mine"))
         .await;
     assert_eq!(s, 403, "a member: {b}");
     assert!(is_problem(&b));
     let (s, _) = app
-        .call(Method::PATCH, &path, &eve.token, title("mine"))
+        .call_as(Method::PATCH, &path, &eve.token, title("mine"))
         .await;
     assert_eq!(s, 404, "a non-member");
-    let (s, _) = app.call(Method::PATCH, &path, &ada.token, title("")).await;
+    let (s, _) = app
+        .call_as(Method::PATCH, &path, &ada.token, title(""))
+        .await;
     assert_eq!(s, 422, "an empty title");
     let (s, b) = app
-        .call(Method::PATCH, &path, &ada.token, title("renamed"))
+        .call_as(Method::PATCH, &path, &ada.token, title("renamed"))
         .await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["sequence"], 2);
@@ -238,7 +240,7 @@ async fn an_admin_renames_a_group_and_members_see_title_changed_but_nobody_else_
         .await;
     let dm = dm["chat_id"].as_str().unwrap();
     let (s, b) = app
-        .call(
+        .call_as(
             Method::PATCH,
             &format!("/v1/chats/{dm}"),
             &ada.token,
@@ -261,23 +263,23 @@ async fn admins_change_roles_and_a_chat_always_keeps_an_admin() {
     let admin = Some(json!({"role": "admin"}));
     let member = Some(json!({"role": "member"}));
     let (s, _) = app
-        .call(Method::PUT, &role(&bob), &bob.token, admin.clone())
+        .call_as(Method::PUT, &role(&bob), &bob.token, admin.clone())
         .await;
     assert_eq!(s, 403, "a member cannot promote");
     let (s, _) = app
-        .call(Method::PUT, &role(&bob), &eve.token, admin.clone())
+        .call_as(Method::PUT, &role(&bob), &eve.token, admin.clone())
         .await;
     assert_eq!(s, 404, "a non-member");
     let (s, _) = app
-        .call(Method::PUT, &role(&eve), &ada.token, admin.clone())
+        .call_as(Method::PUT, &role(&eve), &ada.token, admin.clone())
         .await;
     assert_eq!(s, 404, "the target is not a member");
     let (s, b) = app
-        .call(Method::PUT, &role(&ada), &ada.token, member.clone())
+        .call_as(Method::PUT, &role(&ada), &ada.token, member.clone())
         .await;
     assert_eq!(s, 422, "the last admin stays: {b}");
     let (s, _) = app
-        .call(
+        .call_as(
             Method::PUT,
             &role(&bob),
             &ada.token,
@@ -288,7 +290,7 @@ async fn admins_change_roles_and_a_chat_always_keeps_an_admin() {
     assert_eq!(last_sequence(&app, &chat).await, 1, "nothing appended");
 
     let (s, b) = app
-        .call(Method::PUT, &role(&bob), &ada.token, admin.clone())
+        .call_as(Method::PUT, &role(&bob), &ada.token, admin.clone())
         .await;
     assert_eq!(s, 200, "{b}");
     let frames = events_up_to(&mut bob_ws, &chat, 2).await;
@@ -297,11 +299,11 @@ async fn admins_change_roles_and_a_chat_always_keeps_an_admin() {
     assert_eq!(frames[1]["update"]["role"], "admin");
     // Bob, now admin, demotes Ada, who then may no longer rename.
     let (s, _) = app
-        .call(Method::PUT, &role(&ada), &bob.token, member.clone())
+        .call_as(Method::PUT, &role(&ada), &bob.token, member.clone())
         .await;
     assert_eq!(s, 200);
     let (s, _) = app
-        .call(
+        .call_as(
             Method::PATCH,
             &format!("/v1/chats/{chat}"),
             &ada.token,
@@ -345,11 +347,11 @@ async fn chat_settings_are_the_callers_own_take_no_chat_sequence_and_show_in_the
     let chat = app.group(&ada, &[&bob]).await;
     let path = format!("/v1/chats/{chat}/settings");
     let (s, _) = app
-        .call(Method::PUT, &path, &eve.token, Some(json!({"muted": true})))
+        .call_as(Method::PUT, &path, &eve.token, Some(json!({"muted": true})))
         .await;
     assert_eq!(s, 404, "a non-member");
     let (s, b) = app
-        .call(
+        .call_as(
             Method::PUT,
             &path,
             &bob.token,
@@ -358,7 +360,7 @@ async fn chat_settings_are_the_callers_own_take_no_chat_sequence_and_show_in_the
         .await;
     assert_eq!(s, 400, "{b}");
     let (s, b) = app
-        .call(
+        .call_as(
             Method::PUT,
             &path,
             &bob.token,
@@ -371,7 +373,7 @@ async fn chat_settings_are_the_callers_own_take_no_chat_sequence_and_show_in_the
         json!({"chat_id": chat, "muted": true, "notify": "mentions"})
     );
     let (s, b) = app
-        .call(
+        .call_as(
             Method::PUT,
             &path,
             &bob.token,
@@ -553,7 +555,7 @@ async fn a_blocked_user_can_neither_open_a_dm_with_nor_add_the_blocker_until_unb
     let cat = app.signup("cat").await;
     let block = format!("/v1/users/{}/block", ada.user_id);
     for _ in 0..2 {
-        let (s, b) = app.call(Method::POST, &block, &bob.token, None).await;
+        let (s, b) = app.call_as(Method::POST, &block, &bob.token, None).await;
         assert_eq!(s, 204, "blocking is idempotent: {b}");
     }
     let bob_events = format!("users.{}", bob.user_id);
@@ -562,7 +564,7 @@ async fn a_blocked_user_can_neither_open_a_dm_with_nor_add_the_blocker_until_unb
         "parley.user.user_blocked.v1"
     );
     let (s, b) = app
-        .call(
+        .call_as(
             Method::POST,
             &format!("/v1/users/{}/block", bob.user_id),
             &bob.token,
@@ -571,7 +573,7 @@ async fn a_blocked_user_can_neither_open_a_dm_with_nor_add_the_blocker_until_unb
         .await;
     assert_eq!(s, 422, "blocking yourself: {b}");
     let (s, _) = app
-        .call(
+        .call_as(
             Method::POST,
             "/v1/users/0190b7e2-6a4c-7b1a-9c1e-0b7f6c1d2e3f/block",
             &bob.token,
@@ -612,7 +614,7 @@ async fn a_blocked_user_can_neither_open_a_dm_with_nor_add_the_blocker_until_unb
         .await;
     assert_eq!(s, 200);
 
-    let (s, _) = app.call(Method::DELETE, &block, &bob.token, None).await;
+    let (s, _) = app.call_as(Method::DELETE, &block, &bob.token, None).await;
     assert_eq!(s, 204);
     assert_eq!(
         app.last_event_type("USERS", &bob_events).await,
@@ -636,7 +638,7 @@ async fn asking_again_for_a_dm_with_someone_who_since_blocked_you_is_refused() {
         .await;
     assert_eq!(s, 201);
     let (s, _) = app
-        .call(
+        .call_as(
             Method::POST,
             &format!("/v1/users/{}/block", ada.user_id),
             &bob.token,

@@ -83,24 +83,15 @@ impl TestApp {
         (status, res.json().await.unwrap_or(Value::Null))
     }
 
-    /// Any method, JSON body optional; the status and the JSON answer (null when none).
-    pub async fn call(
+    /// `call` with a token.
+    pub async fn call_as(
         &self,
         method: reqwest::Method,
         path: &str,
         token: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(token);
-        if let Some(body) = body {
-            req = req.json(&body);
-        }
-        let res = req.send().await.expect("request");
-        let status = res.status().as_u16();
-        (status, res.json().await.unwrap_or(Value::Null))
+        self.call(method, path, Some(token), body).await
     }
 
     /// The type of the last event stored on `subject` (`users.<id>`, `chats.<id>`) in `stream`.
@@ -132,6 +123,41 @@ impl TestApp {
         let res = req.send().await.expect("request");
         let status = res.status().as_u16();
         (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Any method; `body` is sent as JSON when given.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let res = req.send().await.expect("request");
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn send_message(&self, user: &User, chat: &str, body: &str) -> (String, u64) {
+        let (s, res) = self
+            .post(
+                &format!("/v1/chats/{chat}/messages"),
+                Some(&user.token),
+                json!({ "body": body }),
+            )
+            .await;
+        assert_eq!(s, 201, "send: {res}");
+        (
+            res["message_id"].as_str().unwrap().to_owned(),
+            res["sequence"].as_u64().unwrap(),
+        )
     }
 
     pub async fn signup(&self, handle: &str) -> User {
@@ -239,6 +265,19 @@ impl Socket {
                 Message::Text(t) => return serde_json::from_str(&t).ok(),
                 Message::Close(_) => return None,
                 _ => continue,
+            }
+        }
+    }
+
+    /// The next chat event frame with this `sequence` (earlier ones are skipped).
+    pub async fn event_at(&mut self, sequence: u64, wait: Duration) -> Value {
+        loop {
+            let f = self
+                .next_event(wait)
+                .await
+                .unwrap_or_else(|| panic!("no frame with sequence {sequence}"));
+            if f["sequence"].as_u64() == Some(sequence) {
+                return f;
             }
         }
     }

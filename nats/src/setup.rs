@@ -95,6 +95,9 @@ pub struct Buckets {
     pub last_seen: kv::Store,
     /// The `presence` bucket's TTL (see [`JetStreamSettings::presence_ttl`]).
     pub presence_ttl: Duration,
+    /// "<chat_id>.<message_id>" → the message's 256-bit body key; erased when the message is
+    /// deleted (crypto-shredding, ADR 7).
+    pub message_keys: kv::Store,
 }
 
 /// Connects to `url`, which may list several servers of a cluster separated by commas
@@ -174,7 +177,9 @@ pub async fn ensure(js: &jetstream::Context, s: &JetStreamSettings) -> Result<Bu
             .await
             .map_err(|source| SetupError::Stream { name, source })?;
     }
-    let bucket = |name: &'static str, max_age: Duration| async move {
+    // `erasable`: the bucket's messages may be erased one by one (message keys); every other
+    // bucket denies deletes.
+    let bucket = |name: &'static str, max_age: Duration, erasable: bool| async move {
         // async-nats's create_key_value first reads account info, which it cannot parse from a
         // 2.9 server; so the bucket's stream is declared here exactly as a KV bucket's stream.
         let cfg = stream::Config {
@@ -185,7 +190,7 @@ pub async fn ensure(js: &jetstream::Context, s: &JetStreamSettings) -> Result<Bu
             storage: stream::StorageType::File,
             num_replicas: s.replicas,
             allow_rollup: true,
-            deny_delete: true,
+            deny_delete: !erasable,
             allow_direct: true,
             discard: stream::DiscardPolicy::New,
             ..Default::default()
@@ -198,15 +203,21 @@ pub async fn ensure(js: &jetstream::Context, s: &JetStreamSettings) -> Result<Bu
             .map_err(|source| SetupError::Bucket { name, source })
     };
     Ok(Buckets {
-        handles: bucket("handles", Duration::ZERO).await?,
-        credentials: bucket("credentials", Duration::ZERO).await?,
-        sessions: bucket("sessions", Duration::ZERO).await?,
-        dms: bucket("dms", Duration::ZERO).await?,
-        snapshots: bucket("snapshots", Duration::ZERO).await?,
-        idempotency: bucket("idempotency", Duration::from_secs(25 * 3600)).await?,
+        handles: bucket("handles", Duration::ZERO, false).await?,
+        credentials: bucket("credentials", Duration::ZERO, false).await?,
+        sessions: bucket("sessions", Duration::ZERO, false).await?,
+        dms: bucket("dms", Duration::ZERO, false).await?,
+        snapshots: bucket("snapshots", Duration::ZERO, false).await?,
+        idempotency: bucket("idempotency", Duration::from_secs(25 * 3600), false).await?,
+        message_keys: bucket(crate::message_keys::BUCKET, Duration::ZERO, true).await?,
         // A zero TTL would mean "forever" to JetStream: nobody would ever go offline.
-        presence: bucket("presence", s.presence_ttl.max(Duration::from_secs(1))).await?,
-        last_seen: bucket("last_seen", Duration::ZERO).await?,
+        presence: bucket(
+            "presence",
+            s.presence_ttl.max(Duration::from_secs(1)),
+            false,
+        )
+        .await?,
+        last_seen: bucket("last_seen", Duration::ZERO, false).await?,
         presence_ttl: s.presence_ttl.max(Duration::from_secs(1)),
     })
 }

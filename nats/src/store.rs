@@ -103,6 +103,10 @@ pub enum ExecuteError<R> {
     Rejected(R),
     #[error("gave up after {MAX_ATTEMPTS} conflicting attempts")]
     Conflict,
+    /// The aggregate is no longer at the version the command's facts were read at
+    /// ([`EventStore::execute_at`]): read the facts again and retry.
+    #[error("the aggregate moved on to version {current}")]
+    Stale { current: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -208,6 +212,59 @@ impl<A: Aggregate> EventStore<A> {
             }
         }
         Err(ExecuteError::Conflict)
+    }
+
+    /// Decides and appends only while the aggregate is exactly at `version`: for commands whose
+    /// facts come from outside the aggregate (a read model at that version). Any other event
+    /// stored first — by this process or, through the conditional append, by another — makes
+    /// it [`ExecuteError::Stale`], so the caller re-reads its facts and decides again.
+    pub async fn execute_at<R>(
+        &self,
+        id: Uuid,
+        ctx: &AppendContext,
+        version: u64,
+        decide: impl Fn(&A) -> Result<Vec<A::Event>, R>,
+    ) -> Result<Outcome, ExecuteError<R>> {
+        let entry = self.entry(id).await?;
+        let mut loaded = entry.lock().await;
+        if loaded.version < version {
+            self.catch_up(id, &mut loaded).await?;
+        }
+        if loaded.version != version {
+            return Err(ExecuteError::Stale {
+                current: loaded.version,
+            });
+        }
+        let events = decide(&loaded.state).map_err(ExecuteError::Rejected)?;
+        if events.is_empty() {
+            return Ok(Outcome {
+                version: loaded.version,
+                appended: Vec::new(),
+                conflicts: 0,
+            });
+        }
+        match self.append(id, &mut loaded, ctx, events).await {
+            Ok(appended) => {
+                self.mark_dirty(id);
+                // A lost race is reported as `Stale`, never retried here.
+                Ok(Outcome {
+                    version: loaded.version,
+                    appended,
+                    conflicts: 0,
+                })
+            }
+            Err(AppendError::WrongLastSequence) => {
+                self.catch_up(id, &mut loaded).await?;
+                Err(ExecuteError::Stale {
+                    current: loaded.version,
+                })
+            }
+            Err(AppendError::Store(e)) => {
+                drop(loaded);
+                self.inner.cache.invalidate(&id).await;
+                Err(e.into())
+            }
+        }
     }
 
     async fn append(

@@ -1,24 +1,42 @@
-//! The chats projection: `chats`, `members`, `messages` and `chat_updates` from the `CHATS`
-//! stream. `chats.last_sequence` is the per-chat checkpoint: an event applies only when it is
-//! exactly the next one, so redelivery changes nothing and a gap is never papered over.
+//! The chats projection: `chats`, `members`, `messages`, `message_edits`, `reactions` and
+//! `chat_updates` from the `CHATS` stream. `chats.last_sequence` is the per-chat checkpoint: an
+//! event applies only when it is exactly the next one, so redelivery changes nothing and a gap
+//! is never papered over.
+//!
+//! Sealed bodies (ADR 7) are opened with their message keys before the batch's transaction; a
+//! key already destroyed opens nothing, so a rebuilt projection never shows a deleted body.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use parley_nats::{KeyError, MessageKeys};
 use parley_schemas::frames::{self, ChatItem};
-use parley_schemas::{ChatEvent, StoredEvent};
+use parley_schemas::{ChatEvent, ChatId, StoredEvent};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::runner::{Delivered, Disposition, Versions, checkpoint, decode_all};
+
+/// Why a batch could not be applied (it is redelivered).
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+}
+
+/// Message keys fetched at once per batch (each is one KV read unless cached).
+const KEY_FETCHES_IN_FLIGHT: usize = 16;
 
 struct MessageRow {
     chat_id: Uuid,
     sequence: i64,
     message_id: Uuid,
     sender_id: Uuid,
-    body: String,
+    body: Option<String>,
     reply_to: Option<Uuid>,
     sent_at: DateTime<Utc>,
     thread_root: Option<Uuid>,
@@ -33,10 +51,13 @@ struct ChatProgress {
 
 pub async fn apply(
     pg: &PgPool,
+    keys: &MessageKeys,
     batch: Vec<Delivered>,
     out_of_order_delay: Duration,
-) -> Result<Vec<Disposition>, sqlx::Error> {
+) -> Result<Vec<Disposition>, ApplyError> {
     let events = decode_all::<ChatEvent>("chats", &batch);
+    let opened = open_bodies(keys, &events).await?;
+    destroy_deleted_keys(keys, &events).await?;
     let mut tx = pg.begin().await?;
     // Lock the chats of this batch so two projector instances never interleave on one chat.
     let mut versions = Versions::lock(
@@ -49,7 +70,7 @@ pub async fn apply(
     let mut progress: HashMap<Uuid, ChatProgress> = HashMap::new();
     let mut messages: Vec<MessageRow> = Vec::new();
     let mut out = Vec::with_capacity(events.len());
-    for event in &events {
+    for (event, opened) in events.iter().zip(&opened) {
         let Some(event) = event else {
             out.push(Disposition::Term);
             continue;
@@ -62,7 +83,8 @@ pub async fn apply(
             }
         };
         let seq = event.meta.sequence as i64;
-        let is_message = apply_one(&mut tx, chat_id, event, &mut messages).await?;
+        let is_message =
+            apply_one(&mut tx, chat_id, event, opened.as_deref(), &mut messages).await?;
         versions.advance(chat_id, seq);
         let p = progress.entry(chat_id).or_insert(ChatProgress {
             sequence: seq,
@@ -83,11 +105,62 @@ pub async fn apply(
     Ok(out)
 }
 
-/// Applies one event; messages are only collected, to be inserted in bulk. True for a message.
+/// The plaintext of every sealed body in the batch (`None` where there is none, or its key is
+/// destroyed), fetched concurrently before the transaction.
+async fn open_bodies(
+    keys: &MessageKeys,
+    events: &[Option<StoredEvent<ChatEvent>>],
+) -> Result<Vec<Option<String>>, KeyError> {
+    // Futures built up front (not in a `map` closure held across awaits), which keeps the
+    // batch future `Send` for the runner's task.
+    let fetches: Vec<_> = events.iter().map(|e| open_one(keys, e)).collect();
+    futures::stream::iter(fetches)
+        .buffered(KEY_FETCHES_IN_FLIGHT)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+async fn open_one(
+    keys: &MessageKeys,
+    event: &Option<StoredEvent<ChatEvent>>,
+) -> Result<Option<String>, KeyError> {
+    match event {
+        Some(e) if e.event.sealed_body().is_some() => match chat_of(e) {
+            Some(chat) => keys.open_event(chat, &e.event).await,
+            None => Ok(None),
+        },
+        _ => Ok(None),
+    }
+}
+
+/// The command-api destroys a deleted message's key right after appending the deletion; doing
+/// it again here (idempotent) covers a crash in between. Before the transaction, so a failure
+/// redelivers the batch instead of recording the deletion without it.
+async fn destroy_deleted_keys(
+    keys: &MessageKeys,
+    events: &[Option<StoredEvent<ChatEvent>>],
+) -> Result<(), KeyError> {
+    for e in events.iter().flatten() {
+        if let (ChatEvent::MessageDeleted(d), Some(chat)) = (&e.event, chat_of(e)) {
+            keys.destroy(chat, d.message_id).await?;
+        }
+    }
+    Ok(())
+}
+
+fn chat_of(e: &StoredEvent<ChatEvent>) -> Option<ChatId> {
+    Uuid::parse_str(&e.meta.subject).ok().map(ChatId::from_uuid)
+}
+
+/// Applies one event; messages are only collected, to be inserted in bulk (and flushed before
+/// any event that changes a message). True for a message.
 async fn apply_one(
     tx: &mut sqlx::PgConnection,
     chat_id: Uuid,
     event: &StoredEvent<ChatEvent>,
+    opened: Option<&str>,
     messages: &mut Vec<MessageRow>,
 ) -> Result<bool, sqlx::Error> {
     let seq = event.meta.sequence as i64;
@@ -98,13 +171,44 @@ async fn apply_one(
                 sequence: seq,
                 message_id: *m.message_id.as_uuid(),
                 sender_id: *m.sender_id.as_uuid(),
-                body: m.body.clone(),
+                body: Some(m.body.clone()),
                 reply_to: m.reply_to.map(|r| *r.as_uuid()),
                 sent_at: event.meta.time,
                 thread_root: m.thread_root.map(|r| *r.as_uuid()),
                 mentions: m.mentions.iter().map(|u| *u.as_uuid()).collect(),
             });
             return Ok(true);
+        }
+        ChatEvent::MessageSentV2(m) => {
+            messages.push(MessageRow {
+                chat_id,
+                sequence: seq,
+                message_id: *m.message_id.as_uuid(),
+                sender_id: *m.sender_id.as_uuid(),
+                // No key: the message is deleted; its deletion event follows and marks it.
+                body: opened.map(str::to_owned),
+                reply_to: m.reply_to.map(|r| *r.as_uuid()),
+                sent_at: event.meta.time,
+                thread_root: m.thread_root.map(|r| *r.as_uuid()),
+                mentions: m.mentions.iter().map(|u| *u.as_uuid()).collect(),
+            });
+            return Ok(true);
+        }
+        ChatEvent::MessageEdited(e) => {
+            flush_messages(tx, messages).await?;
+            crate::message_changes::edited(tx, chat_id, seq, e, opened, event.meta.time).await?;
+        }
+        ChatEvent::MessageDeleted(d) => {
+            flush_messages(tx, messages).await?;
+            crate::message_changes::deleted(tx, chat_id, d).await?;
+        }
+        ChatEvent::ReactionAdded(r) => {
+            flush_messages(tx, messages).await?;
+            crate::message_changes::reaction_added(tx, chat_id, seq, r).await?;
+        }
+        ChatEvent::ReactionRemoved(r) => {
+            flush_messages(tx, messages).await?;
+            crate::message_changes::reaction_removed(tx, r).await?;
         }
         ChatEvent::Created(c) => {
             sqlx::query(
@@ -181,7 +285,7 @@ async fn apply_one(
                 .await?;
         }
     }
-    if let ChatItem::Update(update) = frames::render(event) {
+    if let ChatItem::Update(update) = frames::render_opened(event, opened) {
         sqlx::query(
             "INSERT INTO chat_updates (chat_id, sequence, \"update\") VALUES ($1, $2, $3) \
              ON CONFLICT DO NOTHING",
@@ -193,6 +297,16 @@ async fn apply_one(
         .await?;
     }
     Ok(false)
+}
+
+/// Inserts the messages collected so far, so that a later event of the batch finds them.
+async fn flush_messages(
+    tx: &mut sqlx::PgConnection,
+    rows: &mut Vec<MessageRow>,
+) -> Result<(), sqlx::Error> {
+    insert_messages(tx, rows).await?;
+    rows.clear();
+    Ok(())
 }
 
 async fn insert_messages(
@@ -217,7 +331,7 @@ async fn insert_messages(
         seq.push(r.sequence);
         id.push(r.message_id);
         sender.push(r.sender_id);
-        body.push(r.body.as_str());
+        body.push(r.body.as_deref());
         reply.push(r.reply_to);
         at.push(r.sent_at);
         root.push(r.thread_root);

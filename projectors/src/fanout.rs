@@ -53,9 +53,14 @@ pub async fn apply(
                 .map(|u| (*u, "added"))
                 .chain(p.removed.iter().map(|u| (*u, "removed")))
                 .collect(),
-            ChatEvent::MessageSent(_) | ChatEvent::TitleChanged(_) | ChatEvent::RoleChanged(_) => {
-                Vec::new()
-            }
+            ChatEvent::MessageSent(_)
+            | ChatEvent::MessageSentV2(_)
+            | ChatEvent::MessageEdited(_)
+            | ChatEvent::MessageDeleted(_)
+            | ChatEvent::ReactionAdded(_)
+            | ChatEvent::ReactionRemoved(_)
+            | ChatEvent::TitleChanged(_)
+            | ChatEvent::RoleChanged(_) => Vec::new(),
         };
         for (user, change) in changes {
             let body = json!({

@@ -4,6 +4,7 @@
 
 pub mod chats;
 mod fanout;
+mod message_changes;
 pub mod receipts;
 pub mod runner;
 pub mod users;
@@ -60,9 +61,11 @@ pub async fn spawn(
         runner::Runner::new(infra, "fanout", parley_nats::streams::CHATS, &config, false).await?;
     let pg = infra.pg.clone();
     let delay = config.out_of_order_delay;
+    let keys = parley_nats::MessageKeys::new(infra.buckets.message_keys.clone(), infra.js.clone());
     tracker.spawn(chats.run(move |batch| {
         let pg = pg.clone();
-        async move { chats::apply(&pg, batch, delay).await }
+        let keys = keys.clone();
+        async move { chats::apply(&pg, &keys, batch, delay).await }
     }));
     let pg = infra.pg.clone();
     tracker.spawn(users.run(move |batch| {

@@ -89,10 +89,11 @@ impl Runner {
 
     /// Runs until shutdown. Transient failures (PostgreSQL or NATS down) back off and retry;
     /// nothing is acked that was not applied.
-    pub async fn run<F, Fut>(self, mut apply: F)
+    pub async fn run<F, Fut, E>(self, mut apply: F)
     where
         F: FnMut(Vec<Delivered>) -> Fut,
-        Fut: Future<Output = Result<Vec<Disposition>, sqlx::Error>>,
+        Fut: Future<Output = Result<Vec<Disposition>, E>>,
+        E: std::fmt::Display,
     {
         let mut backoff = Duration::from_millis(100);
         'outer: loop {

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use parley_platform::MIGRATOR;
+use parley_nats::MessageKeys;
 use parley_projectors::chats;
 use parley_projectors::runner::{Delivered, Disposition};
 use parley_schemas::cloudevent::{EventMeta, encode};
@@ -13,7 +13,7 @@ use parley_schemas::events::{
     ChatCreated, MemberRole, MessageSent, ParticipantsModified, RoleChanged, TitleChanged,
 };
 use parley_schemas::{ChatEvent, ChatId, ChatKind, EventId, MessageId, Role, UserId};
-use parley_test_support::TestDb;
+use parley_test_support::TestStack;
 use sqlx::PgPool;
 
 const DELAY: Duration = Duration::from_millis(50);
@@ -79,11 +79,15 @@ impl Chat {
     }
 }
 
-async fn db() -> (TestDb, PgPool) {
-    let db = TestDb::create().await;
-    let pool = db.pool().await;
-    MIGRATOR.run(&pool).await.unwrap();
-    (db, pool)
+/// A fresh database and a private NATS (for the message keys the projection opens bodies with).
+async fn db() -> (TestStack, PgPool, MessageKeys) {
+    let stack = TestStack::start().await;
+    let pool = stack.infra.pg.clone();
+    let keys = MessageKeys::new(
+        stack.infra.buckets.message_keys.clone(),
+        stack.infra.js.clone(),
+    );
+    (stack, pool, keys)
 }
 
 fn copy(d: &Delivered) -> Delivered {
@@ -111,7 +115,7 @@ async fn snapshot(pg: &PgPool) -> (Vec<(i64, String)>, Vec<(i64,)>, i64) {
 
 #[tokio::test]
 async fn a_batch_applies_messages_members_and_the_chat_checkpoint_together() {
-    let (_db, pg) = db().await;
+    let (_db, pg, keys) = db().await;
     let bob = UserId::new();
     let mut chat = Chat::new();
     let batch = vec![
@@ -119,7 +123,7 @@ async fn a_batch_applies_messages_members_and_the_chat_checkpoint_together() {
         chat.message("one"),
         chat.message("two"),
     ];
-    let out = chats::apply(&pg, batch, DELAY).await.unwrap();
+    let out = chats::apply(&pg, &keys, batch, DELAY).await.unwrap();
     assert_eq!(out, vec![Disposition::Ack; 3]);
     let (msgs, chats_rows, updates) = snapshot(&pg).await;
     assert_eq!(msgs, vec![(2, "one".to_owned()), (3, "two".to_owned())]);
@@ -141,13 +145,13 @@ async fn a_batch_applies_messages_members_and_the_chat_checkpoint_together() {
 
 #[tokio::test]
 async fn redelivering_an_applied_batch_changes_nothing() {
-    let (_db, pg) = db().await;
+    let (_db, pg, keys) = db().await;
     let mut chat = Chat::new();
     let batch = vec![chat.created(&[]), chat.message("one"), chat.message("two")];
     let again: Vec<Delivered> = batch.iter().map(copy).collect();
-    chats::apply(&pg, batch, DELAY).await.unwrap();
+    chats::apply(&pg, &keys, batch, DELAY).await.unwrap();
     let before = snapshot(&pg).await;
-    let out = chats::apply(&pg, again, DELAY).await.unwrap();
+    let out = chats::apply(&pg, &keys, again, DELAY).await.unwrap();
     assert_eq!(
         out,
         vec![Disposition::Ack; 3],
@@ -158,36 +162,44 @@ async fn redelivering_an_applied_batch_changes_nothing() {
 
 #[tokio::test]
 async fn an_event_ahead_of_a_missing_predecessor_waits_and_applies_once_the_gap_fills() {
-    let (_db, pg) = db().await;
+    let (_db, pg, keys) = db().await;
     let mut chat = Chat::new();
     let created = chat.created(&[]);
     let one = chat.message("one");
     let two = chat.message("two");
-    chats::apply(&pg, vec![created], DELAY).await.unwrap();
-    let out = chats::apply(&pg, vec![copy(&two)], DELAY).await.unwrap();
+    chats::apply(&pg, &keys, vec![created], DELAY)
+        .await
+        .unwrap();
+    let out = chats::apply(&pg, &keys, vec![copy(&two)], DELAY)
+        .await
+        .unwrap();
     assert_eq!(out, vec![Disposition::Retry(DELAY)]);
     assert_eq!(snapshot(&pg).await.1, vec![(1,)], "nothing skipped ahead");
-    let out = chats::apply(&pg, vec![one, two], DELAY).await.unwrap();
+    let out = chats::apply(&pg, &keys, vec![one, two], DELAY)
+        .await
+        .unwrap();
     assert_eq!(out, vec![Disposition::Ack, Disposition::Ack]);
     assert_eq!(snapshot(&pg).await.1, vec![(3,)]);
 }
 
 #[tokio::test]
 async fn undecodable_events_are_terminated_without_blocking_the_batch() {
-    let (_db, pg) = db().await;
+    let (_db, pg, keys) = db().await;
     let mut chat = Chat::new();
     let created = chat.created(&[]);
     let junk = Delivered {
         stream_seq: 99,
         payload: bytes::Bytes::from_static(b"{\"nope\":1}"),
     };
-    let out = chats::apply(&pg, vec![created, junk], DELAY).await.unwrap();
+    let out = chats::apply(&pg, &keys, vec![created, junk], DELAY)
+        .await
+        .unwrap();
     assert_eq!(out, vec![Disposition::Ack, Disposition::Term]);
 }
 
 #[tokio::test]
 async fn leaving_and_rejoining_moves_the_membership_window() {
-    let (_db, pg) = db().await;
+    let (_db, pg, keys) = db().await;
     let bob = UserId::new();
     let mut chat = Chat::new();
     let modify = |added: Vec<UserId>, removed: Vec<UserId>| {
@@ -203,7 +215,7 @@ async fn leaving_and_rejoining_moves_the_membership_window() {
         chat.message("while away"),
         chat.next(modify(vec![bob], vec![])),
     ];
-    chats::apply(&pg, batch, DELAY).await.unwrap();
+    chats::apply(&pg, &keys, batch, DELAY).await.unwrap();
     let (joined, left): (i64, Option<i64>) =
         sqlx::query_as("SELECT joined_seq, left_seq FROM members WHERE user_id = $1")
             .bind(bob.as_uuid())
@@ -215,7 +227,7 @@ async fn leaving_and_rejoining_moves_the_membership_window() {
 
 #[tokio::test]
 async fn thread_replies_count_on_their_root_once_even_when_redelivered_and_in_the_root_batch() {
-    let (_db, pg) = db().await;
+    let (_db, pg, keys) = db().await;
     let bob = UserId::new();
     let mut chat = Chat::new();
     let root = MessageId::new();
@@ -249,11 +261,11 @@ async fn thread_replies_count_on_their_root_once_even_when_redelivered_and_in_th
         copy(&first),
         copy(&second),
     ];
-    chats::apply(&pg, vec![created, root_event, first], DELAY)
+    chats::apply(&pg, &keys, vec![created, root_event, first], DELAY)
         .await
         .unwrap();
-    chats::apply(&pg, vec![second], DELAY).await.unwrap();
-    chats::apply(&pg, again, DELAY).await.unwrap();
+    chats::apply(&pg, &keys, vec![second], DELAY).await.unwrap();
+    chats::apply(&pg, &keys, again, DELAY).await.unwrap();
     let (count, last): (i64, Option<chrono::DateTime<chrono::Utc>>) = sqlx::query_as(
         "SELECT thread_reply_count, last_reply_at FROM messages WHERE message_id = $1",
     )
@@ -277,7 +289,7 @@ async fn thread_replies_count_on_their_root_once_even_when_redelivered_and_in_th
 
 #[tokio::test]
 async fn title_and_role_changes_update_the_chat_and_member_and_become_chat_updates() {
-    let (_db, pg) = db().await;
+    let (_db, pg, keys) = db().await;
     let bob = UserId::new();
     let mut chat = Chat::new();
     let batch = vec![
@@ -290,7 +302,7 @@ async fn title_and_role_changes_update_the_chat_and_member_and_become_chat_updat
             role: Role::Admin,
         })),
     ];
-    let out = chats::apply(&pg, batch, DELAY).await.unwrap();
+    let out = chats::apply(&pg, &keys, batch, DELAY).await.unwrap();
     assert_eq!(out, vec![Disposition::Ack; 3]);
     let (title,): (Option<String>,) = sqlx::query_as("SELECT title FROM chats")
         .fetch_one(&pg)
@@ -316,4 +328,81 @@ async fn title_and_role_changes_update_the_chat_and_member_and_become_chat_updat
             ("role_changed".to_owned(),)
         ]
     );
+}
+
+#[tokio::test]
+async fn sealed_messages_open_edit_react_and_a_deletion_in_the_same_batch_leaves_no_body() {
+    use parley_nats::message_keys::seal;
+    use parley_schemas::events::{MessageDeleted, MessageEdited, MessageSentV2, Reaction};
+
+    let (_db, pg, keys) = db().await;
+    let mut chat = Chat::new();
+    let (kept, gone) = (MessageId::new(), MessageId::new());
+    let sent = |chat: &mut Chat, id: MessageId, key: &parley_nats::MessageKey, body: &str| {
+        let sealed_body = seal(key, chat.id, id, body);
+        chat.next(ChatEvent::MessageSentV2(MessageSentV2 {
+            message_id: id,
+            sender_id: chat.admin,
+            sealed_body,
+            reply_to: None,
+            attachments: vec![],
+            thread_root: None,
+            mentions: vec![],
+        }))
+    };
+    let kept_key = keys.create(chat.id, kept).await.unwrap();
+    let gone_key = keys.create(chat.id, gone).await.unwrap();
+    let reaction = |chat: &Chat, id| Reaction {
+        message_id: id,
+        emoji: "👍".into(),
+        user_id: chat.admin,
+    };
+    let created = chat.created(&[]);
+    let m1 = sent(&mut chat, kept, &kept_key, "kept words");
+    let m2 = sent(&mut chat, gone, &gone_key, "secret words");
+    let edit = MessageEdited {
+        message_id: gone,
+        sealed_body: seal(&gone_key, chat.id, gone, "secret edit"),
+    };
+    let batch = vec![
+        created,
+        m1,
+        m2,
+        chat.next(ChatEvent::MessageEdited(edit)),
+        chat.next(ChatEvent::ReactionAdded(reaction(&chat, kept))),
+        chat.next(ChatEvent::ReactionAdded(reaction(&chat, gone))),
+        chat.next(ChatEvent::MessageDeleted(MessageDeleted {
+            message_id: gone,
+        })),
+    ];
+    let out = chats::apply(&pg, &keys, batch, DELAY).await.unwrap();
+    assert_eq!(out, vec![Disposition::Ack; 7]);
+
+    let msgs: Vec<(i64, Option<String>, bool)> =
+        sqlx::query_as("SELECT sequence, body, deleted FROM messages ORDER BY sequence")
+            .fetch_all(&pg)
+            .await
+            .unwrap();
+    assert_eq!(
+        msgs,
+        vec![(2, Some("kept words".into()), false), (3, None, true)]
+    );
+    let reactions: Vec<(uuid::Uuid,)> = sqlx::query_as("SELECT message_id FROM reactions")
+        .fetch_all(&pg)
+        .await
+        .unwrap();
+    assert_eq!(reactions, vec![(*kept.as_uuid(),)]);
+    let traces: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM message_edits) + \
+                (SELECT count(*) FROM chat_updates u WHERE u::text LIKE '%secret%')",
+    )
+    .fetch_one(&pg)
+    .await
+    .unwrap();
+    assert_eq!(traces, 0, "no edit history nor edited body left");
+    assert!(
+        keys.get(chat.id, gone).await.unwrap().is_none(),
+        "the projector destroyed the key"
+    );
+    assert!(keys.get(chat.id, kept).await.unwrap().is_some());
 }

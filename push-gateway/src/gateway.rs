@@ -59,7 +59,11 @@ impl Gateway {
     pub(crate) fn new(infra: Infra, config: GatewayConfig) -> Self {
         let pool_size = infra.pg.options().get_max_connections() as usize;
         Self {
-            hub: Hub::new(infra.nats.clone(), infra.shutdown.clone()),
+            hub: Hub::new(
+                infra.nats.clone(),
+                parley_nats::MessageKeys::new(infra.buckets.message_keys.clone(), infra.js.clone()),
+                infra.shutdown.clone(),
+            ),
             registry: Registry::new(config.max_connections_per_user),
             acks: Arc::new(AckBatcher::default()),
             presence: Presence::new(infra.buckets.clone()),

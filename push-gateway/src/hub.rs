@@ -13,10 +13,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use async_nats::Client;
 use axum::extract::ws::Utf8Bytes;
 use futures::StreamExt;
+use parley_nats::MessageKeys;
 use parley_nats::receipts::WatermarkMoved;
 use parley_nats::subjects;
 use parley_schemas::cloudevent::decode;
-use parley_schemas::frames::{ServerFrame, render};
+use parley_schemas::frames::{ServerFrame, render_opened};
 use parley_schemas::{ChatEvent, ChatId, UserId};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -85,15 +86,18 @@ pub(crate) struct HubError(ChatId);
 
 pub(crate) struct Hub {
     nats: Client,
+    /// Opens sealed bodies (ADR 7) once per event for every connection.
+    keys: MessageKeys,
     feeds: Mutex<HashMap<ChatId, Feed>>,
     next_generation: std::sync::atomic::AtomicU64,
     shutdown: CancellationToken,
 }
 
 impl Hub {
-    pub(crate) fn new(nats: Client, shutdown: CancellationToken) -> Arc<Self> {
+    pub(crate) fn new(nats: Client, keys: MessageKeys, shutdown: CancellationToken) -> Arc<Self> {
         Arc::new(Self {
             nats,
+            keys,
             feeds: Mutex::new(HashMap::new()),
             next_generation: std::sync::atomic::AtomicU64::new(0),
             shutdown,
@@ -199,7 +203,7 @@ impl Hub {
                 _ = cancel.cancelled() => return,
                 msg = live.next() => match msg {
                     Some(msg) => {
-                        if let Some(event) = live_event(chat, &msg.payload) {
+                        if let Some(event) = live_event(&self.keys, chat, &msg.payload).await {
                             fan_out(&subscribers, chat, LiveItem::Event(event));
                         }
                     }
@@ -258,8 +262,10 @@ fn fan_out(subscribers: &RwLock<Vec<Subscriber>>, chat: ChatId, item: LiveItem) 
     }
 }
 
-/// Decodes and renders a republished chat event once for every connection.
-fn live_event(chat: ChatId, payload: &[u8]) -> Option<LiveEvent> {
+/// Decodes and renders a republished chat event once for every connection. A sealed body is
+/// opened with its message key (a destroyed key renders the message deleted); if the key
+/// store cannot be reached, the frame is left to the read model, as for an unknown type.
+async fn live_event(keys: &MessageKeys, chat: ChatId, payload: &[u8]) -> Option<LiveEvent> {
     match decode::<ChatEvent>(payload) {
         Ok(event) => {
             if event.meta.subject != chat.to_string() {
@@ -267,7 +273,22 @@ fn live_event(chat: ChatId, payload: &[u8]) -> Option<LiveEvent> {
                 return None;
             }
             let sequence = event.meta.sequence;
-            let frame = ServerFrame::for_item(chat, sequence, &render(&event)).to_json();
+            if let ChatEvent::MessageDeleted(d) = &event.event {
+                keys.forget(chat, d.message_id).await;
+            }
+            let opened = match keys.open_event(chat, &event.event).await {
+                Ok(opened) => opened,
+                Err(error) => {
+                    tracing::warn!(%chat, %error, sequence, "cannot open a sealed body; the read model will render it");
+                    return Some(LiveEvent {
+                        sequence,
+                        frame: None,
+                        removed: Vec::new(),
+                    });
+                }
+            };
+            let item = render_opened(&event, opened.as_deref());
+            let frame = ServerFrame::for_item(chat, sequence, &item).to_json();
             let removed = match &event.event {
                 ChatEvent::ParticipantsModified(p) => p.removed.clone(),
                 _ => Vec::new(),

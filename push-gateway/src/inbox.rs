@@ -217,14 +217,18 @@ pub(crate) async fn events(
         SELECT * FROM (
             (SELECT sequence, message_id, sender_id, body, reply_to, attachments,
                     sent_at, edited_at, deleted, thread_root, thread_reply_count,
-                    last_reply_at, mentions, NULL::jsonb AS "update"
+                    last_reply_at, mentions, NULL::jsonb AS "update",
+                    (SELECT jsonb_object_agg(emoji, users) FROM
+                        (SELECT emoji, jsonb_agg(user_id ORDER BY sequence) AS users
+                         FROM reactions r WHERE r.message_id = messages.message_id
+                         GROUP BY emoji) x) AS reactions
              FROM messages
              WHERE chat_id = $1 AND sequence BETWEEN $2 AND $3
              ORDER BY sequence LIMIT $4)
             UNION ALL
             (SELECT sequence, NULL::uuid, NULL::uuid, NULL::text, NULL::uuid, NULL::jsonb,
                     NULL::timestamptz, NULL::timestamptz, NULL::boolean, NULL::uuid,
-                    NULL::bigint, NULL::timestamptz, NULL::uuid[], "update"
+                    NULL::bigint, NULL::timestamptz, NULL::uuid[], "update", NULL::jsonb
              FROM chat_updates
              WHERE chat_id = $1 AND sequence BETWEEN $2 AND $3
              ORDER BY sequence LIMIT $4)
@@ -273,8 +277,12 @@ fn message_frame(
         sent_at: row.try_get::<DateTime<Utc>, _>("sent_at")?,
         edited_at: row.try_get("edited_at")?,
         deleted: row.try_get::<Option<bool>, _>("deleted")?.unwrap_or(false),
-        // The read models hold no reactions table yet.
-        reactions: BTreeMap::new(),
+        // `{emoji: [user_id]}`, reactors in the order they reacted; anything else (never
+        // written by the projector) renders as no reactions rather than failing the replay.
+        reactions: row
+            .try_get::<Option<serde_json::Value>, _>("reactions")?
+            .and_then(|r| serde_json::from_value::<BTreeMap<String, Vec<UserId>>>(r).ok())
+            .unwrap_or_default(),
         thread_root: row
             .try_get::<Option<Uuid>, _>("thread_root")?
             .map(MessageId::from_uuid),

@@ -14,6 +14,7 @@ mod messages;
 mod openapi;
 mod presence;
 mod receipts;
+mod search;
 mod state;
 
 use std::time::Duration;
@@ -56,6 +57,7 @@ pub fn router(infra: &Infra, config: QueryConfig) -> Router {
         .merge(messages::router())
         .merge(receipts::router())
         .merge(presence::router())
+        .merge(search::router())
         .method_not_allowed_fallback(error::method_not_allowed)
         .fallback(parley_platform::problem::not_found_fallback)
         .with_state(state::QueryState::new(infra, config))

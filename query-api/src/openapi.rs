@@ -29,6 +29,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         crate::chats::channels,
         crate::receipts::receipts,
         crate::presence::presence,
+        crate::search::search,
     ),
     components(schemas(ProblemDoc, MessageDoc, AttachmentDoc)),
     modifiers(&BearerAuth),
@@ -37,6 +38,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         (name = "chats", description = "The caller's chats"),
         (name = "messages", description = "Chat history"),
         (name = "users", description = "Other users"),
+        (name = "search", description = "Full-text search over the caller's chats"),
     )
 )]
 struct ApiDoc;
@@ -155,6 +157,7 @@ mod tests {
             "/v1/chats/{chat_id}/messages/{message_id}/thread",
             "/v1/channels",
             "/v1/users/{user_id}/presence",
+            "/v1/search",
         ] {
             assert!(spec["paths"][path]["get"].is_object(), "{path} missing");
         }

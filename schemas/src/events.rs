@@ -146,6 +146,61 @@ pub struct RoleChanged {
     pub role: Role,
 }
 
+/// A message body sealed with XChaCha20-Poly1305 under the message's own key (KV bucket
+/// `message_keys`, key `<chat_id>.<message_id>`), with the chat id and message id as associated
+/// data. Deleting the message destroys the key, after which these bytes can never be opened
+/// (crypto-shredding, ADR 7).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SealedBody {
+    /// Always `xchacha20poly1305`; another algorithm would be a new value here.
+    pub alg: String,
+    /// The 24-byte random nonce, base64 (standard alphabet, padded).
+    pub nonce: String,
+    /// Ciphertext and 16-byte tag, base64 (standard alphabet, padded).
+    pub ciphertext: String,
+}
+
+/// `parley.chat.message_sent.v2`: a message whose body is sealed (v1 carried it in clear).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MessageSentV2 {
+    pub message_id: MessageId,
+    pub sender_id: UserId,
+    pub sealed_body: SealedBody,
+    pub reply_to: Option<MessageId>,
+    #[serde(default)]
+    pub attachments: Vec<AttachmentId>,
+    /// As in `message_sent.v1`: the thread this message replies in, if any.
+    #[serde(default)]
+    pub thread_root: Option<MessageId>,
+    /// As in `message_sent.v1`: members named by `@handle`, resolved when sent.
+    #[serde(default)]
+    pub mentions: Vec<UserId>,
+}
+
+/// `parley.chat.message_edited.v1`: the sender replaced the body; the new one is sealed under
+/// the same message key, so deletion shreds every version at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MessageEdited {
+    pub message_id: MessageId,
+    pub sealed_body: SealedBody,
+}
+
+/// `parley.chat.message_deleted.v1`: deleted for everyone (by its sender or an admin, the
+/// event's `actor`); the message key is destroyed right after this is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MessageDeleted {
+    pub message_id: MessageId,
+}
+
+/// `parley.chat.reaction_added.v1` / `parley.chat.reaction_removed.v1`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Reaction {
+    pub message_id: MessageId,
+    /// One emoji, at most 32 bytes of UTF-8.
+    pub emoji: String,
+    pub user_id: UserId,
+}
+
 /// Events on `chats.<chat_id>` in the `CHATS` stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
@@ -155,6 +210,11 @@ pub enum ChatEvent {
     MessageSent(MessageSent),
     TitleChanged(TitleChanged),
     RoleChanged(RoleChanged),
+    MessageSentV2(MessageSentV2),
+    MessageEdited(MessageEdited),
+    MessageDeleted(MessageDeleted),
+    ReactionAdded(Reaction),
+    ReactionRemoved(Reaction),
 }
 
 impl ChatEvent {
@@ -163,6 +223,35 @@ impl ChatEvent {
     pub const MESSAGE_SENT_V1: &'static str = "parley.chat.message_sent.v1";
     pub const TITLE_CHANGED_V1: &'static str = "parley.chat.title_changed.v1";
     pub const ROLE_CHANGED_V1: &'static str = "parley.chat.role_changed.v1";
+    pub const MESSAGE_SENT_V2: &'static str = "parley.chat.message_sent.v2";
+    pub const MESSAGE_EDITED_V1: &'static str = "parley.chat.message_edited.v1";
+    pub const MESSAGE_DELETED_V1: &'static str = "parley.chat.message_deleted.v1";
+    pub const REACTION_ADDED_V1: &'static str = "parley.chat.reaction_added.v1";
+    pub const REACTION_REMOVED_V1: &'static str = "parley.chat.reaction_removed.v1";
+
+    /// The message this event is about, for events about one message.
+    pub fn message_id(&self) -> Option<MessageId> {
+        match self {
+            ChatEvent::MessageSent(m) => Some(m.message_id),
+            ChatEvent::MessageSentV2(m) => Some(m.message_id),
+            ChatEvent::MessageEdited(e) => Some(e.message_id),
+            ChatEvent::MessageDeleted(d) => Some(d.message_id),
+            ChatEvent::ReactionAdded(r) | ChatEvent::ReactionRemoved(r) => Some(r.message_id),
+            ChatEvent::Created(_)
+            | ChatEvent::ParticipantsModified(_)
+            | ChatEvent::TitleChanged(_)
+            | ChatEvent::RoleChanged(_) => None,
+        }
+    }
+
+    /// The sealed body this event carries, if any (a v2 message or an edit).
+    pub fn sealed_body(&self) -> Option<&SealedBody> {
+        match self {
+            ChatEvent::MessageSentV2(m) => Some(&m.sealed_body),
+            ChatEvent::MessageEdited(e) => Some(&e.sealed_body),
+            _ => None,
+        }
+    }
 }
 
 impl DomainEvent for ChatEvent {
@@ -173,6 +262,11 @@ impl DomainEvent for ChatEvent {
         Self::MESSAGE_SENT_V1,
         Self::TITLE_CHANGED_V1,
         Self::ROLE_CHANGED_V1,
+        Self::MESSAGE_SENT_V2,
+        Self::MESSAGE_EDITED_V1,
+        Self::MESSAGE_DELETED_V1,
+        Self::REACTION_ADDED_V1,
+        Self::REACTION_REMOVED_V1,
     ];
 
     fn event_type(&self) -> &'static str {
@@ -182,6 +276,11 @@ impl DomainEvent for ChatEvent {
             ChatEvent::MessageSent(_) => Self::MESSAGE_SENT_V1,
             ChatEvent::TitleChanged(_) => Self::TITLE_CHANGED_V1,
             ChatEvent::RoleChanged(_) => Self::ROLE_CHANGED_V1,
+            ChatEvent::MessageSentV2(_) => Self::MESSAGE_SENT_V2,
+            ChatEvent::MessageEdited(_) => Self::MESSAGE_EDITED_V1,
+            ChatEvent::MessageDeleted(_) => Self::MESSAGE_DELETED_V1,
+            ChatEvent::ReactionAdded(_) => Self::REACTION_ADDED_V1,
+            ChatEvent::ReactionRemoved(_) => Self::REACTION_REMOVED_V1,
         }
     }
 
@@ -195,6 +294,11 @@ impl DomainEvent for ChatEvent {
             Self::MESSAGE_SENT_V1 => ChatEvent::MessageSent(serde_json::from_str(d)?),
             Self::TITLE_CHANGED_V1 => ChatEvent::TitleChanged(serde_json::from_str(d)?),
             Self::ROLE_CHANGED_V1 => ChatEvent::RoleChanged(serde_json::from_str(d)?),
+            Self::MESSAGE_SENT_V2 => ChatEvent::MessageSentV2(serde_json::from_str(d)?),
+            Self::MESSAGE_EDITED_V1 => ChatEvent::MessageEdited(serde_json::from_str(d)?),
+            Self::MESSAGE_DELETED_V1 => ChatEvent::MessageDeleted(serde_json::from_str(d)?),
+            Self::REACTION_ADDED_V1 => ChatEvent::ReactionAdded(serde_json::from_str(d)?),
+            Self::REACTION_REMOVED_V1 => ChatEvent::ReactionRemoved(serde_json::from_str(d)?),
             other => return Err(DecodeError::UnknownType(other.to_owned())),
         })
     }

@@ -77,6 +77,25 @@ pub enum Change {
         user_id: UserId,
         role: Role,
     },
+    /// The message's new body; `null` when it can no longer be read (deleted since).
+    MessageEdited {
+        message_id: MessageId,
+        body: Option<String>,
+    },
+    /// Deleted for everyone; carries no body, ever.
+    MessageDeleted {
+        message_id: MessageId,
+    },
+    ReactionAdded {
+        message_id: MessageId,
+        emoji: String,
+        user_id: UserId,
+    },
+    ReactionRemoved {
+        message_id: MessageId,
+        emoji: String,
+        user_id: UserId,
+    },
 }
 
 /// What a device sees for one chat event: a new message or an update to the chat.
@@ -86,8 +105,16 @@ pub enum ChatItem {
     Update(ChatUpdate),
 }
 
-/// Renders a stored chat event into what devices see.
+/// Renders a stored chat event into what devices see. Sealed bodies render as unreadable: use
+/// [`render_opened`] with the opened body for those.
 pub fn render(event: &StoredEvent<ChatEvent>) -> ChatItem {
+    render_opened(event, None)
+}
+
+/// Renders a stored chat event, given the plaintext of its sealed body (a v2 message or an
+/// edit), or `None` when its message key is gone: the message was deleted, so it shows as
+/// deleted with no body.
+pub fn render_opened(event: &StoredEvent<ChatEvent>, opened: Option<&str>) -> ChatItem {
     let meta = &event.meta;
     let update = |change| {
         ChatItem::Update(ChatUpdate {
@@ -112,6 +139,39 @@ pub fn render(event: &StoredEvent<ChatEvent>) -> ChatItem {
             thread_reply_count: 0,
             last_reply_at: None,
             mentions: m.mentions.clone(),
+        }),
+        ChatEvent::MessageSentV2(m) => ChatItem::Message(MessageView {
+            message_id: m.message_id,
+            sequence: meta.sequence,
+            sender_id: m.sender_id,
+            body: opened.map(str::to_owned),
+            reply_to: m.reply_to,
+            attachments: Vec::new(),
+            sent_at: meta.time,
+            edited_at: None,
+            deleted: opened.is_none(),
+            reactions: BTreeMap::new(),
+            thread_root: m.thread_root,
+            thread_reply_count: 0,
+            last_reply_at: None,
+            mentions: m.mentions.clone(),
+        }),
+        ChatEvent::MessageEdited(e) => update(Change::MessageEdited {
+            message_id: e.message_id,
+            body: opened.map(str::to_owned),
+        }),
+        ChatEvent::MessageDeleted(d) => update(Change::MessageDeleted {
+            message_id: d.message_id,
+        }),
+        ChatEvent::ReactionAdded(r) => update(Change::ReactionAdded {
+            message_id: r.message_id,
+            emoji: r.emoji.clone(),
+            user_id: r.user_id,
+        }),
+        ChatEvent::ReactionRemoved(r) => update(Change::ReactionRemoved {
+            message_id: r.message_id,
+            emoji: r.emoji.clone(),
+            user_id: r.user_id,
         }),
         ChatEvent::Created(c) => update(Change::Created {
             chat_kind: c.kind,

@@ -12,5 +12,5 @@ pub use cloudevent::{DecodeError, DomainEvent, EventMeta, StoredEvent};
 pub use events::{ChatEvent, ChatKind, NotifyLevel, ReceiptEvent, Role, UserEvent, Visibility};
 pub use ids::{AttachmentId, ChatId, DeviceId, EventId, IdError, MessageId, UserId};
 pub use values::{
-    ChatTitle, DeviceName, DisplayName, Handle, MessageBody, Password, Platform, ValueError,
+    ChatTitle, DeviceName, DisplayName, Emoji, Handle, MessageBody, Password, Platform, ValueError,
 };

@@ -17,6 +17,10 @@ pub enum ValueError {
     },
     #[error("{0} must not contain control characters")]
     Control(&'static str),
+    #[error(
+        "emoji must be one emoji: 1..32 bytes, no whitespace or control characters, not plain ASCII"
+    )]
+    Emoji,
 }
 
 fn check_len(
@@ -140,6 +144,54 @@ impl fmt::Display for Handle {
     }
 }
 
+/// One reaction emoji: 1..=32 bytes of UTF-8, no whitespace or control characters, and at
+/// least one non-ASCII character, so words and shortcodes (`+1`, `lol`) are refused while
+/// sequences such as `👍🏽`, `👨‍👩‍👧` or `#️⃣` pass. Telling a single grapheme from several would need
+/// Unicode segmentation tables; the byte bound keeps any abuse small.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(try_from = "String", into = "String")]
+pub struct Emoji(String);
+
+impl Emoji {
+    pub const MAX_BYTES: usize = 32;
+    pub fn parse(s: impl Into<String>) -> Result<Self, ValueError> {
+        let s = s.into();
+        let ok = !s.is_empty()
+            && s.len() <= Self::MAX_BYTES
+            && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+            && !s.is_ascii();
+        if ok {
+            Ok(Self(s))
+        } else {
+            Err(ValueError::Emoji)
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Emoji {
+    type Error = ValueError;
+    fn try_from(s: String) -> Result<Self, ValueError> {
+        Self::parse(s)
+    }
+}
+
+impl From<Emoji> for String {
+    fn from(v: Emoji) -> String {
+        v.0
+    }
+}
+
+impl fmt::Display for Emoji {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A password in transit: 8..256 characters. Never serialised, never logged.
 #[derive(Clone)]
 pub struct Password(String);
@@ -196,6 +248,23 @@ mod tests {
         assert!(MessageBody::parse("   \n ").is_err());
         assert!(MessageBody::parse("line one\nline two").is_ok());
         assert!(MessageBody::parse("bell\u{7}").is_err());
+    }
+
+    #[test]
+    fn emoji_accepts_one_emoji_sequence_and_refuses_text_blanks_and_long_runs() {
+        for good in [
+            "👍",
+            "👍🏽",
+            "👨\u{200d}👩\u{200d}👧",
+            "#\u{fe0f}\u{20e3}",
+            "❤\u{fe0f}",
+        ] {
+            assert!(Emoji::parse(good).is_ok(), "{good:?}");
+        }
+        for bad in ["", "+1", "lol", "👍 👍", "👍\n", "\u{7}👍", &"👍".repeat(9)] {
+            assert!(Emoji::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(Emoji::parse("👍".repeat(8)).is_ok(), "exactly 32 bytes");
     }
 
     #[test]

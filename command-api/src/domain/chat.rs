@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use parley_nats::Aggregate;
 use parley_schemas::events::{
-    ChatCreated, MemberRole, MessageSent, ParticipantsModified, RoleChanged, TitleChanged,
+    ChatCreated, MemberRole, MessageSent, MessageSentV2, ParticipantsModified, RoleChanged,
+    SealedBody, TitleChanged,
 };
 use parley_schemas::{
     ChatEvent, ChatId, ChatKind, ChatTitle, MessageBody, MessageId, Role, UserId, Visibility,
@@ -14,6 +15,7 @@ use parley_schemas::{
 use serde::{Deserialize, Serialize};
 
 use super::Rejection;
+use super::message::{self, MessageChange, MessageFacts};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Membership {
@@ -80,6 +82,27 @@ pub enum ChatCommand {
         actor: UserId,
         user: UserId,
         role: Role,
+    },
+    /// What the API sends since crypto-shredding (ADR 7): the body, validated as a
+    /// `MessageBody`, arrives sealed under the message's key (`message_sent.v2`).
+    /// `SendMessage` (plaintext `v1`) is kept for the decider's tests and older tooling.
+    SendSealedMessage {
+        actor: UserId,
+        message_id: MessageId,
+        body: SealedBody,
+        reply_to: Option<MessageId>,
+        /// As for `SendMessage`.
+        thread_root: Option<MessageId>,
+        /// As for `SendMessage`.
+        mentions: Vec<UserId>,
+    },
+    /// Edit, delete or react to an existing message, given its facts from the read model.
+    ChangeMessage {
+        actor: UserId,
+        message_id: MessageId,
+        /// `None`: no such message in this chat.
+        target: Option<MessageFacts>,
+        change: MessageChange,
     },
 }
 
@@ -175,12 +198,7 @@ pub fn decide(state: &Chat, cmd: &ChatCommand) -> Result<Vec<ChatEvent>, Rejecti
             if !members.contains_key(actor) {
                 return Err(Rejection::NotFound);
             }
-            // Only people who can read the message are recorded as mentioned: a handle of a
-            // non-member stays plain text.
-            let mentions = dedup_others(mentions, *actor)
-                .into_iter()
-                .filter(|u| members.contains_key(u))
-                .collect();
+            let mentions = member_mentions(members, mentions, *actor);
             Ok(vec![ChatEvent::MessageSent(MessageSent {
                 message_id: *message_id,
                 sender_id: *actor,
@@ -217,6 +235,39 @@ pub fn decide(state: &Chat, cmd: &ChatCommand) -> Result<Vec<ChatEvent>, Rejecti
         (Chat::Live { kind, members, .. }, ChatCommand::ChangeRole { actor, user, role }) => {
             change_role(*kind, members, *actor, *user, *role)
         }
+        (
+            Chat::Live { members, .. },
+            ChatCommand::SendSealedMessage {
+                actor,
+                message_id,
+                body,
+                reply_to,
+                thread_root,
+                mentions,
+            },
+        ) => {
+            if !members.contains_key(actor) {
+                return Err(Rejection::NotFound);
+            }
+            Ok(vec![ChatEvent::MessageSentV2(MessageSentV2 {
+                message_id: *message_id,
+                sender_id: *actor,
+                sealed_body: body.clone(),
+                reply_to: *reply_to,
+                attachments: Vec::new(),
+                thread_root: *thread_root,
+                mentions: member_mentions(members, mentions, *actor),
+            })])
+        }
+        (
+            Chat::Live { members, .. },
+            ChatCommand::ChangeMessage {
+                actor,
+                message_id,
+                target,
+                change,
+            },
+        ) => message::decide(members, *actor, *message_id, target.as_ref(), change),
     }
 }
 
@@ -248,6 +299,19 @@ fn change_role(
         user_id: user,
         role,
     })])
+}
+
+/// Only people who can read the message are recorded as mentioned: a handle of a non-member
+/// stays plain text.
+fn member_mentions(
+    members: &BTreeMap<UserId, Membership>,
+    named: &[UserId],
+    sender: UserId,
+) -> Vec<UserId> {
+    dedup_others(named, sender)
+        .into_iter()
+        .filter(|u| members.contains_key(u))
+        .collect()
 }
 
 fn dedup_others(list: &[UserId], exclude: UserId) -> Vec<UserId> {
@@ -443,7 +507,14 @@ pub fn evolve(state: Chat, event: &ChatEvent) -> Chat {
                         m.role = r.role;
                     }
                 }
-                ChatEvent::MessageSent(_) | ChatEvent::Created(_) => {}
+                // Messages are not aggregate state (see `domain::message`).
+                ChatEvent::MessageSent(_)
+                | ChatEvent::MessageSentV2(_)
+                | ChatEvent::MessageEdited(_)
+                | ChatEvent::MessageDeleted(_)
+                | ChatEvent::ReactionAdded(_)
+                | ChatEvent::ReactionRemoved(_)
+                | ChatEvent::Created(_) => {}
             }
             Chat::Live {
                 kind,

@@ -3,6 +3,7 @@
 
 pub mod chat;
 pub mod mentions;
+pub mod message;
 pub mod user;
 
 /// Why a command was refused. The HTTP layer maps each kind to one status.

@@ -113,11 +113,18 @@ pub async fn send(
         if let Some(root) = req.thread_root {
             check_target(state, me.user_id, chat_id, root, Target::ThreadRoot).await?;
         }
+        if req.reply_to.is_none() && req.thread_root.is_none() {
+            // Only members get a message key made for them: a stranger cannot fill the bucket.
+            require_member(state, me.user_id, chat_id).await?;
+        }
         let mentions = resolve_mentions(state, &body).await?;
-        let cmd = ChatCommand::SendMessage {
+        // The key exists before the event does, so every reader of the event can open it.
+        let key = state.keys.create(chat_id, ids.message_id).await?;
+        let sealed = parley_nats::message_keys::seal(&key, chat_id, ids.message_id, body.as_str());
+        let cmd = ChatCommand::SendSealedMessage {
             actor: me.user_id,
             message_id: ids.message_id,
-            body,
+            body: sealed,
             reply_to: req.reply_to,
             thread_root: req.thread_root,
             mentions,
@@ -143,6 +150,19 @@ pub async fn send(
     })
     .await?;
     Ok(respond(res))
+}
+
+/// The chat's current version if `me` is a member; 404 otherwise.
+pub(crate) async fn require_member(
+    state: &CommandState,
+    me: parley_schemas::UserId,
+    chat_id: ChatId,
+) -> Result<u64, ApiError> {
+    state
+        .chats
+        .read(*chat_id.as_uuid(), |c, v| c.is_member(me).then_some(v))
+        .await?
+        .ok_or(ApiError::Rejected(Rejection::NotFound))
 }
 
 /// The users the body's `@handle`s name, from the `handles` bucket (authoritative, unlike the
@@ -195,11 +215,7 @@ async fn check_target(
         Target::Reply => "reply_to",
         Target::ThreadRoot => "thread_root",
     };
-    let version = state
-        .chats
-        .read(*chat_id.as_uuid(), |c, v| c.is_member(me).then_some(v))
-        .await?
-        .ok_or(ApiError::Rejected(Rejection::NotFound))?;
+    let version = require_member(state, me, chat_id).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     loop {
         let row: Option<(bool, bool, i64)> = sqlx::query_as(

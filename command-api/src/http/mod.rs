@@ -5,6 +5,7 @@ mod chat_admin;
 mod chat_settings;
 mod chats;
 mod devices;
+mod message_changes;
 mod messages;
 mod receipts;
 mod sessions;
@@ -27,6 +28,7 @@ pub fn router(state: CommandState) -> Router {
         .merge(devices::router())
         .merge(chats::router())
         .merge(messages::router())
+        .merge(message_changes::router())
         .merge(receipts::router())
         .merge(chat_admin::router())
         .merge(chat_settings::router())
@@ -62,6 +64,10 @@ pub(crate) fn answer<T: serde::Serialize>(status: StatusCode, body: &T) -> Answe
         chats::create,
         chats::participants,
         messages::send,
+        message_changes::edit,
+        message_changes::delete,
+        message_changes::react,
+        message_changes::unreact,
         receipts::read,
         chat_admin::change_title,
         chat_admin::change_role,

@@ -212,7 +212,15 @@ impl Harness {
                     .unwrap();
                 }
             }
-            ChatEvent::MessageSent(_) | ChatEvent::TitleChanged(_) | ChatEvent::RoleChanged(_) => {}
+            // Messages go in below; changes to messages are covered by the e2e tests.
+            ChatEvent::MessageSent(_)
+            | ChatEvent::MessageSentV2(_)
+            | ChatEvent::MessageEdited(_)
+            | ChatEvent::MessageDeleted(_)
+            | ChatEvent::ReactionAdded(_)
+            | ChatEvent::ReactionRemoved(_)
+            | ChatEvent::TitleChanged(_)
+            | ChatEvent::RoleChanged(_) => {}
         }
         match render(event) {
             ChatItem::Message(m) => {

@@ -11,10 +11,14 @@ use uuid::Uuid;
 
 use super::{bound, seq};
 
-/// The columns every message read selects, in `MessageRow` order.
+/// The columns every message read selects, in `MessageRow` order. `reactions` is
+/// `{emoji: [user_id]}` with reactors in the order they reacted (NULL when none).
 pub(crate) const MESSAGE_COLUMNS: &str = "message_id, sequence, sender_id, body, reply_to, \
      attachments, sent_at, edited_at, deleted, thread_root, thread_reply_count, last_reply_at, \
-     mentions";
+     mentions, \
+     (SELECT jsonb_object_agg(emoji, users) FROM \
+        (SELECT emoji, jsonb_agg(user_id ORDER BY sequence) AS users FROM reactions r \
+         WHERE r.message_id = messages.message_id GROUP BY emoji) x) AS reactions";
 
 #[derive(FromRow)]
 pub(crate) struct MessageRow {
@@ -31,6 +35,7 @@ pub(crate) struct MessageRow {
     thread_reply_count: i64,
     last_reply_at: Option<DateTime<Utc>>,
     mentions: Vec<Uuid>,
+    reactions: Option<Json<BTreeMap<String, Vec<UserId>>>>,
 }
 
 impl MessageRow {
@@ -47,8 +52,11 @@ impl MessageRow {
             sent_at: self.sent_at,
             edited_at: self.edited_at,
             deleted: self.deleted,
-            // Reactions are not projected yet.
-            reactions: BTreeMap::new(),
+            // The projector drops a deleted message's reactions; never show any on one.
+            reactions: match (self.deleted, self.reactions) {
+                (false, Some(Json(r))) => r,
+                _ => BTreeMap::new(),
+            },
             thread_root: self.thread_root.map(MessageId::from_uuid),
             thread_reply_count: seq(self.thread_reply_count),
             last_reply_at: self.last_reply_at,

@@ -4,6 +4,7 @@
 
 pub(crate) mod chats;
 pub(crate) mod messages;
+pub(crate) mod search;
 pub(crate) mod users;
 
 use sqlx::{PgPool, Postgres, Transaction};

@@ -1,0 +1,292 @@
+//! Message keys, for crypto-shredding (ADR 7): every message body in `CHATS` is sealed with
+//! XChaCha20-Poly1305 under a random 256-bit key of its own, kept in the `message_keys` KV
+//! bucket at `<chat_id>.<message_id>`. Deleting a message destroys its key by *erasing* the
+//! KV message in place, after which no replay of the stream can open the body again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, response::Response};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
+use parley_schemas::events::SealedBody;
+use parley_schemas::{ChatEvent, ChatId, MessageId};
+use rand::RngCore;
+use zeroize::Zeroize;
+
+/// The KV bucket of message keys.
+pub const BUCKET: &str = "message_keys";
+/// The one algorithm `SealedBody::alg` names.
+pub const ALG: &str = "xchacha20poly1305";
+
+/// A message's 256-bit key. Zeroed in memory when dropped; never logged.
+pub struct MessageKey([u8; 32]);
+
+impl MessageKey {
+    fn random() -> Self {
+        let mut k = [0u8; 32];
+        rand::rng().fill_bytes(&mut k);
+        Self(k)
+    }
+
+    fn from_slice(b: &[u8]) -> Option<Self> {
+        <[u8; 32]>::try_from(b).ok().map(Self)
+    }
+}
+
+impl Drop for MessageKey {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl std::fmt::Debug for MessageKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MessageKey(***)")
+    }
+}
+
+/// The associated data binds a sealed body to its chat and message: a ciphertext copied into
+/// another message's event does not open there.
+fn aad(chat: ChatId, message: MessageId) -> Vec<u8> {
+    format!("parley/{chat}/{message}").into_bytes()
+}
+
+/// Seals `plaintext` under `key` with a fresh random 192-bit nonce (random nonces are safe at
+/// that size, whatever the number of edits).
+pub fn seal(key: &MessageKey, chat: ChatId, message: MessageId, plaintext: &str) -> SealedBody {
+    let cipher = XChaCha20Poly1305::new(Key::from_slice(&key.0));
+    let mut nonce = [0u8; 24];
+    rand::rng().fill_bytes(&mut nonce);
+    let aad = aad(chat, message);
+    // Encryption fails only for plaintexts beyond 256 GiB; bodies are at most 16 KB.
+    let ciphertext = cipher
+        .encrypt(
+            XNonce::from_slice(&nonce),
+            Payload {
+                msg: plaintext.as_bytes(),
+                aad: &aad,
+            },
+        )
+        .unwrap_or_default();
+    SealedBody {
+        alg: ALG.to_owned(),
+        nonce: STANDARD.encode(nonce),
+        ciphertext: STANDARD.encode(ciphertext),
+    }
+}
+
+/// Opens a sealed body; `None` if it does not open under this key for this chat and message
+/// (tampered, moved, or an unknown algorithm).
+pub fn open(
+    key: &MessageKey,
+    chat: ChatId,
+    message: MessageId,
+    sealed: &SealedBody,
+) -> Option<String> {
+    if sealed.alg != ALG {
+        return None;
+    }
+    let nonce = STANDARD.decode(&sealed.nonce).ok()?;
+    if nonce.len() != 24 {
+        return None;
+    }
+    let ciphertext = STANDARD.decode(&sealed.ciphertext).ok()?;
+    let cipher = XChaCha20Poly1305::new(Key::from_slice(&key.0));
+    let aad = aad(chat, message);
+    let plain = cipher
+        .decrypt(
+            XNonce::from_slice(&nonce),
+            Payload {
+                msg: &ciphertext,
+                aad: &aad,
+            },
+        )
+        .ok()?;
+    String::from_utf8(plain).ok()
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum KeyError {
+    #[error("message key store unavailable: {0}")]
+    Nats(String),
+    #[error("message key could not be destroyed: {0}")]
+    NotDestroyed(String),
+}
+
+fn nats_err(e: impl std::fmt::Display) -> KeyError {
+    KeyError::Nats(e.to_string())
+}
+
+/// The message keys, with a small in-memory cache of keys that exist. Cheap to clone.
+///
+/// Only present keys are cached, for a few minutes; a process that sees a `message_deleted`
+/// event calls [`MessageKeys::forget`], and everything that sees it after reads the bucket.
+#[derive(Clone)]
+pub struct MessageKeys {
+    kv: kv::Store,
+    js: jetstream::Context,
+    cache: moka::future::Cache<(ChatId, MessageId), Arc<MessageKey>>,
+}
+
+impl MessageKeys {
+    pub fn new(kv: kv::Store, js: jetstream::Context) -> Self {
+        Self {
+            kv,
+            js,
+            cache: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(300))
+                .build(),
+        }
+    }
+
+    /// The KV key of a message's key: both tokens are validated ids.
+    pub fn kv_key(chat: ChatId, message: MessageId) -> String {
+        format!("{chat}.{message}")
+    }
+
+    /// Makes the message's key, create-only. The message id is minted per command, so a
+    /// retried command finds its own key and seals with it again.
+    pub async fn create(
+        &self,
+        chat: ChatId,
+        message: MessageId,
+    ) -> Result<Arc<MessageKey>, KeyError> {
+        let key = MessageKey::random();
+        let name = Self::kv_key(chat, message);
+        match self
+            .kv
+            .create(name.as_str(), bytes::Bytes::copy_from_slice(&key.0))
+            .await
+        {
+            Ok(_) => {
+                let key = Arc::new(key);
+                self.cache.insert((chat, message), key.clone()).await;
+                Ok(key)
+            }
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => self
+                .get(chat, message)
+                .await?
+                .ok_or_else(|| KeyError::Nats("message key vanished while being created".into())),
+            Err(e) => Err(nats_err(e)),
+        }
+    }
+
+    /// The message's key, or `None` once destroyed.
+    pub async fn get(
+        &self,
+        chat: ChatId,
+        message: MessageId,
+    ) -> Result<Option<Arc<MessageKey>>, KeyError> {
+        if let Some(k) = self.cache.get(&(chat, message)).await {
+            return Ok(Some(k));
+        }
+        let stored = self
+            .kv
+            .get(Self::kv_key(chat, message))
+            .await
+            .map_err(nats_err)?;
+        let Some(key) = stored.and_then(|b| MessageKey::from_slice(&b)) else {
+            return Ok(None);
+        };
+        let key = Arc::new(key);
+        self.cache.insert((chat, message), key.clone()).await;
+        Ok(Some(key))
+    }
+
+    /// Drops a key from this process's cache (its message was deleted).
+    pub async fn forget(&self, chat: ChatId, message: MessageId) {
+        self.cache.invalidate(&(chat, message)).await;
+    }
+
+    /// Destroys the message's key for good: its KV message is erased in place (JetStream's
+    /// secure delete overwrites the stored record; a plain delete or purge would only unlink
+    /// it). Idempotent: a key already gone is success, so the command-api and the projector
+    /// can both do it, in any order, any number of times.
+    pub async fn destroy(&self, chat: ChatId, message: MessageId) -> Result<(), KeyError> {
+        self.forget(chat, message).await;
+        let name = Self::kv_key(chat, message);
+        let stream = format!("KV_{BUCKET}");
+        for _ in 0..3 {
+            let Some(entry) = self.kv.entry(name.as_str()).await.map_err(nats_err)? else {
+                return Ok(());
+            };
+            let res: Response<serde_json::Value> = self
+                .js
+                .request(
+                    format!("STREAM.MSG.DELETE.{stream}"),
+                    &serde_json::json!({"seq": entry.revision, "no_erase": false}),
+                )
+                .await
+                .map_err(nats_err)?;
+            if let Response::Err { error } = res {
+                // Someone else erased it first, or it was rolled over: look again.
+                tracing::debug!(%chat, %message, %error, "erase of a message key failed");
+            }
+        }
+        match self.kv.entry(name.as_str()).await.map_err(nats_err)? {
+            None => Ok(()),
+            Some(e) => Err(KeyError::NotDestroyed(format!(
+                "{name} still at revision {}",
+                e.revision
+            ))),
+        }
+    }
+
+    /// The plaintext of the sealed body `event` carries (a v2 message or an edit): `None` when
+    /// it carries none, or when it can no longer be read (the message was deleted).
+    pub async fn open_event(
+        &self,
+        chat: ChatId,
+        event: &ChatEvent,
+    ) -> Result<Option<String>, KeyError> {
+        let (Some(sealed), Some(message)) = (event.sealed_body(), event.message_id()) else {
+            return Ok(None);
+        };
+        let Some(key) = self.get(chat, message).await? else {
+            return Ok(None);
+        };
+        let opened = open(&key, chat, message, sealed);
+        if opened.is_none() {
+            tracing::warn!(%chat, %message, "a sealed body does not open under its message key");
+        }
+        Ok(opened)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_body_opens_only_with_its_key_chat_and_message() {
+        let key = MessageKey::random();
+        let (chat, msg) = (ChatId::new(), MessageId::new());
+        let sealed = seal(&key, chat, msg, "hello, Bob");
+        assert_eq!(
+            open(&key, chat, msg, &sealed).as_deref(),
+            Some("hello, Bob")
+        );
+        assert!(!sealed.ciphertext.contains("hello"));
+        assert_eq!(open(&MessageKey::random(), chat, msg, &sealed), None);
+        assert_eq!(open(&key, ChatId::new(), msg, &sealed), None);
+        assert_eq!(open(&key, chat, MessageId::new(), &sealed), None);
+        let mut tampered = sealed.clone();
+        tampered.ciphertext = STANDARD.encode(b"not the ciphertext at all, no");
+        assert_eq!(open(&key, chat, msg, &tampered), None);
+    }
+
+    #[test]
+    fn sealing_twice_uses_fresh_nonces() {
+        let key = MessageKey::random();
+        let (chat, msg) = (ChatId::new(), MessageId::new());
+        assert_ne!(
+            seal(&key, chat, msg, "x").nonce,
+            seal(&key, chat, msg, "x").nonce
+        );
+    }
+}
