@@ -84,17 +84,12 @@ impl Stack {
         }
         let nats_url = nats.url();
         let db_url = pg.url("parley");
-        let env = [
+        let mut env = vec![
             ("NATS_URL", nats_url.as_str()),
             ("DATABASE_URL", db_url.as_str()),
-            ("PARLEY_RATE_SEND_PER_USER", "off"),
-            ("PARLEY_RATE_SEND_PER_IP", "off"),
-            ("PARLEY_RATE_SIGNUP_PER_IP", "off"),
-            ("PARLEY_RATE_LOGIN_PER_IP", "off"),
-            ("PARLEY_RATE_LOGIN_PER_HANDLE", "off"),
-            ("PARLEY_FLOOD_MAX_CHATS", "1000000"),
             ("RUST_LOG", "warn"),
         ];
+        env.extend(parley_test_support::LIMITS_OFF);
         let bin = env!("CARGO_BIN_EXE_parley");
         let mut stack = Stack {
             nats,

@@ -33,6 +33,7 @@ impl Parley {
             .env("DATABASE_URL", &db.url)
             .env("PARLEY_PG_MAX_CONNECTIONS", "4")
             .env("RUST_LOG", "warn")
+            .envs(parley_test_support::LIMITS_OFF)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -300,4 +300,20 @@ async fn min_sequence_beyond_the_chat_is_422_for_a_member_and_never_a_5xx() {
         .await;
     assert_eq!(s, 422, "{b}");
     assert!(b["detail"].as_str().unwrap().contains("beyond"), "{b}");
+    // A chat that has no events at all is simply unknown: 404, as without min_sequence.
+    let unknown = uuid::Uuid::now_v7();
+    let (s, b) = app
+        .get(
+            &format!("/v1/chats/{unknown}?min_sequence=5"),
+            Some(&ada.token),
+        )
+        .await;
+    assert_eq!(s, 404, "{b}");
+    let (s, b) = app
+        .get(
+            &format!("/v1/chats?chat_id={unknown}&min_sequence=5"),
+            Some(&ada.token),
+        )
+        .await;
+    assert_eq!(s, 200, "the list shows nothing of it: {b}");
 }

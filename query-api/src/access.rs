@@ -59,14 +59,17 @@ pub(crate) async fn fresh_head(
         }
         let now = Instant::now();
         if now >= deadline {
-            // A member asking for a sequence the chat never reached made a mistake, not a
-            // read-your-writes race: say so instead of "retry". Non-members learn nothing new.
-            if let Some(last) = head.as_ref().map(|h| h.last_sequence())
-                && stored_version(state, chat).await.is_some_and(|v| v < want)
-            {
-                return Err(ApiError::Invalid(format!(
-                    "min_sequence {want} is beyond this chat's last sequence ({last} here)"
-                )));
+            // Waiting longer cannot help when the chat's stored version is below the ask: a
+            // member made a mistake (422, not "retry"), and for anyone else the chat does not
+            // exist at that sequence (the usual 404). Only a real lag answers 503.
+            if let Stored::Below = stored_version(state, chat, want).await {
+                return match head {
+                    Some(h) => Err(ApiError::Invalid(format!(
+                        "min_sequence {want} is beyond this chat's last sequence ({} here)",
+                        h.last_sequence()
+                    ))),
+                    None => Ok(None),
+                };
             }
             return Err(ApiError::Behind {
                 chat_id: chat,
@@ -82,21 +85,32 @@ pub(crate) async fn fresh_head(
 /// Sequences are PostgreSQL `bigint`s.
 const MAX_SEQUENCE: u64 = i64::MAX as u64;
 
-/// The chat's version in the `CHATS` stream (the `sequence` of its last event); `None` when it
-/// cannot be read, which leaves the caller's answer at "retry".
-async fn stored_version(state: &QueryState, chat: ChatId) -> Option<u64> {
-    let stream = state
-        .js
-        .get_stream(parley_nats::streams::CHATS)
-        .await
-        .ok()?;
-    let msg = stream
+/// Where the chat's stored version (its last event's `sequence` in `CHATS`) is against an ask.
+enum Stored {
+    /// Below it, or the chat has no events at all.
+    Below,
+    /// At or above it, or it could not be read (so the answer stays "retry").
+    NotBelow,
+}
+
+async fn stored_version(state: &QueryState, chat: ChatId, want: u64) -> Stored {
+    use async_nats::jetstream::stream::DirectGetErrorKind;
+    let Ok(stream) = state.js.get_stream(parley_nats::streams::CHATS).await else {
+        return Stored::NotBelow;
+    };
+    match stream
         .direct_get_last_for_subject(format!("chats.{chat}"))
         .await
-        .ok()?;
-    let event: parley_schemas::cloudevent::StoredEvent<parley_schemas::ChatEvent> =
-        parley_schemas::cloudevent::decode(&msg.payload).ok()?;
-    Some(event.meta.sequence)
+    {
+        Ok(msg) => {
+            match parley_schemas::cloudevent::decode::<parley_schemas::ChatEvent>(&msg.payload) {
+                Ok(event) if event.meta.sequence < want => Stored::Below,
+                _ => Stored::NotBelow,
+            }
+        }
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Stored::Below,
+        Err(_) => Stored::NotBelow,
+    }
 }
 
 /// The read-your-writes parameter every chat route accepts.

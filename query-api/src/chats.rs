@@ -145,6 +145,7 @@ pub(crate) struct ListParams {
         (status = 200, description = "The caller's chats", body = ChatListView),
         (status = 400, description = "Malformed query parameter", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 401, description = "No or bad token", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "`min_sequence` beyond the chat (a member asking for a sequence it never reached)", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 503, description = "`min_sequence` not reached in time, or read model unavailable; see Retry-After", body = ProblemDoc, content_type = "application/problem+json",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
     )
@@ -212,6 +213,7 @@ pub(crate) async fn channels(
         (status = 400, description = "Malformed query parameter", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 401, description = "No or bad token", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 404, description = "No such chat, or the caller is not a member", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "`min_sequence` beyond the chat (a member asking for a sequence it never reached)", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 503, description = "`min_sequence` not reached in time, or read model unavailable; see Retry-After", body = ProblemDoc, content_type = "application/problem+json",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
     )

@@ -122,7 +122,7 @@ impl HistoryParams {
         (status = 400, description = "Malformed query parameter, or `before` with `after`", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 401, description = "No or bad token", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 404, description = "No such chat, or the caller is not a member", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 422, description = "`limit` out of range", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "`limit` out of range, or `min_sequence` beyond the chat", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 503, description = "`min_sequence` not reached in time, or read model unavailable; see Retry-After", body = ProblemDoc, content_type = "application/problem+json",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
     )
@@ -161,7 +161,7 @@ pub(crate) async fn history(
         (status = 400, description = "Malformed query parameter", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 401, description = "No or bad token", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 404, description = "No such chat or root message, the message is itself a thread reply, or the caller is not a member", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 422, description = "`limit` out of range", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "`limit` out of range, or `min_sequence` beyond the chat", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 503, description = "`min_sequence` not reached in time, or read model unavailable; see Retry-After", body = ProblemDoc, content_type = "application/problem+json",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
     )

@@ -8,6 +8,17 @@ use std::time::Duration;
 
 use crate::{eventually_result, free_port};
 
+/// Settings that turn command-api's abuse limits off, for a `parley` child process driven by a
+/// load test (the limits have their own tests).
+pub const LIMITS_OFF: [(&str, &str); 6] = [
+    ("PARLEY_RATE_SEND_PER_USER", "off"),
+    ("PARLEY_RATE_SEND_PER_IP", "off"),
+    ("PARLEY_RATE_SIGNUP_PER_IP", "off"),
+    ("PARLEY_RATE_LOGIN_PER_IP", "off"),
+    ("PARLEY_RATE_LOGIN_PER_HANDLE", "off"),
+    ("PARLEY_FLOOD_MAX_CHATS", "1000000"),
+];
+
 /// A program run under `sh`: closing the watchdog's stdin sends `signal` to the program.
 pub struct Watched {
     program: PathBuf,
