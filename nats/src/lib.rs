@@ -2,6 +2,7 @@
 //! the event store (optimistic append with dedup, aggregate loading from cache and snapshots).
 
 pub mod receipts;
+pub mod replay;
 pub mod setup;
 pub mod store;
 

@@ -11,6 +11,9 @@ pub(crate) enum ApiError {
     /// probe learns nothing about chats it is not in.
     #[error("no such chat")]
     ChatNotFound,
+    /// A member asking for what only the chat's admins may see.
+    #[error("only the chat's admins may do this")]
+    NotAdmin,
     /// The caller's user is not projected yet (a token can exist before its read model row).
     #[error("the caller's user is not in the read model yet")]
     UserNotFound,
@@ -51,6 +54,7 @@ impl From<ApiError> for Problem {
     fn from(e: ApiError) -> Problem {
         match e {
             ApiError::ChatNotFound => Problem::not_found("no such chat"),
+            ApiError::NotAdmin => Problem::forbidden("only the chat's admins may see this"),
             ApiError::UserNotFound => {
                 Problem::not_found("your user is not available yet; retry shortly")
             }

@@ -14,6 +14,7 @@ mod messages;
 mod openapi;
 mod receipts;
 mod state;
+pub mod stats;
 
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use axum::Router;
 use parley_platform::Infra;
 
 pub use openapi::openapi;
+pub use stats::{HourStats, hourly};
 
 /// Tunables of the query API.
 #[derive(Debug, Clone)]
@@ -54,6 +56,7 @@ pub fn router(infra: &Infra, config: QueryConfig) -> Router {
         .merge(chats::router())
         .merge(messages::router())
         .merge(receipts::router())
+        .merge(stats::router())
         .method_not_allowed_fallback(error::method_not_allowed)
         .fallback(parley_platform::problem::not_found_fallback)
         .with_state(state::QueryState::new(infra, config))

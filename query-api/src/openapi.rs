@@ -26,6 +26,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         crate::chats::detail,
         crate::messages::history,
         crate::receipts::receipts,
+        crate::stats::stats,
     ),
     components(schemas(ProblemDoc, MessageDoc, AttachmentDoc)),
     modifiers(&BearerAuth),
@@ -140,6 +141,7 @@ mod tests {
             "/v1/chats",
             "/v1/chats/{chat_id}",
             "/v1/chats/{chat_id}/messages",
+            "/v1/chats/{chat_id}/stats",
         ] {
             assert!(spec["paths"][path]["get"].is_object(), "{path} missing");
         }
