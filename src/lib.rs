@@ -1,6 +1,8 @@
 //! The `parley` binary's library: builds any service, or all of them on one address, from one
 //! set of settings. Tests and `parley up` call the same `App::build`.
 
+pub mod cli;
+
 use std::net::SocketAddr;
 
 use anyhow::Context;

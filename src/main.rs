@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use parley::cli::{CliError, projections::ProjectionsCmd, replay::ReplayArgs, stats::StatsArgs};
 use parley::{App, Role, Settings, parse_duration};
 use parley_command_api::LimitsConfig;
 use parley_nats::JetStreamSettings;
@@ -182,6 +183,13 @@ enum Cmd {
     Streams,
     /// Print the OpenAPI document.
     Openapi,
+    /// Write stored events as CloudEvents JSON lines, exactly as stored (docs/analysts.md).
+    Replay(ReplayArgs),
+    /// Projectors' status, and rebuilding a projection from the streams.
+    #[command(subcommand)]
+    Projections(ProjectionsCmd),
+    /// A chat's hourly activity (messages, senders, median delivery latency) as CSV.
+    Stats(StatsArgs),
 }
 
 impl Opts {
@@ -210,9 +218,15 @@ impl Opts {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    parley_platform::telemetry::init();
+async fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
+    // The analyst and operator commands talk on stdout and stderr: only warnings are logged,
+    // unless RUST_LOG asks for more.
+    let quiet = matches!(
+        cli.command,
+        Cmd::Replay(_) | Cmd::Projections(_) | Cmd::Stats(_) | Cmd::Openapi
+    );
+    parley_platform::telemetry::init_with_default(if quiet { "warn" } else { "info" });
     let settings = cli.opts.settings();
     let (role, addr) = match cli.command {
         Cmd::Up { addr } => (Role::All, addr),
@@ -229,7 +243,7 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("migrate")?;
             tracing::info!("migrations applied");
-            return Ok(());
+            return Ok(std::process::ExitCode::SUCCESS);
         }
         Cmd::Streams => {
             let client = parley_nats::connect(&settings.infra.nats_url)
@@ -238,15 +252,41 @@ async fn main() -> anyhow::Result<()> {
             let js = async_nats::jetstream::new(client);
             parley_nats::ensure(&js, &settings.infra.jetstream).await?;
             tracing::info!("streams and buckets are in place");
-            return Ok(());
+            return Ok(std::process::ExitCode::SUCCESS);
         }
         Cmd::Openapi => {
             let doc = parley::openapi().to_pretty_json()?;
             std::io::Write::write_all(&mut std::io::stdout(), doc.as_bytes())?;
-            return Ok(());
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        Cmd::Replay(args) => {
+            let done = parley::cli::replay::run(args, &settings.infra.nats_url).await;
+            return Ok(exit_code(done));
+        }
+        Cmd::Projections(cmd) => {
+            let infra = &settings.infra;
+            let done =
+                parley::cli::projections::run(cmd, &infra.nats_url, &infra.database_url).await;
+            return Ok(exit_code(done));
+        }
+        Cmd::Stats(args) => {
+            let done = parley::cli::stats::run(args, &settings.infra.database_url).await;
+            return Ok(exit_code(done));
         }
     };
     let shutdown = parley_platform::shutdown::on_signal();
     let app = App::build(settings, role, addr, shutdown).await?;
-    app.run_until_stopped().await
+    app.run_until_stopped().await?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Exit codes of the analyst and operator commands: 2 for bad input, 1 for a failure.
+fn exit_code(result: Result<(), CliError>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("parley: {}", parley::cli::describe(&e));
+            std::process::ExitCode::from(e.exit_code())
+        }
+    }
 }

@@ -4,6 +4,7 @@
 pub mod message_keys;
 pub mod presence;
 pub mod receipts;
+pub mod replay;
 pub mod setup;
 pub mod store;
 

@@ -2,11 +2,14 @@
 //! (one transaction per batch, idempotent per aggregate) and fan membership changes out to the
 //! gateways.
 
+pub mod activity;
 pub mod chats;
 mod fanout;
 mod message_changes;
+pub mod rebuild;
 pub mod receipts;
 pub mod runner;
+pub mod status;
 pub mod users;
 
 use std::time::Duration;
@@ -35,8 +38,49 @@ impl Default for ProjectorConfig {
     }
 }
 
-/// The projections by name (`parley projections …`).
-pub const PROJECTIONS: &[&str] = &["chats", "users", "receipts", "fanout"];
+/// One projector: its name (the `projector_checkpoints` key and its durable consumer
+/// `proj-<name>`) and the stream it reads (`parley projections status`).
+#[derive(Debug, Clone, Copy)]
+pub struct Projector {
+    pub name: &'static str,
+    pub stream: &'static str,
+    /// False for projectors that write no PostgreSQL (fan-out): no checkpoint row.
+    pub checkpointed: bool,
+}
+
+/// Every projector `spawn` starts.
+pub const PROJECTORS: &[Projector] = &[
+    Projector {
+        name: "chats",
+        stream: parley_nats::streams::CHATS,
+        checkpointed: true,
+    },
+    Projector {
+        name: "users",
+        stream: parley_nats::streams::USERS,
+        checkpointed: true,
+    },
+    Projector {
+        name: "receipts",
+        stream: parley_nats::streams::RECEIPTS,
+        checkpointed: true,
+    },
+    Projector {
+        name: "fanout",
+        stream: parley_nats::streams::CHATS,
+        checkpointed: false,
+    },
+    Projector {
+        name: activity::CHATS_READER,
+        stream: parley_nats::streams::CHATS,
+        checkpointed: true,
+    },
+    Projector {
+        name: activity::RECEIPTS_READER,
+        stream: parley_nats::streams::RECEIPTS,
+        checkpointed: true,
+    },
+];
 
 /// Starts every projector on `tracker`; they stop between batches when `infra.shutdown` fires.
 pub async fn spawn(
@@ -59,6 +103,22 @@ pub async fn spawn(
     // Live notifications only matter from now on: gateways replay from PostgreSQL on connect.
     let fanout =
         runner::Runner::new(infra, "fanout", parley_nats::streams::CHATS, &config, false).await?;
+    let activity_chats = runner::Runner::new(
+        infra,
+        activity::CHATS_READER,
+        parley_nats::streams::CHATS,
+        &config,
+        true,
+    )
+    .await?;
+    let activity_receipts = runner::Runner::new(
+        infra,
+        activity::RECEIPTS_READER,
+        parley_nats::streams::RECEIPTS,
+        &config,
+        true,
+    )
+    .await?;
     let pg = infra.pg.clone();
     let delay = config.out_of_order_delay;
     let keys = parley_nats::MessageKeys::new(infra.buckets.message_keys.clone(), infra.js.clone());
@@ -78,6 +138,16 @@ pub async fn spawn(
         let pg = pg.clone();
         let nats = nats.clone();
         async move { receipts::apply(&pg, &nats, batch).await }
+    }));
+    let pg = infra.pg.clone();
+    tracker.spawn(activity_chats.run(move |batch| {
+        let pg = pg.clone();
+        async move { activity::apply_chats(&pg, batch, delay).await }
+    }));
+    let pg = infra.pg.clone();
+    tracker.spawn(activity_receipts.run(move |batch| {
+        let pg = pg.clone();
+        async move { activity::apply_receipts(&pg, batch).await }
     }));
     let pg = infra.pg.clone();
     let nats = infra.nats.clone();

@@ -23,6 +23,23 @@ pub async fn apply(
     nats: &async_nats::Client,
     batch: Vec<Delivered>,
 ) -> Result<Vec<Disposition>, sqlx::Error> {
+    let (out, moved) = apply_batch(pg, batch).await?;
+    announce_all(nats, moved).await;
+    Ok(out)
+}
+
+/// As `apply`, announcing nothing: a rebuild replays history, which is no news to anyone.
+pub async fn apply_quietly(
+    pg: &PgPool,
+    batch: Vec<Delivered>,
+) -> Result<Vec<Disposition>, sqlx::Error> {
+    Ok(apply_batch(pg, batch).await?.0)
+}
+
+async fn apply_batch(
+    pg: &PgPool,
+    batch: Vec<Delivered>,
+) -> Result<(Vec<Disposition>, Moved), sqlx::Error> {
     let events = decode_all::<ReceiptEvent>("receipts", &batch);
     let mut tx = pg.begin().await?;
     let mut out = Vec::with_capacity(events.len());
@@ -85,8 +102,7 @@ pub async fn apply(
     }
     checkpoint(&mut tx, "receipts", &batch).await?;
     tx.commit().await?;
-    announce_all(nats, moved).await;
-    Ok(out)
+    Ok((out, moved))
 }
 
 /// Announces what moved. Only after the commit, so no frame ever shows a watermark the read

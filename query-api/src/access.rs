@@ -17,7 +17,7 @@ use crate::state::QueryState;
 
 /// How often a waiting query looks at the read model again. Projectors do not notify, and a
 /// primary-key lookup every 15 ms per waiting request is cheap.
-const POLL_EVERY: Duration = Duration::from_millis(15);
+pub(crate) const POLL_EVERY: Duration = Duration::from_millis(15);
 
 /// Succeeds when `user` is a current member of `chat` in a read model at `min_sequence` or later.
 /// Unknown chats and chats the user is not in fail alike, with `ChatNotFound`.
@@ -30,6 +30,23 @@ pub(crate) async fn require_member(
     match fresh_head(state, user, chat, min_sequence).await? {
         Some(head) if head.is_member => Ok(()),
         _ => Err(ApiError::ChatNotFound),
+    }
+}
+
+/// Succeeds when `user` is a current admin of `chat` (after the `min_sequence` wait): 403 for
+/// other members, and the same 404 as `require_member` for everyone else.
+pub(crate) async fn require_admin(
+    state: &QueryState,
+    user: UserId,
+    chat: ChatId,
+    min_sequence: Option<u64>,
+) -> Result<(), ApiError> {
+    require_member(state, user, chat, min_sequence).await?;
+    match chats::role(&state.pg, chat, user).await?.as_deref() {
+        Some("admin") => Ok(()),
+        Some(_) => Err(ApiError::NotAdmin),
+        // Left between the two reads: no longer a member.
+        None => Err(ApiError::ChatNotFound),
     }
 }
 

@@ -17,6 +17,9 @@ pub(crate) enum ApiError {
     /// No such user, or one that shares no chat with the caller: alike, so nothing leaks.
     #[error("no such user")]
     UserNotVisible,
+    /// A member asking for what only the chat's admins may see.
+    #[error("only the chat's admins may do this")]
+    NotAdmin,
     /// The caller's user is not projected yet (a token can exist before its read model row).
     #[error("the caller's user is not in the read model yet")]
     UserNotFound,
@@ -62,6 +65,7 @@ impl From<ApiError> for Problem {
             ApiError::ChatNotFound => Problem::not_found("no such chat"),
             ApiError::MessageNotFound => Problem::not_found("no such message in this chat"),
             ApiError::UserNotVisible => Problem::not_found("no such user"),
+            ApiError::NotAdmin => Problem::forbidden("only the chat's admins may see this"),
             ApiError::UserNotFound => {
                 Problem::not_found("your user is not available yet; retry shortly")
             }

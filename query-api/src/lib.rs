@@ -16,6 +16,7 @@ mod presence;
 mod receipts;
 mod search;
 mod state;
+pub mod stats;
 
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use axum::Router;
 use parley_platform::Infra;
 
 pub use openapi::openapi;
+pub use stats::{HourStats, hourly};
 
 /// Tunables of the query API.
 #[derive(Debug, Clone)]
@@ -58,6 +60,7 @@ pub fn router(infra: &Infra, config: QueryConfig) -> Router {
         .merge(receipts::router())
         .merge(presence::router())
         .merge(search::router())
+        .merge(stats::router())
         .method_not_allowed_fallback(error::method_not_allowed)
         .fallback(parley_platform::problem::not_found_fallback)
         .with_state(state::QueryState::new(infra, config))

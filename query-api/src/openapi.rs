@@ -30,6 +30,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         crate::receipts::receipts,
         crate::presence::presence,
         crate::search::search,
+        crate::stats::stats,
     ),
     components(schemas(ProblemDoc, MessageDoc, AttachmentDoc)),
     modifiers(&BearerAuth),
@@ -158,6 +159,7 @@ mod tests {
             "/v1/channels",
             "/v1/users/{user_id}/presence",
             "/v1/search",
+            "/v1/chats/{chat_id}/stats",
         ] {
             assert!(spec["paths"][path]["get"].is_object(), "{path} missing");
         }

@@ -98,6 +98,51 @@ mod tests {
         );
     }
 
+    /// `docs/events.md` shows one example per event type (a `### `type`` heading, then a json
+    /// block); each must validate against its schema, formats included.
+    #[test]
+    fn the_documented_examples_validate_and_cover_every_type() {
+        let doc = std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/events.md"),
+        )
+        .unwrap();
+        let mut examples = std::collections::BTreeMap::new();
+        for section in doc.split("\n### `").skip(1) {
+            let ty = section.split('`').next().unwrap().to_owned();
+            let json = section
+                .split("```json\n")
+                .nth(1)
+                .and_then(|rest| rest.split("```").next())
+                .unwrap_or_else(|| panic!("{ty}: no json example"));
+            let value: Value = serde_json::from_str(json)
+                .unwrap_or_else(|e| panic!("{ty}: the example is not JSON: {e}"));
+            assert!(examples.insert(ty.clone(), value).is_none(), "{ty} twice");
+        }
+        for (ty, schema) in event_schemas() {
+            let example = examples
+                .remove(ty)
+                .unwrap_or_else(|| panic!("docs/events.md has no example of {ty}"));
+            let validator = jsonschema::options()
+                .should_validate_formats(true)
+                .build(&schema)
+                .unwrap();
+            let errors: Vec<String> = validator
+                .iter_errors(&example)
+                .map(|e| e.to_string())
+                .collect();
+            assert!(
+                errors.is_empty(),
+                "the example of {ty} is invalid: {errors:?}"
+            );
+            assert_eq!(example["type"], ty);
+        }
+        assert!(
+            examples.is_empty(),
+            "examples of unknown types: {:?}",
+            examples.keys()
+        );
+    }
+
     #[test]
     fn every_readable_type_has_a_schema() {
         let have: Vec<_> = event_schemas().into_iter().map(|(t, _)| t).collect();

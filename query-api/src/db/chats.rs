@@ -44,6 +44,21 @@ pub(crate) async fn head(
     .await
 }
 
+/// The role of `user` in `chat` while a current member.
+pub(crate) async fn role(
+    pg: &PgPool,
+    chat: ChatId,
+    user: UserId,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT role FROM members WHERE chat_id = $1 AND user_id = $2 AND left_seq IS NULL",
+    )
+    .bind(chat.as_uuid())
+    .bind(user.as_uuid())
+    .fetch_optional(pg)
+    .await
+}
+
 #[derive(FromRow)]
 struct SummaryRow {
     chat_id: Uuid,

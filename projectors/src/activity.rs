@@ -1,0 +1,197 @@
+//! The activity projection (analysts' rollups): `activity_messages` (one row per message sent,
+//! with when it first reached someone other than its sender), `activity_watermarks` and the
+//! per-chat checkpoint `activity_chats`, from `CHATS` and `RECEIPTS`, each read by its own
+//! durable consumer. Hourly counts, distinct senders and median latency are aggregated from
+//! `activity_messages` when read (`GET /v1/chats/{id}/stats`, `parley stats`).
+//!
+//! A message's `delivered_at` is the earliest `time` of a delivered receipt, from a user other
+//! than the sender, whose `up_to` covers the message. Both readers lock the chat's
+//! `activity_chats` row, so whichever of message and receipt is applied second sees the first:
+//! the result does not depend on which consumer is ahead.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use parley_schemas::{ChatEvent, ReceiptEvent};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::runner::{Delivered, Disposition, Versions, checkpoint, decode_all};
+
+/// Checkpoint and durable names (`proj-activity-chats`, `proj-activity-receipts`).
+pub const CHATS_READER: &str = "activity-chats";
+pub const RECEIPTS_READER: &str = "activity-receipts";
+
+/// Applies a batch of `CHATS` events: records messages, advances each chat's version.
+pub async fn apply_chats(
+    pg: &PgPool,
+    batch: Vec<Delivered>,
+    out_of_order_delay: Duration,
+) -> Result<Vec<Disposition>, sqlx::Error> {
+    let events = decode_all::<ChatEvent>(CHATS_READER, &batch);
+    let mut tx = pg.begin().await?;
+    let mut versions = Versions::lock(
+        &mut tx,
+        "SELECT chat_id, last_sequence FROM activity_chats WHERE chat_id = ANY($1) \
+         ORDER BY chat_id FOR UPDATE",
+        &events,
+        out_of_order_delay,
+    )
+    .await?;
+    let mut msgs: (Vec<Uuid>, Vec<i64>, Vec<Uuid>, Vec<DateTime<Utc>>) = Default::default();
+    let mut progress: BTreeMap<Uuid, i64> = BTreeMap::new();
+    let mut out = Vec::with_capacity(events.len());
+    for event in &events {
+        let Some(event) = event else {
+            out.push(Disposition::Term);
+            continue;
+        };
+        let chat_id = match versions.admit(event) {
+            Ok(id) => id,
+            Err(d) => {
+                out.push(d);
+                continue;
+            }
+        };
+        let seq = event.meta.sequence as i64;
+        // Both versions of a sent message count; the body is never needed here.
+        let sender = match &event.event {
+            ChatEvent::MessageSent(m) => Some(m.sender_id),
+            ChatEvent::MessageSentV2(m) => Some(m.sender_id),
+            _ => None,
+        };
+        if let Some(sender) = sender {
+            msgs.0.push(chat_id);
+            msgs.1.push(seq);
+            msgs.2.push(*sender.as_uuid());
+            msgs.3.push(event.meta.time);
+        }
+        versions.advance(chat_id, seq);
+        progress.insert(chat_id, seq);
+        out.push(Disposition::Ack);
+    }
+    if !msgs.0.is_empty() {
+        // A receipt applied before the message (the RECEIPTS reader ahead) left a watermark.
+        sqlx::query(
+            "INSERT INTO activity_messages (chat_id, sequence, sender_id, sent_at, delivered_at) \
+             SELECT v.chat_id, v.seq, v.sender, v.at, \
+                    (SELECT min(w.at) FROM activity_watermarks w \
+                     WHERE w.chat_id = v.chat_id AND w.user_id <> v.sender \
+                       AND w.delivered_up_to >= v.seq) \
+             FROM UNNEST($1::uuid[], $2::bigint[], $3::uuid[], $4::timestamptz[]) \
+                  AS v(chat_id, seq, sender, at) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&msgs.0)
+        .bind(&msgs.1)
+        .bind(&msgs.2)
+        .bind(&msgs.3)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let (ids, seqs): (Vec<Uuid>, Vec<i64>) = progress.into_iter().unzip();
+    if !ids.is_empty() {
+        sqlx::query(
+            "INSERT INTO activity_chats (chat_id, last_sequence) \
+             SELECT * FROM UNNEST($1::uuid[], $2::bigint[]) \
+             ON CONFLICT (chat_id) DO UPDATE SET last_sequence = EXCLUDED.last_sequence",
+        )
+        .bind(&ids)
+        .bind(&seqs)
+        .execute(&mut *tx)
+        .await?;
+    }
+    checkpoint(&mut tx, CHATS_READER, &batch).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// Applies a batch of `RECEIPTS` events: a delivered receipt stamps the messages between the
+/// user's previous watermark and its `up_to` that others sent. Read receipts are not used.
+pub async fn apply_receipts(
+    pg: &PgPool,
+    batch: Vec<Delivered>,
+) -> Result<Vec<Disposition>, sqlx::Error> {
+    let events = decode_all::<ReceiptEvent>(RECEIPTS_READER, &batch);
+    let mut tx = pg.begin().await?;
+    let chats: BTreeSet<Uuid> = events
+        .iter()
+        .flatten()
+        .filter(|e| matches!(e.event, ReceiptEvent::Delivered(_)))
+        .filter_map(|e| Uuid::parse_str(&e.meta.subject).ok())
+        .collect();
+    let chats: Vec<Uuid> = chats.into_iter().collect();
+    if !chats.is_empty() {
+        // The chat's row is the lock both readers take (created here if receipts come first),
+        // in id order so that concurrent batches never deadlock.
+        sqlx::query(
+            "INSERT INTO activity_chats (chat_id, last_sequence) \
+             SELECT c, 0 FROM UNNEST($1::uuid[]) AS t(c) ORDER BY c ON CONFLICT DO NOTHING",
+        )
+        .bind(&chats)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "SELECT chat_id FROM activity_chats WHERE chat_id = ANY($1) ORDER BY chat_id FOR UPDATE",
+        )
+        .bind(&chats)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let mut out = Vec::with_capacity(events.len());
+    for event in &events {
+        let Some(event) = event else {
+            out.push(Disposition::Term);
+            continue;
+        };
+        let Ok(chat_id) = Uuid::parse_str(&event.meta.subject) else {
+            out.push(Disposition::Term);
+            continue;
+        };
+        if let ReceiptEvent::Delivered(d) = &event.event {
+            let user = *d.user_id.as_uuid();
+            let up_to = d.up_to as i64;
+            let at = event.meta.time;
+            let previous: Option<i64> = sqlx::query_scalar(
+                "SELECT delivered_up_to FROM activity_watermarks WHERE chat_id = $1 AND user_id = $2",
+            )
+            .bind(chat_id)
+            .bind(user)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let previous = previous.unwrap_or(0);
+            if up_to > previous {
+                // Earliest wins, so a receipt applied late (redelivery) never moves a time later.
+                sqlx::query(
+                    "UPDATE activity_messages SET delivered_at = $5 \
+                     WHERE chat_id = $1 AND sequence > $2 AND sequence <= $3 AND sender_id <> $4 \
+                       AND (delivered_at IS NULL OR delivered_at > $5)",
+                )
+                .bind(chat_id)
+                .bind(previous)
+                .bind(up_to)
+                .bind(user)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO activity_watermarks (chat_id, user_id, delivered_up_to, at) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (chat_id, user_id) DO UPDATE \
+                     SET delivered_up_to = EXCLUDED.delivered_up_to, at = EXCLUDED.at \
+                     WHERE activity_watermarks.delivered_up_to < EXCLUDED.delivered_up_to",
+                )
+                .bind(chat_id)
+                .bind(user)
+                .bind(up_to)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        out.push(Disposition::Ack);
+    }
+    checkpoint(&mut tx, RECEIPTS_READER, &batch).await?;
+    tx.commit().await?;
+    Ok(out)
+}

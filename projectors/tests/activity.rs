@@ -1,0 +1,203 @@
+//! The activity projection against a real PostgreSQL: a message's delivery time is the first
+//! delivered receipt from someone else covering it, whichever of its two readers runs first.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use parley_platform::MIGRATOR;
+use parley_projectors::activity;
+use parley_projectors::runner::{Delivered, Disposition};
+use parley_schemas::cloudevent::{EventMeta, encode};
+use parley_schemas::events::{ChatCreated, Delivered as DeliveredEvent, MemberRole, MessageSent};
+use parley_schemas::{
+    ChatEvent, ChatId, ChatKind, DeviceId, EventId, MessageId, ReceiptEvent, Role, UserId,
+};
+use parley_test_support::TestDb;
+use sqlx::PgPool;
+
+const DELAY: Duration = Duration::from_millis(50);
+
+fn at(secs: i64) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 21, 16, 0, 0).unwrap() + chrono::Duration::seconds(secs)
+}
+
+struct Scenario {
+    chat: ChatId,
+    chats: Vec<Delivered>,
+    receipts: Vec<Delivered>,
+}
+
+fn delivered(seq: u64, meta: EventMeta, event: &impl parley_schemas::DomainEvent) -> Delivered {
+    Delivered {
+        stream_seq: seq,
+        payload: encode(&meta, event).into(),
+    }
+}
+
+/// Ada creates a chat with Bob and sends three messages (at 1 s, 2 s, 3 s); Bob sends one (4 s).
+/// Bob's device acks up to 3 at 10 s and up to 5 at 20 s; Ada's device acks up to 5 at 30 s.
+fn scenario() -> Scenario {
+    let (chat, ada, bob) = (ChatId::new(), UserId::new(), UserId::new());
+    let meta = |seq: u64, secs: i64, actor: UserId| EventMeta {
+        id: EventId::new(),
+        subject: chat.to_string(),
+        time: at(secs),
+        sequence: seq,
+        actor,
+    };
+    let mut chats = vec![delivered(
+        1,
+        meta(1, 0, ada),
+        &ChatEvent::Created(ChatCreated {
+            chat_id: chat,
+            kind: ChatKind::Group,
+            title: None,
+            visibility: Default::default(),
+            members: vec![
+                MemberRole {
+                    user_id: ada,
+                    role: Role::Admin,
+                },
+                MemberRole {
+                    user_id: bob,
+                    role: Role::Member,
+                },
+            ],
+        }),
+    )];
+    for (seq, secs, sender) in [(2, 1, ada), (3, 2, ada), (4, 3, ada), (5, 4, bob)] {
+        chats.push(delivered(
+            seq,
+            meta(seq, secs, sender),
+            &ChatEvent::MessageSent(MessageSent {
+                message_id: MessageId::new(),
+                sender_id: sender,
+                body: "x".into(),
+                reply_to: None,
+                attachments: vec![],
+                thread_root: None,
+                mentions: vec![],
+            }),
+        ));
+    }
+    let receipt = |n: u64, user: UserId, up_to: u64, secs: i64| {
+        delivered(
+            n,
+            meta(up_to, secs, user),
+            &ReceiptEvent::Delivered(DeliveredEvent {
+                user_id: user,
+                device_id: DeviceId::new(),
+                up_to,
+            }),
+        )
+    };
+    let receipts = vec![
+        receipt(1, bob, 3, 10),
+        receipt(2, bob, 5, 20),
+        receipt(3, ada, 5, 30),
+    ];
+    Scenario {
+        chat,
+        chats,
+        receipts,
+    }
+}
+
+fn copy(batch: &[Delivered]) -> Vec<Delivered> {
+    batch
+        .iter()
+        .map(|d| Delivered {
+            stream_seq: d.stream_seq,
+            payload: d.payload.clone(),
+        })
+        .collect()
+}
+
+async fn db() -> (TestDb, PgPool) {
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    MIGRATOR.run(&pool).await.unwrap();
+    (db, pool)
+}
+
+async fn delivered_at(pg: &PgPool, chat: ChatId) -> Vec<(i64, Option<DateTime<Utc>>)> {
+    sqlx::query_as(
+        "SELECT sequence, delivered_at FROM activity_messages WHERE chat_id = $1 ORDER BY sequence",
+    )
+    .bind(chat.as_uuid())
+    .fetch_all(pg)
+    .await
+    .unwrap()
+}
+
+fn expected() -> Vec<(i64, Option<DateTime<Utc>>)> {
+    // Ada's messages 2 and 3 reached Bob at 10 s, message 4 at 20 s; Bob's message 5 reached
+    // Ada at 30 s (Bob's own receipt at 20 s does not count for his message).
+    vec![
+        (2, Some(at(10))),
+        (3, Some(at(10))),
+        (4, Some(at(20))),
+        (5, Some(at(30))),
+    ]
+}
+
+#[tokio::test]
+async fn messages_then_receipts_stamp_each_message_with_its_first_delivery_to_someone_else() {
+    let (_db, pg) = db().await;
+    let s = scenario();
+    let out = activity::apply_chats(&pg, copy(&s.chats), DELAY)
+        .await
+        .unwrap();
+    assert_eq!(out, vec![Disposition::Ack; 5]);
+    activity::apply_receipts(&pg, copy(&s.receipts))
+        .await
+        .unwrap();
+    assert_eq!(delivered_at(&pg, s.chat).await, expected());
+}
+
+#[tokio::test]
+async fn receipts_applied_before_their_messages_give_the_same_delivery_times() {
+    let (_db, pg) = db().await;
+    let s = scenario();
+    // Each receipt lands before the messages it covers: the RECEIPTS reader ahead of CHATS.
+    activity::apply_receipts(&pg, copy(&s.receipts[..1]))
+        .await
+        .unwrap();
+    activity::apply_chats(&pg, copy(&s.chats[..4]), DELAY)
+        .await
+        .unwrap();
+    activity::apply_receipts(&pg, copy(&s.receipts[1..]))
+        .await
+        .unwrap();
+    activity::apply_chats(&pg, copy(&s.chats[4..]), DELAY)
+        .await
+        .unwrap();
+    assert_eq!(delivered_at(&pg, s.chat).await, expected());
+}
+
+#[tokio::test]
+async fn redelivered_batches_change_nothing() {
+    let (_db, pg) = db().await;
+    let s = scenario();
+    activity::apply_chats(&pg, copy(&s.chats), DELAY)
+        .await
+        .unwrap();
+    activity::apply_receipts(&pg, copy(&s.receipts))
+        .await
+        .unwrap();
+    let out = activity::apply_chats(&pg, copy(&s.chats), DELAY)
+        .await
+        .unwrap();
+    assert_eq!(out, vec![Disposition::Ack; 5], "duplicates are acked");
+    activity::apply_receipts(&pg, copy(&s.receipts))
+        .await
+        .unwrap();
+    assert_eq!(delivered_at(&pg, s.chat).await, expected());
+    let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM activity_messages")
+        .fetch_one(&pg)
+        .await
+        .unwrap();
+    assert_eq!(count, 4);
+}

@@ -1,0 +1,268 @@
+//! A whole Parley in-process (`parley up` on a private nats-server and a fresh database), HTTP
+//! and WebSocket helpers to populate it, and `parley(…)`: the built binary run against it.
+
+use std::net::SocketAddr;
+use std::process::Output;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use parley::{App, Role, Settings};
+use parley_test_support::{NatsServer, TestDb, eventually};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+use tokio_util::sync::CancellationToken;
+
+pub struct TestApp {
+    pub base: String,
+    pub port: u16,
+    pub http: reqwest::Client,
+    pub shutdown: CancellationToken,
+    pub js: async_nats::jetstream::Context,
+    pub pg: sqlx::PgPool,
+    pub nats: NatsServer,
+    pub db: TestDb,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    let nats = NatsServer::start().await;
+    let db = TestDb::create().await;
+    let mut settings = Settings::default();
+    settings.infra.nats_url = nats.url();
+    settings.infra.database_url = db.url.clone();
+    settings.infra.pg_max_connections = 8;
+    let shutdown = CancellationToken::new();
+    let app = App::build(
+        settings,
+        Role::All,
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        shutdown.clone(),
+    )
+    .await
+    .expect("build app");
+    let port = app.port();
+    tokio::spawn(app.run_until_stopped());
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let pg = db.pool().await;
+    TestApp {
+        base: format!("http://127.0.0.1:{port}"),
+        port,
+        http: reqwest::Client::new(),
+        shutdown,
+        js,
+        pg,
+        nats,
+        db,
+    }
+}
+
+pub struct User {
+    pub user_id: String,
+    pub token: String,
+    pub device_id: String,
+}
+
+impl TestApp {
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req.send().await.expect("request");
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
+        self.send(reqwest::Method::POST, path, token, Some(body))
+            .await
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> (u16, Value) {
+        self.send(reqwest::Method::GET, path, Some(token), None)
+            .await
+    }
+
+    pub async fn signup(&self, handle: &str) -> User {
+        let (s, body) = self
+            .post(
+                "/v1/users",
+                None,
+                json!({"handle": handle, "display_name": handle.to_uppercase(), "password": "correct horse"}),
+            )
+            .await;
+        assert_eq!(s, 201, "signup {handle}: {body}");
+        self.login(handle).await
+    }
+
+    pub async fn login(&self, handle: &str) -> User {
+        let (s, body) = self
+            .post(
+                "/v1/sessions",
+                None,
+                json!({"handle": handle, "password": "correct horse", "device_name": "laptop", "platform": "web"}),
+            )
+            .await;
+        assert_eq!(s, 201, "login {handle}: {body}");
+        User {
+            user_id: body["user_id"].as_str().unwrap().to_owned(),
+            token: body["token"].as_str().unwrap().to_owned(),
+            device_id: body["device_id"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    pub async fn group(&self, admin: &User, others: &[&User]) -> String {
+        let members: Vec<&str> = others.iter().map(|u| u.user_id.as_str()).collect();
+        let (s, body) = self
+            .post(
+                "/v1/chats",
+                Some(&admin.token),
+                json!({"kind": "group", "title": "team", "members": members}),
+            )
+            .await;
+        assert_eq!(s, 201, "create group: {body}");
+        body["chat_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Sends a message; returns its chat sequence.
+    pub async fn message(&self, from: &User, chat: &str, body: &str) -> u64 {
+        let (s, b) = self
+            .post(
+                &format!("/v1/chats/{chat}/messages"),
+                Some(&from.token),
+                json!({ "body": body }),
+            )
+            .await;
+        assert_eq!(s, 201, "send: {b}");
+        b["sequence"].as_u64().unwrap()
+    }
+
+    /// Connects `user`'s device to the gateway and acks everything of `chat` up to `up_to`,
+    /// then waits until the delivered receipt is stored.
+    pub async fn deliver(&self, user: &User, chat: &str, up_to: u64) {
+        // The gateway learns the user's chats from the read model when the socket opens.
+        self.settled().await;
+        let mut req = format!("ws://127.0.0.1:{}/v1/ws", self.port)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", user.token).parse().unwrap(),
+        );
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        let ready = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("ready frame in time")
+            .unwrap()
+            .unwrap();
+        assert!(ready.to_text().unwrap().contains("ready"), "{ready}");
+        // The gateway takes acks only for what it sent on this connection: read the inbox
+        // replay up to `up_to` first.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let frame = tokio::time::timeout_at(deadline, ws.next())
+                .await
+                .expect("the chat's events up to the ack in time")
+                .unwrap()
+                .unwrap();
+            let Ok(frame) = serde_json::from_str::<Value>(frame.to_text().unwrap_or("")) else {
+                continue;
+            };
+            if frame["chat_id"] == chat && frame["sequence"].as_u64() >= Some(up_to) {
+                break;
+            }
+        }
+        ws.send(Message::text(
+            json!({"type": "ack", "chat_id": chat, "sequence": up_to}).to_string(),
+        ))
+        .await
+        .unwrap();
+        let subject = format!("receipts.{chat}");
+        let device = user.device_id.clone();
+        eventually(Duration::from_secs(10), "the delivered receipt", || {
+            let (js, subject, device) = (self.js.clone(), subject.clone(), device.clone());
+            async move {
+                let stream = js.get_stream("RECEIPTS").await.ok()?;
+                let last = stream
+                    .get_last_raw_message_by_subject(&subject)
+                    .await
+                    .ok()?;
+                let text = String::from_utf8_lossy(&last.payload).into_owned();
+                (text.contains(&device) && text.contains(&format!("\"up_to\":{up_to}")))
+                    .then_some(())
+            }
+        })
+        .await;
+        let _ = ws.close(None).await;
+    }
+
+    /// Waits until every projector has acknowledged everything in its stream.
+    pub async fn settled(&self) {
+        eventually(Duration::from_secs(20), "projectors caught up", || async {
+            let rows = parley_projectors::status::status(&self.js, &self.pg)
+                .await
+                .ok()?;
+            rows.iter().all(|r| r.lag_events == 0).then_some(())
+        })
+        .await;
+    }
+
+    /// Every stored payload of `stream`, in order, read by stream sequence.
+    pub async fn stored(&self, stream: &str) -> Vec<Vec<u8>> {
+        let mut s = self.js.get_stream(stream).await.unwrap();
+        let last = s.info().await.unwrap().state.last_sequence;
+        let mut out = Vec::new();
+        for seq in 1..=last {
+            out.push(s.get_raw_message(seq).await.unwrap().payload.to_vec());
+        }
+        out
+    }
+
+    /// Runs the built `parley` binary against this app's NATS and database.
+    pub async fn parley(&self, args: &[&str]) -> Output {
+        let child = self.command(args).spawn().expect("run parley");
+        tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("parley finished within 60 s")
+            .expect("parley output")
+    }
+
+    /// The `parley` command, not started, with piped output.
+    pub fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_parley"));
+        cmd.args(args)
+            .env("NATS_URL", self.nats.url())
+            .env("DATABASE_URL", &self.db.url)
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    }
+}
+
+/// Stdout as text, with stderr in the message when the exit code is not `code`.
+pub fn expect_exit(out: &Output, code: i32) -> String {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "exit status; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).expect("utf-8 stdout")
+}
