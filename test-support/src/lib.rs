@@ -65,7 +65,7 @@ impl NatsServer {
     async fn wait_ready(&self) {
         let url = self.url();
         let ready: Result<(), async_nats::Error> =
-            eventually_result(Duration::from_secs(10), || async {
+            eventually_result(Duration::from_secs(30), || async {
                 let client = async_nats::connect(&url).await?;
                 let info = client.request("$JS.API.INFO", "".into()).await?;
                 let text = String::from_utf8_lossy(&info.payload);

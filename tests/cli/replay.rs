@@ -61,9 +61,9 @@ async fn replay_selects_by_chat_type_user_and_sequence_range() {
     let bob = app.signup("bob").await;
     let one = app.group(&ada, &[&bob]).await;
     let two = app.group(&bob, &[&ada]).await;
-    app.message(&ada, &one, "a1").await;
-    app.message(&bob, &one, "b1").await;
-    app.message(&ada, &two, "a2").await;
+    let a1 = app.message(&ada, &one, "a1").await;
+    let b1 = app.message(&bob, &one, "b1").await;
+    let a2 = app.message(&ada, &two, "a2").await;
 
     let out = app.parley(&["replay", "--chat", &one]).await;
     let text = expect_exit(&out, 0);
@@ -85,20 +85,25 @@ async fn replay_selects_by_chat_type_user_and_sequence_range() {
             "--stream",
             "CHATS",
             "--type",
-            "parley.chat.message_sent.v1",
+            "parley.chat.message_sent.v2",
         ])
         .await;
     let text = expect_exit(&out, 0);
-    let bodies: Vec<String> = lines(&text)
+    // Bodies are sealed (ADR 7): the messages are told apart by chat and sequence.
+    let sent: Vec<(String, u64)> = lines(&text)
         .iter()
         .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["data"]["body"]
-                .as_str()
-                .unwrap()
-                .to_owned()
+            let e = serde_json::from_str::<Value>(l).unwrap();
+            (
+                e["subject"].as_str().unwrap().to_owned(),
+                e["sequence"].as_u64().unwrap(),
+            )
         })
         .collect();
-    assert_eq!(bodies, vec!["a1", "b1", "a2"]);
+    assert_eq!(
+        sent,
+        vec![(one.clone(), a1), (one.clone(), b1), (two.clone(), a2)]
+    );
 
     // --user on CHATS: the events the user caused.
     let out = app
@@ -210,11 +215,12 @@ async fn replay_follow_writes_the_stored_events_then_each_new_one() {
             .unwrap()
             .expect("replay still running")
     };
+    let sequence =
+        |line: String| serde_json::from_str::<Value>(&line).unwrap()["sequence"].as_u64();
     assert!(next().await.contains("parley.chat.created.v1"));
-    assert!(next().await.contains("\"before\""));
-    app.message(&ada, &chat, "after").await;
-    let line = next().await;
-    assert!(line.contains("\"after\""), "{line}");
+    assert_eq!(sequence(next().await), Some(2), "the stored message");
+    let after = app.message(&ada, &chat, "after").await;
+    assert_eq!(sequence(next().await), Some(after), "the new one, live");
     child.kill().await.unwrap();
 }
 

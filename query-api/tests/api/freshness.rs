@@ -7,6 +7,31 @@ use reqwest::StatusCode;
 
 use crate::helpers::{assert_problem, sequences, spawn_app, spawn_app_with};
 
+/// The write side is ahead of the read model: the `CHATS` stream holds `chat` at `sequence`
+/// (as after a command whose event the projector has not applied yet; this harness runs no
+/// projector).
+async fn stored_at(app: &crate::helpers::TestApp, chat: parley_schemas::ChatId, sequence: u64) {
+    use parley_schemas::cloudevent::{EventMeta, encode};
+    use parley_schemas::events::TitleChanged;
+    use parley_schemas::{ChatEvent, EventId, UserId};
+    let meta = EventMeta {
+        id: EventId::new(),
+        subject: chat.to_string(),
+        time: chrono::Utc::now(),
+        sequence,
+        actor: UserId::new(),
+    };
+    let event = ChatEvent::TitleChanged(TitleChanged { title: "t".into() });
+    app.stack
+        .infra
+        .js
+        .publish(format!("chats.{chat}"), encode(&meta, &event).into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
 fn short_wait() -> QueryConfig {
     QueryConfig {
         min_sequence_wait: Duration::from_millis(300),
@@ -40,14 +65,16 @@ async fn min_sequence_never_reached_is_503_with_retry_after() {
     let alice = app.user("alice").await;
     let token = app.login(alice, "phone").await;
     let chat = app.chat("group", None, &[(alice, "admin")]).await;
-    let unknown = parley_schemas::ChatId::new();
+    stored_at(&app, chat, 2).await;
+    let fresh = parley_schemas::ChatId::new();
+    stored_at(&app, fresh, 1).await;
 
     for route in [
         format!("/v1/chats/{chat}?min_sequence=2"),
         format!("/v1/chats/{chat}/messages?min_sequence=2"),
         format!("/v1/chats?chat_id={chat}&min_sequence=2"),
         // A chat the read model does not hold yet may be the caller's brand-new one.
-        format!("/v1/chats/{unknown}?min_sequence=1"),
+        format!("/v1/chats/{fresh}?min_sequence=1"),
     ] {
         let started = std::time::Instant::now();
         let res = app.get(&route, &token).await;
@@ -140,5 +167,23 @@ async fn min_sequence_reached_still_returns_404_to_a_non_member() {
         .get(&format!("/v1/chats/{chat}/messages?min_sequence=1"), &token)
         .await;
 
+    assert_problem(res, StatusCode::NOT_FOUND).await;
+}
+
+#[tokio::test]
+async fn min_sequence_the_chat_never_reached_is_422_for_a_member_and_404_for_an_unknown_chat() {
+    let app = spawn_app_with(short_wait()).await;
+    let alice = app.user("alice").await;
+    let token = app.login(alice, "phone").await;
+    let chat = app.chat("group", None, &[(alice, "admin")]).await;
+    stored_at(&app, chat, 1).await;
+    let res = app
+        .get(&format!("/v1/chats/{chat}?min_sequence=2"), &token)
+        .await;
+    assert_problem(res, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let unknown = parley_schemas::ChatId::new();
+    let res = app
+        .get(&format!("/v1/chats/{unknown}?min_sequence=1"), &token)
+        .await;
     assert_problem(res, StatusCode::NOT_FOUND).await;
 }
