@@ -17,6 +17,12 @@ pub(crate) enum ApiError {
     /// No such user, or one that shares no chat with the caller: alike, so nothing leaks.
     #[error("no such user")]
     UserNotVisible,
+    /// No such attachment, or not the caller's to see: alike, so nothing leaks.
+    #[error("no such attachment")]
+    AttachmentNotFound,
+    /// The attachments object store cannot be read: worth a retry.
+    #[error("attachments unavailable")]
+    AttachmentsUnavailable(#[source] parley_nats::AttachmentError),
     /// The caller's user is not projected yet (a token can exist before its read model row).
     #[error("the caller's user is not in the read model yet")]
     UserNotFound,
@@ -62,6 +68,11 @@ impl From<ApiError> for Problem {
             ApiError::ChatNotFound => Problem::not_found("no such chat"),
             ApiError::MessageNotFound => Problem::not_found("no such message in this chat"),
             ApiError::UserNotVisible => Problem::not_found("no such user"),
+            ApiError::AttachmentNotFound => Problem::not_found("no such attachment"),
+            ApiError::AttachmentsUnavailable(cause) => {
+                tracing::warn!(error = %cause, "attachments unavailable");
+                Problem::unavailable("attachments are unavailable", 1)
+            }
             ApiError::UserNotFound => {
                 Problem::not_found("your user is not available yet; retry shortly")
             }

@@ -30,6 +30,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         crate::receipts::receipts,
         crate::presence::presence,
         crate::search::search,
+        crate::attachments::download,
     ),
     components(schemas(ProblemDoc, MessageDoc, AttachmentDoc)),
     modifiers(&BearerAuth),
@@ -39,6 +40,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         (name = "messages", description = "Chat history"),
         (name = "users", description = "Other users"),
         (name = "search", description = "Full-text search over the caller's chats"),
+        (name = "attachments", description = "Uploaded files"),
     )
 )]
 struct ApiDoc;
