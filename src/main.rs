@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use parley::cli::{CliError, projections::ProjectionsCmd, replay::ReplayArgs, stats::StatsArgs};
-use parley::{App, Role, Settings, parse_duration};
-use parley_command_api::LimitsConfig;
+use parley::{App, Role, Settings, parse_duration, parse_size};
+use parley_command_api::{AttachmentLimits, LimitsConfig};
 use parley_nats::JetStreamSettings;
 use parley_platform::{InfraConfig, Rate};
 
@@ -84,6 +84,25 @@ struct Opts {
     max_channel_members: usize,
     #[command(flatten)]
     limits: LimitOpts,
+    #[command(flatten)]
+    attachments: AttachmentOpts,
+}
+
+/// Largest attachment per kind (`16MiB`, `512KiB`, plain bytes, …).
+#[derive(clap::Args)]
+struct AttachmentOpts {
+    /// image/* uploads.
+    #[arg(long, global = true, env = "PARLEY_ATTACHMENT_MAX_IMAGE", default_value = "16MiB", value_parser = parse_size)]
+    attachment_max_image: u64,
+    /// audio/* uploads.
+    #[arg(long, global = true, env = "PARLEY_ATTACHMENT_MAX_AUDIO", default_value = "16MiB", value_parser = parse_size)]
+    attachment_max_audio: u64,
+    /// video/* uploads.
+    #[arg(long, global = true, env = "PARLEY_ATTACHMENT_MAX_VIDEO", default_value = "100MiB", value_parser = parse_size)]
+    attachment_max_video: u64,
+    /// Documents (PDF, zip, text).
+    #[arg(long, global = true, env = "PARLEY_ATTACHMENT_MAX_DOCUMENT", default_value = "100MiB", value_parser = parse_size)]
+    attachment_max_document: u64,
 }
 
 /// Abuse limits of command-api, per process (`N/s`, `N/m`, `N/h` or `off`).
@@ -213,6 +232,12 @@ impl Opts {
         s.command.max_group_members = self.max_group_members;
         s.command.max_channel_members = self.max_channel_members;
         s.command.limits = self.limits.config();
+        s.command.attachment_limits = AttachmentLimits {
+            image: self.attachments.attachment_max_image,
+            audio: self.attachments.attachment_max_audio,
+            video: self.attachments.attachment_max_video,
+            document: self.attachments.attachment_max_document,
+        };
         s
     }
 }

@@ -16,6 +16,12 @@ pub enum ApiError {
     Rejected(#[from] Rejection),
     #[error("{0}")]
     Invalid(String),
+    /// Larger than the limit for its kind (413).
+    #[error("{0}")]
+    TooLarge(String),
+    /// A media type that may not be uploaded (415).
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     #[error("handle is taken")]
     HandleTaken,
     #[error("bad credentials")]
@@ -68,6 +74,24 @@ impl From<parley_nats::KeyError> for ApiError {
     }
 }
 
+impl From<parley_nats::AttachmentError> for ApiError {
+    fn from(e: parley_nats::AttachmentError) -> Self {
+        use parley_nats::AttachmentError as E;
+        match e {
+            E::TooLarge { limit } => {
+                ApiError::TooLarge(format!("at most {limit} bytes for this kind of attachment"))
+            }
+            // The client broke its own upload (disconnect, bad chunking): its fault, not ours.
+            E::Body(why) => ApiError::Problem(Problem::bad_request(format!(
+                "the upload could not be read: {why}"
+            ))),
+            E::NotFound => ApiError::Invalid("unknown attachment".into()),
+            E::Nats(cause) => ApiError::Unavailable(cause),
+            E::Corrupt(_) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
 impl ApiError {
     pub fn problem(&self) -> Problem {
         match self {
@@ -77,6 +101,12 @@ impl ApiError {
             ApiError::Rejected(Rejection::Conflict(why)) => Problem::conflict(*why),
             ApiError::Rejected(Rejection::Invalid(why)) => Problem::invalid(why.clone()),
             ApiError::Invalid(why) => Problem::invalid(why.clone()),
+            ApiError::TooLarge(why) => Problem::too_large(why.clone()),
+            ApiError::UnsupportedMediaType(why) => Problem::new(
+                axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                why.clone(),
+            ),
             ApiError::HandleTaken => Problem::conflict("that handle is taken"),
             ApiError::BadCredentials => Problem::unauthorized("unknown handle or wrong password"),
             ApiError::IdempotencyMismatch => {

@@ -12,6 +12,7 @@ mod state;
 use std::time::Duration;
 
 pub use error::ApiError;
+pub use http::attachments::AttachmentLimits;
 pub use http::openapi;
 pub use limits::LimitsConfig;
 pub use state::CommandState;
@@ -30,6 +31,8 @@ pub struct CommandConfig {
     pub max_body_bytes: usize,
     /// Rate limits and the flood rule.
     pub limits: LimitsConfig,
+    /// Largest upload per kind of attachment.
+    pub attachment_limits: AttachmentLimits,
 }
 
 impl Default for CommandConfig {
@@ -42,6 +45,7 @@ impl Default for CommandConfig {
             snapshot_interval: Duration::from_secs(5),
             max_body_bytes: 64 * 1024,
             limits: LimitsConfig::default(),
+            attachment_limits: AttachmentLimits::default(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Parley's JetStream layer: the one definition of every stream, consumer name and bucket, and
 //! the event store (optimistic append with dedup, aggregate loading from cache and snapshots).
 
+pub mod attachments;
 pub mod message_keys;
 pub mod presence;
 pub mod receipts;
@@ -8,6 +9,7 @@ pub mod replay;
 pub mod setup;
 pub mod store;
 
+pub use attachments::{AttachmentError, AttachmentMeta, Attachments, NewAttachment};
 pub use message_keys::{KeyError, MessageKey, MessageKeys};
 pub use setup::{Buckets, JetStreamSettings, connect, ensure, subjects};
 pub use store::{Aggregate, AppendContext, EventStore, ExecuteError, Outcome, StoreError};

@@ -98,6 +98,8 @@ pub struct Buckets {
     /// "<chat_id>.<message_id>" → the message's 256-bit body key; erased when the message is
     /// deleted (crypto-shredding, ADR 7).
     pub message_keys: kv::Store,
+    /// attachment_id → uploaded bytes and their metadata (object store, chunked).
+    pub attachments: crate::attachments::Attachments,
 }
 
 /// Connects to `url`, which may list several servers of a cluster separated by commas
@@ -132,6 +134,8 @@ pub enum SetupError {
         #[source]
         source: async_nats::jetstream::context::KeyValueError,
     },
+    #[error("cannot open object store {name}: {cause}")]
+    ObjectStore { name: &'static str, cause: String },
 }
 
 fn stream_config(
@@ -202,7 +206,26 @@ pub async fn ensure(js: &jetstream::Context, s: &JetStreamSettings) -> Result<Bu
             .await
             .map_err(|source| SetupError::Bucket { name, source })
     };
+    // Same reason as for KV buckets: the object store's stream is declared by hand, exactly as
+    // an object store bucket's stream. Chunks are whole messages of up to 128 KiB.
+    let name = crate::attachments::BUCKET;
+    js.create_or_update_stream(stream::Config {
+        name: format!("OBJ_{name}"),
+        subjects: vec![format!("$O.{name}.C.>"), format!("$O.{name}.M.>")],
+        storage: stream::StorageType::File,
+        num_replicas: s.replicas,
+        allow_rollup: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .map_err(|source| SetupError::Stream { name, source })?;
+    let attachments = crate::attachments::Attachments::open(js)
+        .await
+        .map_err(|cause| SetupError::ObjectStore { name, cause })?;
     Ok(Buckets {
+        attachments,
         handles: bucket("handles", Duration::ZERO, false).await?,
         credentials: bucket("credentials", Duration::ZERO, false).await?,
         sessions: bucket("sessions", Duration::ZERO, false).await?,

@@ -1,6 +1,7 @@
 //! Plumbing every Parley service shares: connections, problem+json, bearer auth, typed
 //! extractors, shutdown and telemetry. No business rules live here.
 
+pub mod attachments;
 pub mod auth;
 pub mod extract;
 pub mod infra;

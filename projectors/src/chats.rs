@@ -12,7 +12,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use parley_nats::{KeyError, MessageKeys};
-use parley_schemas::frames::{self, ChatItem};
+use parley_schemas::frames::{self, AttachmentView, ChatItem};
 use parley_schemas::{ChatEvent, ChatId, StoredEvent};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -41,6 +41,8 @@ struct MessageRow {
     sent_at: DateTime<Utc>,
     thread_root: Option<Uuid>,
     mentions: Vec<Uuid>,
+    /// As history shows them (`AttachmentView`s).
+    attachments: Vec<AttachmentView>,
 }
 
 struct ChatProgress {
@@ -176,6 +178,7 @@ async fn apply_one(
                 sent_at: event.meta.time,
                 thread_root: m.thread_root.map(|r| *r.as_uuid()),
                 mentions: m.mentions.iter().map(|u| *u.as_uuid()).collect(),
+                attachments: Vec::new(),
             });
             return Ok(true);
         }
@@ -191,6 +194,11 @@ async fn apply_one(
                 sent_at: event.meta.time,
                 thread_root: m.thread_root.map(|r| *r.as_uuid()),
                 mentions: m.mentions.iter().map(|u| *u.as_uuid()).collect(),
+                attachments: m
+                    .attachment_details
+                    .iter()
+                    .map(AttachmentView::from)
+                    .collect(),
             });
             return Ok(true);
         }
@@ -326,6 +334,7 @@ async fn insert_messages(
     let mut root = Vec::with_capacity(rows.len());
     // uuid[][] cannot be unnested row by row, so mentions travel as JSON arrays.
     let mut mentions = Vec::with_capacity(rows.len());
+    let mut attachments = Vec::with_capacity(rows.len());
     for r in rows {
         chat.push(r.chat_id);
         seq.push(r.sequence);
@@ -336,13 +345,14 @@ async fn insert_messages(
         at.push(r.sent_at);
         root.push(r.thread_root);
         mentions.push(sqlx::types::Json(&r.mentions));
+        attachments.push(sqlx::types::Json(&r.attachments));
     }
     sqlx::query(
-        "INSERT INTO messages (chat_id, sequence, message_id, sender_id, body, reply_to, sent_at, thread_root, mentions) \
+        "INSERT INTO messages (chat_id, sequence, message_id, sender_id, body, reply_to, sent_at, thread_root, mentions, attachments) \
          SELECT c, s, i, u, b, r, a, t, \
-                ARRAY(SELECT jsonb_array_elements_text(m)::uuid) \
-         FROM UNNEST($1::uuid[], $2::bigint[], $3::uuid[], $4::uuid[], $5::text[], $6::uuid[], $7::timestamptz[], $8::uuid[], $9::jsonb[]) \
-              AS v(c, s, i, u, b, r, a, t, m) \
+                ARRAY(SELECT jsonb_array_elements_text(m)::uuid), f \
+         FROM UNNEST($1::uuid[], $2::bigint[], $3::uuid[], $4::uuid[], $5::text[], $6::uuid[], $7::timestamptz[], $8::uuid[], $9::jsonb[], $10::jsonb[]) \
+              AS v(c, s, i, u, b, r, a, t, m, f) \
          ON CONFLICT DO NOTHING",
     )
     .bind(&chat)
@@ -354,6 +364,7 @@ async fn insert_messages(
     .bind(&at)
     .bind(&root)
     .bind(&mentions)
+    .bind(&attachments)
     .execute(&mut *tx)
     .await?;
     // Thread summaries on the roots. The roots are inserted before their replies (a root is

@@ -68,7 +68,8 @@ pub(crate) async fn deleted(
         .execute(&mut *tx)
         .await?;
     sqlx::query(
-        "UPDATE messages SET body = NULL, deleted = true WHERE chat_id = $1 AND message_id = $2",
+        "UPDATE messages SET body = NULL, deleted = true, attachments = '[]' \
+         WHERE chat_id = $1 AND message_id = $2",
     )
     .bind(chat_id)
     .bind(message_id)

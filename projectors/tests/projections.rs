@@ -333,21 +333,31 @@ async fn title_and_role_changes_update_the_chat_and_member_and_become_chat_updat
 #[tokio::test]
 async fn sealed_messages_open_edit_react_and_a_deletion_in_the_same_batch_leaves_no_body() {
     use parley_nats::message_keys::seal;
-    use parley_schemas::events::{MessageDeleted, MessageEdited, MessageSentV2, Reaction};
+    use parley_schemas::events::{
+        AttachmentRef, MessageDeleted, MessageEdited, MessageSentV2, Reaction,
+    };
 
     let (_db, pg, keys) = db().await;
     let mut chat = Chat::new();
     let (kept, gone) = (MessageId::new(), MessageId::new());
     let sent = |chat: &mut Chat, id: MessageId, key: &parley_nats::MessageKey, body: &str| {
         let sealed_body = seal(key, chat.id, id, body);
+        let file = AttachmentRef {
+            attachment_id: parley_schemas::AttachmentId::new(),
+            content_type: "image/png".into(),
+            size: 12,
+            filename: Some(format!("{body}.png")),
+            sha256: "ab".repeat(32),
+        };
         chat.next(ChatEvent::MessageSentV2(MessageSentV2 {
             message_id: id,
             sender_id: chat.admin,
             sealed_body,
             reply_to: None,
-            attachments: vec![],
+            attachments: vec![file.attachment_id],
             thread_root: None,
             mentions: vec![],
+            attachment_details: vec![file],
         }))
     };
     let kept_key = keys.create(chat.id, kept).await.unwrap();
@@ -387,6 +397,16 @@ async fn sealed_messages_open_edit_react_and_a_deletion_in_the_same_batch_leaves
         msgs,
         vec![(2, Some("kept words".into()), false), (3, None, true)]
     );
+    // History shows each attachment's metadata; a deleted message carries none any more.
+    let files: Vec<(serde_json::Value,)> =
+        sqlx::query_as("SELECT attachments FROM messages ORDER BY sequence")
+            .fetch_all(&pg)
+            .await
+            .unwrap();
+    assert_eq!(files[0].0[0]["filename"], "kept words.png");
+    assert_eq!(files[0].0[0]["content_type"], "image/png");
+    assert_eq!(files[0].0[0]["size"], 12);
+    assert_eq!(files[1].0, serde_json::json!([]));
     let reactions: Vec<(uuid::Uuid,)> = sqlx::query_as("SELECT message_id FROM reactions")
         .fetch_all(&pg)
         .await

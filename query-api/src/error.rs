@@ -20,6 +20,12 @@ pub(crate) enum ApiError {
     /// A member asking for what only the chat's admins may see.
     #[error("only the chat's admins may do this")]
     NotAdmin,
+    /// No such attachment, or not the caller's to see: alike, so nothing leaks.
+    #[error("no such attachment")]
+    AttachmentNotFound,
+    /// The attachments object store cannot be read: worth a retry.
+    #[error("attachments unavailable")]
+    AttachmentsUnavailable(#[source] parley_nats::AttachmentError),
     /// The caller's user is not projected yet (a token can exist before its read model row).
     #[error("the caller's user is not in the read model yet")]
     UserNotFound,
@@ -66,6 +72,11 @@ impl From<ApiError> for Problem {
             ApiError::MessageNotFound => Problem::not_found("no such message in this chat"),
             ApiError::UserNotVisible => Problem::not_found("no such user"),
             ApiError::NotAdmin => Problem::forbidden("only the chat's admins may see this"),
+            ApiError::AttachmentNotFound => Problem::not_found("no such attachment"),
+            ApiError::AttachmentsUnavailable(cause) => {
+                tracing::warn!(error = %cause, "attachments unavailable");
+                Problem::unavailable("attachments are unavailable", 1)
+            }
             ApiError::UserNotFound => {
                 Problem::not_found("your user is not available yet; retry shortly")
             }

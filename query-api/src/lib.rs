@@ -6,6 +6,7 @@
 //! answers 404 to anyone who is not a current member of the chat.
 
 mod access;
+mod attachments;
 mod chats;
 mod db;
 mod error;
@@ -61,6 +62,7 @@ pub fn router(infra: &Infra, config: QueryConfig) -> Router {
         .merge(presence::router())
         .merge(search::router())
         .merge(stats::router())
+        .merge(attachments::router())
         .method_not_allowed_fallback(error::method_not_allowed)
         .fallback(parley_platform::problem::not_found_fallback)
         .with_state(state::QueryState::new(infra, config))

@@ -31,6 +31,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         crate::presence::presence,
         crate::search::search,
         crate::stats::stats,
+        crate::attachments::download,
     ),
     components(schemas(ProblemDoc, MessageDoc, AttachmentDoc)),
     modifiers(&BearerAuth),
@@ -40,6 +41,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         (name = "messages", description = "Chat history"),
         (name = "users", description = "Other users"),
         (name = "search", description = "Full-text search over the caller's chats"),
+        (name = "attachments", description = "Uploaded files"),
     )
 )]
 struct ApiDoc;

@@ -160,6 +160,21 @@ pub struct SealedBody {
     pub ciphertext: String,
 }
 
+/// What a message records about each attachment it carries, copied from the upload when the
+/// message is sent, so every reader of the event (live frames, projections, analysts) sees it
+/// without looking the attachment up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AttachmentRef {
+    pub attachment_id: AttachmentId,
+    /// The uploaded media type, e.g. `image/png`.
+    pub content_type: String,
+    /// Bytes.
+    pub size: u64,
+    pub filename: Option<String>,
+    /// sha256 of the bytes, lowercase hex.
+    pub sha256: String,
+}
+
 /// `parley.chat.message_sent.v2`: a message whose body is sealed (v1 carried it in clear).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct MessageSentV2 {
@@ -175,6 +190,10 @@ pub struct MessageSentV2 {
     /// As in `message_sent.v1`: members named by `@handle`, resolved when sent.
     #[serde(default)]
     pub mentions: Vec<UserId>,
+    /// The metadata of `attachments`, in the same order. Absent in older events (which carry
+    /// no attachments: none could be sent before uploads existed).
+    #[serde(default)]
+    pub attachment_details: Vec<AttachmentRef>,
 }
 
 /// `parley.chat.message_edited.v1`: the sender replaced the body; the new one is sealed under

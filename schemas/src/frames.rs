@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::cloudevent::StoredEvent;
-use crate::events::{ChatEvent, ChatKind, MemberRole, Role, Visibility};
+use crate::events::{AttachmentRef, ChatEvent, ChatKind, MemberRole, Role, Visibility};
 use crate::ids::{AttachmentId, ChatId, DeviceId, MessageId, UserId};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -16,6 +16,17 @@ pub struct AttachmentView {
     pub content_type: String,
     pub size: u64,
     pub filename: Option<String>,
+}
+
+impl From<&AttachmentRef> for AttachmentView {
+    fn from(a: &AttachmentRef) -> Self {
+        Self {
+            attachment_id: a.attachment_id,
+            content_type: a.content_type.clone(),
+            size: a.size,
+            filename: a.filename.clone(),
+        }
+    }
 }
 
 /// A message as history and `newMessage` frames show it.
@@ -146,7 +157,11 @@ pub fn render_opened(event: &StoredEvent<ChatEvent>, opened: Option<&str>) -> Ch
             sender_id: m.sender_id,
             body: opened.map(str::to_owned),
             reply_to: m.reply_to,
-            attachments: Vec::new(),
+            attachments: m
+                .attachment_details
+                .iter()
+                .map(AttachmentView::from)
+                .collect(),
             sent_at: meta.time,
             edited_at: None,
             deleted: opened.is_none(),

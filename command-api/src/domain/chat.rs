@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use parley_nats::Aggregate;
 use parley_schemas::events::{
-    ChatCreated, MemberRole, MessageSent, MessageSentV2, ParticipantsModified, RoleChanged,
-    SealedBody, TitleChanged,
+    AttachmentRef, ChatCreated, MemberRole, MessageSent, MessageSentV2, ParticipantsModified,
+    RoleChanged, SealedBody, TitleChanged,
 };
 use parley_schemas::{
     ChatEvent, ChatId, ChatKind, ChatTitle, MessageBody, MessageId, Role, UserId, Visibility,
@@ -95,6 +95,9 @@ pub enum ChatCommand {
         thread_root: Option<MessageId>,
         /// As for `SendMessage`.
         mentions: Vec<UserId>,
+        /// Uploads the caller checked the actor may attach (uploaded them or can already see
+        /// them); at most [`MAX_ATTACHMENTS`], each once.
+        attachments: Vec<AttachmentRef>,
     },
     /// Edit, delete or react to an existing message, given its facts from the read model.
     ChangeMessage {
@@ -244,19 +247,22 @@ pub fn decide(state: &Chat, cmd: &ChatCommand) -> Result<Vec<ChatEvent>, Rejecti
                 reply_to,
                 thread_root,
                 mentions,
+                attachments,
             },
         ) => {
             if !members.contains_key(actor) {
                 return Err(Rejection::NotFound);
             }
+            check_attachments(attachments)?;
             Ok(vec![ChatEvent::MessageSentV2(MessageSentV2 {
                 message_id: *message_id,
                 sender_id: *actor,
                 sealed_body: body.clone(),
                 reply_to: *reply_to,
-                attachments: Vec::new(),
+                attachments: attachments.iter().map(|a| a.attachment_id).collect(),
                 thread_root: *thread_root,
                 mentions: member_mentions(members, mentions, *actor),
+                attachment_details: attachments.clone(),
             })])
         }
         (
@@ -541,6 +547,23 @@ impl Aggregate for Chat {
     }
 }
 
+/// Most attachments one message may carry (API.md).
+pub const MAX_ATTACHMENTS: usize = 10;
+
+/// At most [`MAX_ATTACHMENTS`], none twice: a message lists each file once.
+fn check_attachments(attachments: &[AttachmentRef]) -> Result<(), Rejection> {
+    if attachments.len() > MAX_ATTACHMENTS {
+        return Err(Rejection::Invalid(format!(
+            "at most {MAX_ATTACHMENTS} attachments"
+        )));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if !attachments.iter().all(|a| seen.insert(a.attachment_id)) {
+        return Err(Rejection::Invalid("an attachment is listed twice".into()));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -591,6 +614,84 @@ mod tests {
             thread_root: None,
             mentions: vec![],
         }
+    }
+
+    fn attachment(name: &str) -> AttachmentRef {
+        AttachmentRef {
+            attachment_id: parley_schemas::AttachmentId::new(),
+            content_type: "image/png".into(),
+            size: 12,
+            filename: Some(name.into()),
+            sha256: "00".repeat(32),
+        }
+    }
+
+    fn send_with(actor: UserId, attachments: Vec<AttachmentRef>) -> ChatCommand {
+        ChatCommand::SendSealedMessage {
+            actor,
+            message_id: MessageId::new(),
+            body: SealedBody {
+                alg: "xchacha20poly1305".into(),
+                nonce: "AA==".into(),
+                ciphertext: "AA==".into(),
+            },
+            reply_to: None,
+            thread_root: None,
+            mentions: vec![],
+            attachments,
+        }
+    }
+
+    #[test]
+    fn a_sealed_message_carries_its_attachments_ids_and_metadata_in_order() {
+        let [a, b] = users(2)[..] else { unreachable!() };
+        let chat = given(&[group_of(a, &[b])]);
+        let files = vec![attachment("one.png"), attachment("two.png")];
+        let events = decide(&chat, &send_with(a, files.clone())).unwrap();
+        let [ChatEvent::MessageSentV2(m)] = &events[..] else {
+            panic!("not one message: {events:?}")
+        };
+        assert_eq!(
+            m.attachments,
+            files.iter().map(|f| f.attachment_id).collect::<Vec<_>>()
+        );
+        assert_eq!(m.attachment_details, files);
+    }
+
+    #[test]
+    fn a_message_with_eleven_attachments_is_rejected() {
+        let [a, b] = users(2)[..] else { unreachable!() };
+        let chat = given(&[group_of(a, &[b])]);
+        let ten = (0..10).map(|i| attachment(&format!("{i}.png"))).collect();
+        assert!(decide(&chat, &send_with(a, ten)).is_ok());
+        let eleven = (0..11).map(|i| attachment(&format!("{i}.png"))).collect();
+        assert!(matches!(
+            decide(&chat, &send_with(a, eleven)),
+            Err(Rejection::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn a_message_listing_one_attachment_twice_is_rejected() {
+        let [a, b] = users(2)[..] else { unreachable!() };
+        let chat = given(&[group_of(a, &[b])]);
+        let file = attachment("a.png");
+        assert!(matches!(
+            decide(&chat, &send_with(a, vec![file.clone(), file])),
+            Err(Rejection::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn a_non_member_cannot_send_attachments() {
+        let [a, b, stranger] = users(3)[..] else {
+            unreachable!()
+        };
+        let chat = given(&[group_of(a, &[b])]);
+        assert_eq!(
+            decide(&chat, &send_with(stranger, vec![attachment("a.png")])),
+            Err(Rejection::NotFound)
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! a command carries every fact it needs (actor, pre-minted ids, limits).
 
 pub mod chat;
+pub mod media;
 pub mod mentions;
 pub mod message;
 pub mod user;

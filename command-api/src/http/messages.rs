@@ -11,15 +11,16 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::post;
 use chrono::{DateTime, Utc};
-use parley_nats::AppendContext;
-use parley_platform::{ApiJson, ClientIp, PathIds, Principal};
+use parley_nats::{AppendContext, AttachmentError};
+use parley_platform::{ApiJson, ClientIp, PathIds, Principal, attachments};
+use parley_schemas::events::AttachmentRef;
 use parley_schemas::{AttachmentId, ChatId, MessageBody, MessageId, UserId};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{answer, respond};
 use crate::domain::Rejection;
-use crate::domain::chat::{self, ChatCommand};
+use crate::domain::chat::{self, ChatCommand, MAX_ATTACHMENTS};
 use crate::domain::mentions::mentioned_handles;
 use crate::error::ApiError;
 use crate::idempotency::{self, IdempotencyKey};
@@ -28,9 +29,6 @@ use crate::state::CommandState;
 pub fn router() -> Router<CommandState> {
     Router::new().route("/v1/chats/{chat_id}/messages", post(send))
 }
-
-/// Most attachments one message may carry.
-const MAX_ATTACHMENTS: usize = 10;
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -92,14 +90,11 @@ pub async fn send(
     let key = IdempotencyKey::from_headers(&headers)?;
     let state = &state;
     let body = MessageBody::parse(req.body.clone())?;
+    // Checked again by `decide`; here so that eleven ids cost no lookups.
     if req.attachments.len() > MAX_ATTACHMENTS {
         return Err(ApiError::Invalid(format!(
             "at most {MAX_ATTACHMENTS} attachments"
         )));
-    }
-    if !req.attachments.is_empty() {
-        // Uploads (POST /v1/attachments) do not exist yet, so no id can name one.
-        return Err(ApiError::Invalid("unknown attachment".into()));
     }
     let scope = format!("messages:{}:{chat_id}", me.user_id);
     let ids = || Ids {
@@ -118,6 +113,7 @@ pub async fn send(
             require_member(state, me.user_id, chat_id).await?;
         }
         let mentions = resolve_mentions(state, &body).await?;
+        let attachments = resolve_attachments(state, me.user_id, &req.attachments).await?;
         // The key exists before the event does, so every reader of the event can open it.
         let key = state.keys.create(chat_id, ids.message_id).await?;
         let sealed = parley_nats::message_keys::seal(&key, chat_id, ids.message_id, body.as_str());
@@ -128,6 +124,7 @@ pub async fn send(
             reply_to: req.reply_to,
             thread_root: req.thread_root,
             mentions,
+            attachments,
         };
         let ctx = AppendContext::idempotent(me.user_id, msg_id);
         let outcome = state
@@ -190,6 +187,41 @@ async fn resolve_mentions(
         .try_collect()
         .await?;
     Ok(found.into_iter().flatten().collect())
+}
+
+/// The metadata of each attachment `me` may put in a message: one it uploaded, or one it can
+/// already see in a chat it belongs to (forwarding). Anything else is "unknown", whether it
+/// exists or not, so ids of others' uploads cannot be probed.
+async fn resolve_attachments(
+    state: &CommandState,
+    me: UserId,
+    ids: &[AttachmentId],
+) -> Result<Vec<AttachmentRef>, ApiError> {
+    futures::stream::iter(ids.to_vec())
+        .map(|id| async move {
+            let unknown = || ApiError::Invalid(format!("unknown attachment {id}"));
+            let meta = match state.buckets.attachments.meta(id).await {
+                Err(AttachmentError::NotFound) => return Err(unknown()),
+                other => other?,
+            };
+            if meta.uploader != me
+                && !attachments::visible_through_chats(&state.pg, me, id)
+                    .await
+                    .map_err(|e| ApiError::Unavailable(e.to_string()))?
+            {
+                return Err(unknown());
+            }
+            Ok(AttachmentRef {
+                attachment_id: id,
+                content_type: meta.content_type,
+                size: meta.size,
+                filename: meta.filename,
+                sha256: meta.sha256,
+            })
+        })
+        .buffered(4)
+        .try_collect()
+        .await
 }
 
 /// What a message may point at.

@@ -1,5 +1,6 @@
 //! The command routes and their OpenAPI description.
 
+pub(crate) mod attachments;
 mod blocks;
 mod chat_admin;
 mod chat_settings;
@@ -34,6 +35,8 @@ pub fn router(state: CommandState) -> Router {
         .merge(chat_settings::router())
         .merge(blocks::router())
         .layer(DefaultBodyLimit::max(limit))
+        // After the JSON limit, so the upload route's own (disabled) limit is the inner one.
+        .merge(attachments::router())
         .with_state(state)
 }
 
@@ -74,6 +77,7 @@ pub(crate) fn answer<T: serde::Serialize>(status: StatusCode, body: &T) -> Answe
         chat_settings::change,
         blocks::block,
         blocks::unblock,
+        attachments::upload,
     ),
     components(schemas(parley_platform::problem::Problem))
 )]
