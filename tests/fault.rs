@@ -124,7 +124,9 @@ impl Stack {
         stack
     }
 
-    async fn wait_healthy(&self) {
+    /// Waits until every service answers, restarting any that exits meanwhile (a service
+    /// started while NATS or PostgreSQL was down may give up, as under a real supervisor).
+    async fn wait_healthy(&mut self) {
         let http = reqwest::Client::new();
         let gateways = self
             .ws
@@ -147,6 +149,7 @@ impl Stack {
                     break;
                 }
                 assert!(Instant::now() < deadline, "{url} not healthy within 60 s");
+                self.supervise();
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }

@@ -331,10 +331,7 @@ impl Connection {
         match serde_json::from_str::<ClientFrame>(&text) {
             Ok(ClientFrame::Ping) => self.emit(pong_frame()).await,
             Ok(ClientFrame::Ack { chat_id, sequence }) => self.on_ack(chat_id, sequence).await,
-            Ok(ClientFrame::Typing { chat_id }) => {
-                self.on_typing(chat_id).await;
-                Ok(())
-            }
+            Ok(ClientFrame::Typing { chat_id }) => self.on_typing(chat_id).await,
             Ok(ClientFrame::Auth { .. }) => {
                 self.emit(error_frame("bad_frame", "already authenticated"))
                     .await
@@ -375,16 +372,26 @@ impl Connection {
         }
     }
 
-    async fn on_typing(&mut self, chat: ChatId) {
+    /// Publishes the typing indicator (throttled); a chat the user is not in gets an error
+    /// frame, as an ack for it does.
+    async fn on_typing(&mut self, chat: ChatId) -> Step {
         let now = Instant::now();
+        let member = self.chats.get(&chat).is_some_and(|c| c.cursor.is_member());
+        if !member {
+            return self
+                .emit(error_frame(
+                    "bad_typing",
+                    format!("chat {chat} is not delivered on this connection"),
+                ))
+                .await;
+        }
         let Some(c) = self.chats.get_mut(&chat) else {
-            return;
+            return Ok(());
         };
-        if !c.cursor.is_member()
-            || c.last_typing
-                .is_some_and(|t| now.duration_since(t) < TYPING_THROTTLE)
+        if c.last_typing
+            .is_some_and(|t| now.duration_since(t) < TYPING_THROTTLE)
         {
-            return;
+            return Ok(());
         }
         c.last_typing = Some(now);
         let typing = Typing {
@@ -401,6 +408,7 @@ impl Connection {
         {
             tracing::debug!(%error, "typing indicator not published");
         }
+        Ok(())
     }
 
     // ---- live events ----

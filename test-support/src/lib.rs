@@ -93,7 +93,7 @@ impl Drop for NatsServer {
 
 fn spawn_nats(port: u16, store: PathBuf) -> Child {
     let script = format!(
-        "nats-server -a 127.0.0.1 -p {port} -js -sd '{}' & pid=$!; read _; kill -9 $pid",
+        "nats-server -a 127.0.0.1 -p {port} -js -sd '{}' & pid=$!; read _; kill -9 $pid; wait $pid",
         store.display()
     );
     Command::new("sh")
@@ -221,7 +221,7 @@ impl Drop for NatsCluster {
 
 fn spawn_nats_config(config: &std::path::Path) -> Child {
     let script = format!(
-        "nats-server -c '{}' & pid=$!; read _; kill -9 $pid",
+        "nats-server -c '{}' & pid=$!; read _; kill -9 $pid; wait $pid",
         config.display()
     );
     Command::new("sh")

@@ -42,6 +42,7 @@ async fn populate(app: &TestApp) -> (User, Vec<String>) {
     assert_eq!(s, 204);
     app.deliver(&bob, &team, last).await;
     app.deliver(&ada, &pair, 4).await;
+    app.every_feature(&ada, &bob, &carol, &team).await;
     let (s, _) = app
         .send(
             reqwest::Method::DELETE,

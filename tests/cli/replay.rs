@@ -114,12 +114,16 @@ async fn replay_selects_by_chat_type_user_and_sequence_range() {
             "--user",
             &bob.user_id,
             "--type",
-            "parley.chat.message_sent.v1",
+            "parley.chat.message_sent.v2",
         ])
         .await;
     let text = expect_exit(&out, 0);
     assert_eq!(lines(&text).len(), 1);
-    assert!(text.contains("\"b1\""));
+    let only: Value = serde_json::from_str(lines(&text)[0]).unwrap();
+    assert_eq!(
+        (only["subject"].as_str(), only["sequence"].as_u64()),
+        (Some(one.as_str()), Some(b1))
+    );
 
     // --user alone: that user's USERS subject.
     let out = app.parley(&["replay", "--user", &ada.user_id]).await;

@@ -59,7 +59,7 @@ async fn every_stored_event_validates_against_the_json_schema_of_its_type() {
         )
         .await;
     assert_eq!(s, 204, "{b}");
-    every_feature(&app, &ada, &bob, &carol, &chat).await;
+    app.every_feature(&ada, &bob, &carol, &chat).await;
     legacy_message_v1(&app, &chat, &ada).await;
 
     let validators = validators();
@@ -118,85 +118,6 @@ async fn the_schemas_refuse_an_event_without_its_envelope_fields() {
     let mut bad_id = event.clone();
     bad_id["subject"] = json!("not-a-uuid");
     assert!(!read.is_valid(&bad_id), "formats are checked");
-}
-
-/// Title, role, edit, reactions, delete, settings and blocks: one of each event type.
-async fn every_feature(
-    app: &crate::support::TestApp,
-    ada: &crate::support::User,
-    bob: &crate::support::User,
-    carol: &crate::support::User,
-    chat: &str,
-) {
-    use reqwest::Method;
-    let seq = app.message(ada, chat, "to be edited").await;
-    let message_id: String = sqlx::query_scalar::<_, uuid::Uuid>(
-        "SELECT message_id FROM messages WHERE chat_id = $1::uuid AND sequence = $2",
-    )
-    .bind(chat)
-    .bind(seq as i64)
-    .fetch_one(&app.pg)
-    .await
-    .unwrap()
-    .to_string();
-    let m = format!("/v1/chats/{chat}/messages/{message_id}");
-    let calls: Vec<(Method, String, &crate::support::User, Option<Value>)> = vec![
-        (
-            Method::PATCH,
-            format!("/v1/chats/{chat}"),
-            ada,
-            Some(json!({"title": "renamed"})),
-        ),
-        (
-            Method::PUT,
-            format!("/v1/chats/{chat}/members/{}/role", bob.user_id),
-            ada,
-            Some(json!({"role": "admin"})),
-        ),
-        (
-            Method::PATCH,
-            m.clone(),
-            ada,
-            Some(json!({"body": "edited"})),
-        ),
-        (
-            Method::PUT,
-            format!("{m}/reactions/%F0%9F%91%8D"),
-            bob,
-            None,
-        ),
-        (
-            Method::DELETE,
-            format!("{m}/reactions/%F0%9F%91%8D"),
-            bob,
-            None,
-        ),
-        (Method::DELETE, m.clone(), ada, None),
-        (
-            Method::PUT,
-            format!("/v1/chats/{chat}/settings"),
-            bob,
-            Some(json!({"muted": true})),
-        ),
-        (
-            Method::POST,
-            format!("/v1/users/{}/block", carol.user_id),
-            bob,
-            None,
-        ),
-        (
-            Method::DELETE,
-            format!("/v1/users/{}/block", carol.user_id),
-            bob,
-            None,
-        ),
-    ];
-    for (method, path, who, body) in calls {
-        let (s, b) = app
-            .send(method.clone(), &path, Some(&who.token), body)
-            .await;
-        assert!((200..300).contains(&s), "{method} {path}: {s} {b}");
-    }
 }
 
 /// `message_sent.v1` is no longer written (bodies are sealed now) but stays in old streams:

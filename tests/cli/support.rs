@@ -140,6 +140,79 @@ impl TestApp {
         body["chat_id"].as_str().unwrap().to_owned()
     }
 
+    /// The message id at `sequence` of `chat`, once the read model holds it.
+    pub async fn message_id(&self, user: &User, chat: &str, sequence: u64) -> String {
+        let (s, v) = self
+            .get(
+                &format!(
+                    "/v1/chats/{chat}/messages?after={}&limit=1&min_sequence={sequence}",
+                    sequence - 1
+                ),
+                &user.token,
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        v["messages"][0]["message_id"].as_str().unwrap().to_owned()
+    }
+
+    /// One of each feature event (title, role, edit, reactions, delete, settings, blocks),
+    /// leaving an edit, a reaction, a setting and a block in the read models. `chat` is a
+    /// group `ada` administers with `bob` in it; `carol` is anyone.
+    pub async fn every_feature(&self, ada: &User, bob: &User, carol: &User, chat: &str) {
+        use reqwest::Method;
+        let kept = self.message(ada, chat, "to be edited").await;
+        let kept = self.message_id(ada, chat, kept).await;
+        let gone = self.message(ada, chat, "to be deleted").await;
+        let gone = self.message_id(ada, chat, gone).await;
+        let k = format!("/v1/chats/{chat}/messages/{kept}");
+        let thumbs = format!("{k}/reactions/%F0%9F%91%8D");
+        let block = format!("/v1/users/{}/block", carol.user_id);
+        let calls: Vec<(Method, String, &User, Option<Value>)> = vec![
+            (
+                Method::PATCH,
+                format!("/v1/chats/{chat}"),
+                ada,
+                Some(json!({"title": "renamed"})),
+            ),
+            (
+                Method::PUT,
+                format!("/v1/chats/{chat}/members/{}/role", bob.user_id),
+                ada,
+                Some(json!({"role": "admin"})),
+            ),
+            (
+                Method::PATCH,
+                k.clone(),
+                ada,
+                Some(json!({"body": "edited"})),
+            ),
+            (Method::PUT, thumbs.clone(), bob, None),
+            (Method::DELETE, thumbs.clone(), bob, None),
+            (Method::PUT, thumbs, bob, None),
+            (
+                Method::DELETE,
+                format!("/v1/chats/{chat}/messages/{gone}"),
+                ada,
+                None,
+            ),
+            (
+                Method::PUT,
+                format!("/v1/chats/{chat}/settings"),
+                bob,
+                Some(json!({"muted": true})),
+            ),
+            (Method::POST, block.clone(), bob, None),
+            (Method::DELETE, block.clone(), bob, None),
+            (Method::POST, block, bob, None),
+        ];
+        for (method, path, who, body) in calls {
+            let (s, b) = self
+                .send(method.clone(), &path, Some(&who.token), body)
+                .await;
+            assert!((200..300).contains(&s), "{method} {path}: {s} {b}");
+        }
+    }
+
     /// Sends a message; returns its chat sequence.
     pub async fn message(&self, from: &User, chat: &str, body: &str) -> u64 {
         let (s, b) = self
