@@ -3,46 +3,25 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod support;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use futures::StreamExt;
-use parley_nats::{Aggregate, AppendContext, EventStore, JetStreamSettings, streams};
-use parley_schemas::cloudevent::{self, StoredEvent};
-use parley_schemas::events::TitleChanged;
-use parley_schemas::{ChatEvent, ChatId, EventId, UserId};
+use parley_nats::{AppendContext, EventStore, JetStreamSettings, streams};
+use parley_schemas::{ChatId, EventId, UserId};
 use parley_test_support::{NatsCluster, eventually_result};
-use serde::{Deserialize, Serialize};
+
+use support::{Counter, any_event, stored};
 use tokio::sync::Mutex;
 
 const CHATS: usize = 16;
 const WRITERS: usize = 8;
 const APPENDS: usize = 1200;
 const KILL_AFTER: usize = 300;
-
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-struct Counter {
-    messages: u64,
-}
-
-impl Aggregate for Counter {
-    type Event = ChatEvent;
-    const PREFIX: &'static str = "chats";
-    const STREAM: &'static str = streams::CHATS;
-    const SNAPSHOT_VERSION: u32 = 1;
-    fn evolve(mut self, _event: &ChatEvent) -> Self {
-        self.messages += 1;
-        self
-    }
-}
-
-/// Any chat event does: the aggregate only counts them.
-fn message(_sender: UserId) -> ChatEvent {
-    ChatEvent::TitleChanged(TitleChanged { title: "t".into() })
-}
 
 // OPEN FINDING (issue 5, docs/reliability.md): on nats-server 2.9.10 this failed in 1 of 4
 // runs on a loaded machine, with one acknowledged append of ~1,200 missing after the leader's
@@ -99,7 +78,7 @@ async fn killing_the_stream_leader_under_load_loses_no_acknowledged_append() {
                 // A client retries a command with the same key until it is acknowledged; the
                 // Msg-Id makes the retry of an append that was stored (ack lost) a no-op.
                 let ctx = AppendContext::idempotent(sender, Some(format!("w{w}-{n}")));
-                let event = message(sender);
+                let event = any_event();
                 let deadline = Instant::now() + Duration::from_secs(30);
                 let meta = loop {
                     match store
@@ -195,28 +174,4 @@ async fn killing_the_stream_leader_under_load_loses_no_acknowledged_append() {
         retries.load(Ordering::Relaxed)
     );
     assert!(total >= APPENDS);
-}
-
-async fn stored(js: &jetstream::Context, chat: ChatId) -> Vec<(u64, EventId)> {
-    let stream = js.get_stream(streams::CHATS).await.unwrap();
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: format!("chats.{chat}"),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let pending = consumer.cached_info().num_pending;
-    let mut msgs = consumer.messages().await.unwrap();
-    let mut out = Vec::new();
-    while (out.len() as u64) < pending {
-        let msg = tokio::time::timeout(Duration::from_secs(10), msgs.next())
-            .await
-            .expect("stream read timed out")
-            .unwrap()
-            .unwrap();
-        let ev: StoredEvent<ChatEvent> = cloudevent::decode(&msg.payload).unwrap();
-        out.push((ev.meta.sequence, ev.meta.id));
-    }
-    out
 }

@@ -3,18 +3,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod support;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use futures::StreamExt;
-use parley_nats::{Aggregate, AppendContext, EventStore, JetStreamSettings, streams};
-use parley_schemas::cloudevent::{self, StoredEvent};
-use parley_schemas::events::TitleChanged;
-use parley_schemas::{ChatEvent, ChatId, EventId, UserId};
+use parley_nats::{AppendContext, EventStore, JetStreamSettings};
+use parley_schemas::{ChatId, EventId, UserId};
 use parley_test_support::NatsServer;
-use serde::{Deserialize, Serialize};
+
+use support::{Counter, any_event, stored};
 use tokio::sync::Barrier;
 
 const WRITERS: usize = 8;
@@ -24,27 +24,6 @@ fn rounds() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000)
-}
-
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-struct Counter {
-    messages: u64,
-}
-
-impl Aggregate for Counter {
-    type Event = ChatEvent;
-    const PREFIX: &'static str = "chats";
-    const STREAM: &'static str = streams::CHATS;
-    const SNAPSHOT_VERSION: u32 = 1;
-    fn evolve(mut self, _event: &ChatEvent) -> Self {
-        self.messages += 1;
-        self
-    }
-}
-
-/// Any chat event does: the aggregate only counts them.
-fn message(_sender: UserId) -> ChatEvent {
-    ChatEvent::TitleChanged(TitleChanged { title: "t".into() })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -80,7 +59,7 @@ async fn eight_concurrent_writers_for_a_thousand_rounds_lose_nothing_and_retry_b
                 let ctx = AppendContext::new(sender);
                 let out = store
                     .execute(*chat.as_uuid(), &ctx, |_: &Counter| {
-                        Ok::<_, ()>(vec![message(sender)])
+                        Ok::<_, ()>(vec![any_event()])
                     })
                     .await
                     .expect("a writer gave up");
@@ -125,28 +104,4 @@ async fn eight_concurrent_writers_for_a_thousand_rounds_lose_nothing_and_retry_b
         max < WRITERS,
         "a writer lost {max} times in one round of {WRITERS}"
     );
-}
-
-async fn stored(js: &jetstream::Context, chat: ChatId) -> Vec<(u64, EventId)> {
-    let stream = js.get_stream(streams::CHATS).await.unwrap();
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: format!("chats.{chat}"),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let pending = consumer.cached_info().num_pending;
-    let mut msgs = consumer.messages().await.unwrap();
-    let mut out = Vec::new();
-    while (out.len() as u64) < pending {
-        let msg = tokio::time::timeout(Duration::from_secs(10), msgs.next())
-            .await
-            .expect("stream read timed out")
-            .unwrap()
-            .unwrap();
-        let ev: StoredEvent<ChatEvent> = cloudevent::decode(&msg.payload).unwrap();
-        out.push((ev.meta.sequence, ev.meta.id));
-    }
-    out
 }

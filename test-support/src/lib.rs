@@ -63,20 +63,7 @@ impl NatsServer {
     }
 
     async fn wait_ready(&self) {
-        let url = self.url();
-        let ready: Result<(), async_nats::Error> =
-            eventually_result(Duration::from_secs(30), || async {
-                let client = async_nats::connect(&url).await?;
-                let info = client.request("$JS.API.INFO", "".into()).await?;
-                let text = String::from_utf8_lossy(&info.payload);
-                if text.contains("account_info_response") && !text.contains("\"error\"") {
-                    Ok::<(), async_nats::Error>(())
-                } else {
-                    Err(format!("JetStream not ready: {text}").into())
-                }
-            })
-            .await;
-        if let Err(e) = ready {
+        if let Err(e) = jetstream_ready(&self.url()).await {
             panic!(
                 "nats-server on port {} did not start with JetStream: {e}",
                 self.port
@@ -189,19 +176,7 @@ impl NatsCluster {
     async fn wait_ready(&self) {
         for node in self.nodes.iter().filter(|n| n.child.is_some()) {
             let url = format!("nats://127.0.0.1:{}", node.port);
-            let ready: Result<(), async_nats::Error> =
-                eventually_result(Duration::from_secs(30), || async {
-                    let client = async_nats::connect(&url).await?;
-                    let info = client.request("$JS.API.INFO", "".into()).await?;
-                    let text = String::from_utf8_lossy(&info.payload);
-                    if text.contains("account_info_response") && !text.contains("\"error\"") {
-                        Ok::<(), async_nats::Error>(())
-                    } else {
-                        Err(format!("JetStream not ready: {text}").into())
-                    }
-                })
-                .await;
-            if let Err(e) = ready {
+            if let Err(e) = jetstream_ready(&url).await {
                 panic!(
                     "cluster node {} did not get JetStream ready: {e}",
                     node.name
@@ -231,6 +206,22 @@ fn spawn_nats_config(config: &std::path::Path) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run nats-server (is it installed? ./dev stack): {e}"))
+}
+
+/// Waits (30 s at most) until the server at `url` answers JetStream API requests; a loaded
+/// machine can take seconds, a cluster longer (it needs a meta leader).
+async fn jetstream_ready(url: &str) -> Result<(), async_nats::Error> {
+    eventually_result(Duration::from_secs(30), || async {
+        let client = async_nats::connect(url).await?;
+        let info = client.request("$JS.API.INFO", "".into()).await?;
+        let text = String::from_utf8_lossy(&info.payload);
+        if text.contains("account_info_response") && !text.contains("\"error\"") {
+            Ok::<(), async_nats::Error>(())
+        } else {
+            Err(format!("JetStream not ready: {text}").into())
+        }
+    })
+    .await
 }
 
 /// A loopback port that was free a moment ago.
