@@ -1,0 +1,262 @@
+//! Parley's public HTTP and WebSocket API as the benchmark's clients use it: sign-ups, chats,
+//! sends, and sockets whose frames are timestamped on arrival.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::{SinkExt, StreamExt, stream};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+#[derive(Clone, Debug)]
+pub struct User {
+    pub id: String,
+    pub token: String,
+}
+
+/// A keep-alive HTTP client on one Parley.
+#[derive(Clone)]
+pub struct Api {
+    pub http: reqwest::Client,
+    pub base: String,
+    pub port: u16,
+}
+
+impl Api {
+    pub fn new(base: &str, port: u16) -> anyhow::Result<Api> {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(1024)
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(Api {
+            http,
+            base: base.to_owned(),
+            port,
+        })
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: Value,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut req = self.http.post(format!("{}{path}", self.base)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let res = req.send().await?;
+        let status = res.status().as_u16();
+        Ok((status, res.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// `n` users signed up and logged in (one device each), `concurrency` at a time; handles
+    /// are `<prefix>_<i>`.
+    pub async fn users(
+        &self,
+        prefix: &str,
+        n: usize,
+        concurrency: usize,
+    ) -> anyhow::Result<Vec<User>> {
+        let results: Vec<anyhow::Result<User>> = stream::iter(0..n)
+            .map(|i| async move {
+                let handle = format!("{prefix}_{i}");
+                let (s, body) = self
+                    .post(
+                        "/v1/users",
+                        None,
+                        json!({"handle": handle, "display_name": handle, "password": "correct horse"}),
+                    )
+                    .await?;
+                if s != 201 {
+                    bail!("sign-up {handle}: {s} {body}");
+                }
+                let (s, body) = self
+                    .post(
+                        "/v1/sessions",
+                        None,
+                        json!({"handle": handle, "password": "correct horse", "device_name": "bench"}),
+                    )
+                    .await?;
+                if s != 201 {
+                    bail!("log-in {handle}: {s} {body}");
+                }
+                Ok(User {
+                    id: body["user_id"].as_str().context("user_id")?.to_owned(),
+                    token: body["token"].as_str().context("token")?.to_owned(),
+                })
+            })
+            .buffered(concurrency)
+            .collect()
+            .await;
+        results.into_iter().collect()
+    }
+
+    /// A chat of `kind` created by `admin` with `members` (the others); returns its id.
+    pub async fn create_chat(
+        &self,
+        admin: &User,
+        kind: &str,
+        members: &[&str],
+    ) -> anyhow::Result<String> {
+        let (s, body) = self
+            .post(
+                "/v1/chats",
+                Some(&admin.token),
+                json!({"kind": kind, "title": "bench", "members": members}),
+            )
+            .await?;
+        if s != 201 {
+            bail!("create {kind}: {s} {body}");
+        }
+        Ok(body["chat_id"].as_str().context("chat_id")?.to_owned())
+    }
+
+    pub async fn add_members(&self, admin: &User, chat: &str, ids: &[&str]) -> anyhow::Result<()> {
+        let (s, body) = self
+            .post(
+                &format!("/v1/chats/{chat}/participants"),
+                Some(&admin.token),
+                json!({ "add": ids }),
+            )
+            .await?;
+        if s != 200 {
+            bail!("add members: {s} {body}");
+        }
+        Ok(())
+    }
+
+    /// sendMessage; the status code (201 when accepted).
+    pub async fn send(&self, user: &User, chat: &str, body: &str) -> anyhow::Result<u16> {
+        let res = self
+            .http
+            .post(format!("{}/v1/chats/{chat}/messages", self.base))
+            .bearer_auth(&user.token)
+            .json(&json!({ "body": body }))
+            .send()
+            .await?;
+        let status = res.status().as_u16();
+        // Read the body so the connection goes back to the pool.
+        let _ = res.bytes().await;
+        Ok(status)
+    }
+
+    /// GET `path`; the status code, after reading the body.
+    pub async fn get(&self, user: &User, path: &str) -> anyhow::Result<u16> {
+        let res = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&user.token)
+            .send()
+            .await?;
+        let status = res.status().as_u16();
+        let _ = res.bytes().await?;
+        Ok(status)
+    }
+
+    /// A socket on `/v1/ws`, after its `ready` frame.
+    pub async fn socket(&self, token: &str) -> anyhow::Result<Ws> {
+        let mut req = format!("ws://127.0.0.1:{}/v1/ws", self.port).into_client_request()?;
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse()?);
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
+        let ready = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .context("no ready frame within 30 s")?
+            .context("socket closed before ready")??;
+        match ready {
+            Message::Text(t) if t.contains("\"ready\"") => Ok(ws),
+            other => bail!("expected ready, got {other:?}"),
+        }
+    }
+}
+
+/// A frame that arrived on a socket: what it carried and when (µs since the bench's epoch).
+#[derive(Clone, Copy, Debug)]
+pub struct Arrival {
+    pub socket: usize,
+    /// The message's index, from its body (`b<index>`).
+    pub index: u64,
+    /// Chat and sequence, when the frame carries them (Parley frames).
+    pub chat: u64,
+    pub sequence: u64,
+    pub at_us: u64,
+}
+
+/// Every arrival of every socket, appended as frames come.
+pub type Arrivals = Arc<Mutex<Vec<Arrival>>>;
+
+/// The bench's clock: every timestamp is µs since this instant.
+#[derive(Clone, Copy)]
+pub struct Clock(pub Instant);
+
+impl Clock {
+    pub fn now_us(&self) -> u64 {
+        self.0.elapsed().as_micros() as u64
+    }
+}
+
+/// Reads Parley frames from `ws` until `stop`, recording every `newMessage` whose body is
+/// `b<index>`; acks each chat's highest sequence every 250 ms and pings every 20 s, as a real
+/// client does (the gateway closes silent sockets). `chat_keys` maps chat ids to small keys.
+pub fn spawn_parley_reader(
+    socket: usize,
+    mut ws: Ws,
+    clock: Clock,
+    arrivals: Arrivals,
+    chat_keys: Arc<HashMap<String, u64>>,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut acks: HashMap<String, u64> = HashMap::new();
+        let mut ack_tick = tokio::time::interval(Duration::from_millis(250));
+        let mut ping_tick = tokio::time::interval(Duration::from_secs(20));
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = ack_tick.tick() => {
+                    for (chat, seq) in acks.drain() {
+                        let frame = json!({"type": "ack", "chat_id": chat, "sequence": seq});
+                        if ws.send(Message::text(frame.to_string())).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                _ = ping_tick.tick() => {
+                    if ws.send(Message::text(r#"{"type":"ping"}"#)).await.is_err() {
+                        return;
+                    }
+                }
+                msg = ws.next() => {
+                    let at_us = clock.now_us();
+                    let Some(Ok(msg)) = msg else { return };
+                    let Message::Text(text) = msg else { continue };
+                    let Ok(frame) = serde_json::from_str::<Value>(&text) else { continue };
+                    if frame["type"] != "newMessage" {
+                        continue;
+                    }
+                    let chat = frame["chat_id"].as_str().unwrap_or_default().to_owned();
+                    let sequence = frame["sequence"].as_u64().unwrap_or_default();
+                    let index = frame["message"]["body"]
+                        .as_str()
+                        .and_then(|b| b.strip_prefix('b'))
+                        .and_then(|i| i.parse().ok());
+                    if let Some(index) = index {
+                        let key = chat_keys.get(&chat).copied().unwrap_or(u64::MAX);
+                        if let Ok(mut a) = arrivals.lock() {
+                            a.push(Arrival { socket, index, chat: key, sequence, at_us });
+                        }
+                    }
+                    let high = acks.entry(chat).or_default();
+                    *high = (*high).max(sequence);
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,969 @@
+//! The scenarios of issue 7: each drives Parley over its public HTTP and WebSocket API and
+//! measures its floor on the same servers in the same run, right before the figure.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::{StreamExt, stream};
+use tokio::sync::watch;
+
+use crate::client::{Api, Arrivals, Clock, User, spawn_parley_reader};
+use crate::floors::{self, LiveFloor, SendTimes, drive_rate, spawn_floor_reader};
+use crate::stack::Stack;
+use crate::stats::{Goal, Metric, p50_p99_ms, quantile};
+
+/// Sizes of one mode.
+#[derive(Clone, Copy, Debug)]
+pub struct Sizes {
+    pub quick: bool,
+    /// How long each timed phase runs.
+    pub phase: Duration,
+    pub history_rows: i64,
+    pub idle_connections: usize,
+    pub channel_members: usize,
+    pub channel_messages: usize,
+    /// Events in the projector catch-up backlog (and in its floor's backlog).
+    pub backlog: usize,
+}
+
+impl Sizes {
+    pub fn quick() -> Sizes {
+        Sizes {
+            quick: true,
+            phase: Duration::from_secs(3),
+            history_rows: 100_000,
+            idle_connections: 1_000,
+            channel_members: 200,
+            channel_messages: 10,
+            backlog: 10_000,
+        }
+    }
+
+    pub fn full() -> Sizes {
+        Sizes {
+            quick: false,
+            phase: Duration::from_secs(15),
+            history_rows: 1_000_000,
+            idle_connections: 15_000,
+            channel_members: 5_000,
+            channel_messages: 20,
+            backlog: 200_000,
+        }
+    }
+}
+
+pub const ALL: &[&str] = &[
+    "delivery-1k",
+    "delivery-3k",
+    "send-throughput",
+    "hot-chat",
+    "history",
+    "idle-connections",
+    "channel-broadcast",
+    "projector-catchup",
+];
+
+/// Everything a scenario needs: the servers, a client, the clock, and a pool of users reused
+/// across scenarios (sign-ups hash passwords, which is slow by design).
+pub struct Ctx {
+    pub stack: Stack,
+    pub api: Api,
+    pub clock: Clock,
+    pub sizes: Sizes,
+    pub runs: usize,
+    users: Vec<User>,
+    tag: String,
+}
+
+impl Ctx {
+    pub fn new(stack: Stack, sizes: Sizes, runs: usize) -> anyhow::Result<Ctx> {
+        let api = Api::new(&stack.parley.base, stack.parley.port)?;
+        Ok(Ctx {
+            stack,
+            api,
+            clock: Clock(Instant::now()),
+            sizes,
+            runs,
+            users: Vec::new(),
+            tag: uuid::Uuid::now_v7().simple().to_string()[24..].to_owned(),
+        })
+    }
+
+    /// The first `n` users of the pool, signing up the missing ones.
+    pub async fn users(&mut self, n: usize) -> anyhow::Result<Vec<User>> {
+        if self.users.len() < n {
+            let start = self.users.len();
+            let more = self
+                .api
+                .users(&format!("u{}_{start}", self.tag), n - start, 16)
+                .await?;
+            self.users.extend(more);
+        }
+        Ok(self.users[..n].to_vec())
+    }
+
+    pub async fn run(&mut self, name: &str) -> anyhow::Result<Vec<Vec<Metric>>> {
+        match name {
+            "delivery-1k" => self.delivery(1_000.0, false).await,
+            "delivery-3k" => self.delivery(3_000.0, true).await,
+            "send-throughput" => self.send_throughput().await,
+            "hot-chat" => self.hot_chat().await,
+            "history" => self.history().await,
+            "idle-connections" => self.idle_connections().await,
+            "channel-broadcast" => self.channel_broadcast().await,
+            "projector-catchup" => self.projector_catchup().await,
+            other => bail!("unknown scenario {other:?}; known: {}", ALL.join(", ")),
+        }
+    }
+
+    /// sendMessage over HTTP → newMessage on every other member's socket; 50 users in 50 chats
+    /// of 10 (each user in 10 chats, one socket each), `rate` messages per second, against the
+    /// minimal live path with the same chats and rate.
+    async fn delivery(&mut self, rate: f64, check_order: bool) -> anyhow::Result<Vec<Vec<Metric>>> {
+        const USERS: usize = 50;
+        const CHATS: usize = 50;
+        let users = self.users(USERS).await?;
+        let members: Vec<Vec<usize>> = (0..CHATS)
+            .map(|c| (0..10).map(|j| (c * 7 + j) % USERS).collect())
+            .collect();
+        let mut chat_ids = Vec::new();
+        for m in &members {
+            let others: Vec<&str> = m[1..].iter().map(|&u| users[u].id.as_str()).collect();
+            chat_ids.push(self.api.create_chat(&users[m[0]], "group", &others).await?);
+        }
+        let chat_keys: Arc<HashMap<String, u64>> = Arc::new(
+            chat_ids
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.clone(), i as u64))
+                .collect(),
+        );
+        let members = Arc::new(members);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let arrivals: Arrivals = Arc::new(Mutex::new(Vec::new()));
+        for (i, u) in users.iter().enumerate() {
+            let ws = self.api.socket(&u.token).await?;
+            spawn_parley_reader(
+                i,
+                ws,
+                self.clock,
+                arrivals.clone(),
+                chat_keys.clone(),
+                stop_rx.clone(),
+            );
+        }
+        let per_run = (rate * self.sizes.phase.as_secs_f64()) as u64;
+        let sent = SendTimes::new(per_run as usize * self.runs);
+        let floor_sent = SendTimes::new(per_run as usize * self.runs);
+        // Which sends were accepted (201): only those must arrive.
+        let ok_sends = SendTimes::new(per_run as usize * self.runs);
+        let sender_of = {
+            let members = members.clone();
+            move |i: u64| {
+                let chat = i as usize % CHATS;
+                (chat, members[chat][(i as usize / CHATS) % 10])
+            }
+        };
+        let mut out = Vec::new();
+        for run in 0..self.runs as u64 {
+            let range = run * per_run..(run + 1) * per_run;
+            // Floor: same chats, same rate, no business logic.
+            let live =
+                LiveFloor::start(&self.stack.client, &self.stack.js, members.clone()).await?;
+            let floor_arrivals: Arrivals = Arc::new(Mutex::new(Vec::new()));
+            let (fstop_tx, fstop_rx) = watch::channel(false);
+            for u in 0..USERS {
+                let ws = live.socket(u).await?;
+                spawn_floor_reader(u, ws, self.clock, floor_arrivals.clone(), fstop_rx.clone());
+            }
+            {
+                let js = self.stack.js.clone();
+                let clock = self.clock;
+                let subject = live.stream_subject.clone();
+                let times = floor_sent.clone();
+                let sender_of = sender_of.clone();
+                drive_rate(rate, self.sizes.phase, range.start, move |i| {
+                    let js = js.clone();
+                    let times = times.clone();
+                    let (chat, sender) = sender_of(i);
+                    let subject = format!("{subject}.{chat}");
+                    async move {
+                        times.mark(i, clock.now_us());
+                        if let Ok(ack) = js
+                            .publish(subject, format!("{i}:{chat}:{sender}").into())
+                            .await
+                        {
+                            let _ = ack.await;
+                        }
+                    }
+                })
+                .await;
+            }
+            let expected = per_run as usize * 9;
+            wait_for(&floor_arrivals, &range, expected, Duration::from_secs(10)).await;
+            let _ = fstop_tx.send(true);
+            let mut floor_lat = {
+                let a = floor_arrivals
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?;
+                floors::latencies(&a, &floor_sent, range.clone())
+            };
+            drop(live);
+
+            // Figure: Parley.
+            let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let statuses: Arc<Mutex<HashMap<u16, u64>>> = Arc::default();
+            {
+                let statuses = statuses.clone();
+                let ok = ok_sends.clone();
+                let api = self.api.clone();
+                let clock = self.clock;
+                let times = sent.clone();
+                let users = users.clone();
+                let chat_ids = chat_ids.clone();
+                let sender_of = sender_of.clone();
+                let accepted = accepted.clone();
+                drive_rate(rate, self.sizes.phase, range.start, move |i| {
+                    let api = api.clone();
+                    let times = times.clone();
+                    let (chat, sender) = sender_of(i);
+                    let user = users[sender].clone();
+                    let chat = chat_ids[chat].clone();
+                    let accepted = accepted.clone();
+                    let statuses = statuses.clone();
+                    let ok = ok.clone();
+                    async move {
+                        times.mark(i, clock.now_us());
+                        // 0: no answer (timeout or connection error).
+                        let status = api.send(&user, &chat, &format!("b{i}")).await.unwrap_or(0);
+                        if status == 201 {
+                            ok.mark(i, 1);
+                            accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        } else if let Ok(mut s) = statuses.lock() {
+                            *s.entry(status).or_insert(0u64) += 1;
+                        }
+                    }
+                })
+                .await;
+            }
+            wait_for(&arrivals, &range, expected, Duration::from_secs(15)).await;
+            if let Ok(s) = statuses.lock()
+                && !s.is_empty()
+            {
+                eprintln!(
+                    "  run {}: sends not accepted, by status (0 = no answer): {s:?}",
+                    run + 1
+                );
+            }
+            // Only this scenario's chats: a socket's inbox replay on connect may bring older
+            // scenarios' `b<index>` messages, whose indices overlap.
+            let snapshot: Vec<_> = arrivals
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?
+                .iter()
+                .filter(|a| range.contains(&a.index) && a.chat == sender_of(a.index).0 as u64)
+                .filter(|a| a.socket != sender_of(a.index).1)
+                .copied()
+                .collect();
+            let mut lat = floors::latencies(&snapshot, &sent, range.clone());
+            let (p50, p99) = p50_p99_ms(&mut lat);
+            let (fp50, fp99) = p50_p99_ms(&mut floor_lat);
+            let mut metrics = Vec::new();
+            if !check_order {
+                metrics.push(Metric::relative(
+                    "p50 send→frame",
+                    "ms",
+                    p50,
+                    "minimal path p50",
+                    fp50,
+                    Goal::RatioAtMost(2.0),
+                ));
+            }
+            metrics.push(Metric::relative(
+                "p99 send→frame",
+                "ms",
+                p99,
+                "minimal path p99",
+                fp99,
+                Goal::RatioAtMost(if check_order { 4.0 } else { 3.0 }),
+            ));
+            let accepted = accepted.load(std::sync::atomic::Ordering::Relaxed);
+            metrics.push(Metric::absolute(
+                "rejected sends",
+                "req",
+                (per_run - accepted) as f64,
+                Goal::AtMost(0.0),
+            ));
+            if check_order {
+                let counts = floors::arrival_counts(&snapshot, range.clone());
+                let mut lost = 0u64;
+                for i in range.clone().filter(|i| ok_sends.get(*i).is_some()) {
+                    let (chat, sender) = sender_of(i);
+                    for &u in &members[chat] {
+                        if u != sender && !counts.contains_key(&(u, i)) {
+                            lost += 1;
+                        }
+                    }
+                }
+                let doubled: u64 = counts
+                    .values()
+                    .map(|c| u64::from(c.saturating_sub(1)))
+                    .sum();
+                let mut last: HashMap<(usize, u64), u64> = HashMap::new();
+                let mut reordered = 0u64;
+                for a in &snapshot {
+                    let prev = last.entry((a.socket, a.chat)).or_insert(0);
+                    if a.sequence < *prev {
+                        reordered += 1;
+                    }
+                    *prev = (*prev).max(a.sequence);
+                }
+                metrics.push(Metric::absolute(
+                    "lost frames",
+                    "frames",
+                    lost as f64,
+                    Goal::AtMost(0.0),
+                ));
+                metrics.push(Metric::absolute(
+                    "doubled frames",
+                    "frames",
+                    doubled as f64,
+                    Goal::AtMost(0.0),
+                ));
+                metrics.push(Metric::absolute(
+                    "reordered frames",
+                    "frames",
+                    reordered as f64,
+                    Goal::AtMost(0.0),
+                ));
+            }
+            report_run(run, &metrics);
+            out.push(metrics);
+        }
+        let _ = stop_tx.send(true);
+        Ok(out)
+    }
+
+    /// Accepted sendMessage per second: 1,000 chats of 2, 64 keep-alive clients sending as
+    /// fast as answers come, against pipelined publishing over 1,000 subjects.
+    async fn send_throughput(&mut self) -> anyhow::Result<Vec<Vec<Metric>>> {
+        const CHATS: usize = 1_000;
+        const CLIENTS: usize = 64;
+        let users = self.users(40).await?;
+        let api = self.api.clone();
+        let chats: Vec<(usize, String)> = stream::iter(0..CHATS)
+            .map(|i| {
+                let api = api.clone();
+                let admin = users[i % 40].clone();
+                let other = users[(i + 1) % 40].id.clone();
+                async move {
+                    api.create_chat(&admin, "group", &[&other])
+                        .await
+                        .map(|c| (i % 40, c))
+                }
+            })
+            .buffered(16)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<anyhow::Result<_>>()?;
+        let chats = Arc::new(chats);
+        let mut out = Vec::new();
+        for run in 0..self.runs {
+            let floor = floors::publish_pipelined(&self.stack.js, 1_000, self.sizes.phase).await?;
+            let start = Instant::now();
+            let phase = self.sizes.phase;
+            let tasks: Vec<_> = (0..CLIENTS)
+                .map(|w| {
+                    let api = api.clone();
+                    let chats = chats.clone();
+                    let users = users.clone();
+                    tokio::spawn(async move {
+                        let (mut ok, mut k) = (0u64, 0usize);
+                        while start.elapsed() < phase {
+                            let (u, chat) = &chats[(w + k * CLIENTS) % CHATS];
+                            if let Ok(201) = api.send(&users[*u], chat, &format!("t{w}-{k}")).await
+                            {
+                                ok += 1;
+                            }
+                            k += 1;
+                        }
+                        ok
+                    })
+                })
+                .collect();
+            let mut accepted = 0u64;
+            for t in tasks {
+                accepted += t.await?;
+            }
+            let rate = accepted as f64 / start.elapsed().as_secs_f64();
+            let metrics = vec![Metric::relative(
+                "accepted sendMessage/s",
+                "msg/s",
+                rate,
+                "pipelined publish, 1,000 subjects",
+                floor,
+                Goal::RatioAtLeast(0.3),
+            )];
+            report_run(run as u64, &metrics);
+            out.push(metrics);
+        }
+        Ok(out)
+    }
+
+    /// One chat, two members each sending as soon as their previous send is answered.
+    async fn hot_chat(&mut self) -> anyhow::Result<Vec<Vec<Metric>>> {
+        let users = self.users(2).await?;
+        let chat = self
+            .api
+            .create_chat(&users[0], "group", &[&users[1].id])
+            .await?;
+        let mut out = Vec::new();
+        for run in 0..self.runs {
+            let (floor, _) =
+                floors::publish_one_at_a_time(&self.stack.js, self.sizes.phase).await?;
+            let start = Instant::now();
+            let phase = self.sizes.phase;
+            let tasks: Vec<_> = users
+                .iter()
+                .cloned()
+                .map(|u| {
+                    let api = self.api.clone();
+                    let chat = chat.clone();
+                    tokio::spawn(async move {
+                        let (mut ok, mut k) = (0u64, 0u64);
+                        while start.elapsed() < phase {
+                            if let Ok(201) = api.send(&u, &chat, &format!("h{k}")).await {
+                                ok += 1;
+                            }
+                            k += 1;
+                        }
+                        ok
+                    })
+                })
+                .collect();
+            let mut accepted = 0u64;
+            for t in tasks {
+                accepted += t.await?;
+            }
+            let metrics = vec![Metric::relative(
+                "accepted sendMessage/s, 2 writers",
+                "msg/s",
+                accepted as f64 / start.elapsed().as_secs_f64(),
+                "one-at-a-time publish",
+                floor,
+                Goal::RatioAtLeast(0.4),
+            )];
+            report_run(run as u64, &metrics);
+            out.push(metrics);
+        }
+        Ok(out)
+    }
+
+    /// History pages of 50 over HTTP on a chat whose `messages` rows are seeded directly with
+    /// SQL (the read model, not the stream: seeding 1M events through the API would take the
+    /// whole budget), newest page and oldest page, against the raw keyset query.
+    async fn history(&mut self) -> anyhow::Result<Vec<Vec<Metric>>> {
+        let users = self.users(2).await?;
+        let chat = self
+            .api
+            .create_chat(&users[0], "group", &[&users[1].id])
+            .await?;
+        let chat_id: uuid::Uuid = chat.parse()?;
+        let sender: uuid::Uuid = users[0].id.parse()?;
+        let pg = self.stack.pg.clone();
+        // The projector must have written the chat before we extend it.
+        let start = Instant::now();
+        loop {
+            let n: Option<i64> =
+                sqlx::query_scalar("SELECT last_sequence FROM chats WHERE chat_id = $1")
+                    .bind(chat_id)
+                    .fetch_optional(&pg)
+                    .await?;
+            if n.is_some() {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("chat {chat} never reached the read model");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let rows = self.sizes.history_rows;
+        let seeding = Instant::now();
+        sqlx::query(
+            "INSERT INTO messages (chat_id, sequence, message_id, sender_id, body, sent_at) \
+             SELECT $1, g, gen_random_uuid(), $2, 'seeded message number ' || g, \
+                    now() - make_interval(secs => ($3 - g)::double precision) \
+             FROM generate_series(2::bigint, $3 + 1) g",
+        )
+        .bind(chat_id)
+        .bind(sender)
+        .bind(rows)
+        .execute(&pg)
+        .await?;
+        sqlx::query(
+            "UPDATE chats SET last_sequence = $2 + 1, last_message_seq = $2 + 1 WHERE chat_id = $1",
+        )
+        .bind(chat_id)
+        .bind(rows)
+        .execute(&pg)
+        .await?;
+        sqlx::query("ANALYZE messages").execute(&pg).await?;
+        eprintln!(
+            "  seeded {rows} messages in {:.1} s",
+            seeding.elapsed().as_secs_f64()
+        );
+        let pages = if self.sizes.quick { 500 } else { 2_000 };
+        let mut out = Vec::new();
+        for run in 0..self.runs {
+            let raw = |before: i64| {
+                let pg = pg.clone();
+                async move {
+                    let mut lat = Vec::with_capacity(pages);
+                    for _ in 0..pages {
+                        let t = Instant::now();
+                        sqlx::query(
+                            "SELECT message_id, sequence, sender_id, body, reply_to, attachments, sent_at, \
+                             edited_at, deleted FROM messages WHERE chat_id = $1 AND sequence < $2 \
+                             ORDER BY sequence DESC LIMIT 51",
+                        )
+                        .bind(chat_id)
+                        .bind(before)
+                        .fetch_all(&pg)
+                        .await?;
+                        lat.push(t.elapsed().as_micros() as f64);
+                    }
+                    anyhow::Ok(lat)
+                }
+            };
+            let http = |path: String| {
+                let api = self.api.clone();
+                let user = users[1].clone();
+                async move {
+                    let mut lat = Vec::with_capacity(pages);
+                    for _ in 0..pages {
+                        let t = Instant::now();
+                        let s = api.get(&user, &path).await?;
+                        if s != 200 {
+                            bail!("history page {path}: {s}");
+                        }
+                        lat.push(t.elapsed().as_micros() as f64);
+                    }
+                    anyhow::Ok(lat)
+                }
+            };
+            let mut raw_newest = raw(i64::MAX).await?;
+            let mut http_newest = http(format!("/v1/chats/{chat}/messages?limit=50")).await?;
+            let mut raw_oldest = raw(52).await?;
+            let mut http_oldest =
+                http(format!("/v1/chats/{chat}/messages?before=52&limit=50")).await?;
+            let p99 = |v: &mut Vec<f64>| quantile(v, 0.99) / 1000.0;
+            let (hn, ho) = (p99(&mut http_newest), p99(&mut http_oldest));
+            let metrics = vec![
+                Metric::relative(
+                    "p99 newest page",
+                    "ms",
+                    hn,
+                    "raw keyset query p99",
+                    p99(&mut raw_newest),
+                    Goal::RatioAtMost(3.0),
+                ),
+                Metric::relative(
+                    "p99 oldest page",
+                    "ms",
+                    ho,
+                    "raw keyset query p99",
+                    p99(&mut raw_oldest),
+                    Goal::RatioAtMost(3.0),
+                ),
+                Metric::relative(
+                    "p99 oldest vs newest page",
+                    "ms",
+                    ho,
+                    "newest page p99",
+                    hn,
+                    Goal::RatioAtMost(1.5),
+                ),
+            ];
+            report_run(run as u64, &metrics);
+            out.push(metrics);
+        }
+        Ok(out)
+    }
+
+    /// Idle sockets held by the gateway (here `parley up`, one process), and its resident
+    /// memory per socket. Users hold 20 sockets each (the gateway's per-user limit).
+    async fn idle_connections(&mut self) -> anyhow::Result<Vec<Vec<Metric>>> {
+        let n = self.sizes.idle_connections;
+        let users = self.users(n.div_ceil(20)).await?;
+        let before = self.stack.parley.rss_kib()?;
+        let api = self.api.clone();
+        let sockets: Vec<anyhow::Result<crate::client::Ws>> = stream::iter(0..n)
+            .map(|i| {
+                let api = api.clone();
+                let token = users[i / 20].token.clone();
+                async move { api.socket(&token).await }
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        let mut held = Vec::new();
+        let mut failed = 0usize;
+        for s in sockets {
+            match s {
+                Ok(ws) => held.push(ws),
+                Err(e) => {
+                    failed += 1;
+                    if failed <= 3 {
+                        eprintln!("  socket failed: {e:#}");
+                    }
+                }
+            }
+        }
+        // Let per-connection buffers and tasks settle before reading RSS.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = self.stack.parley.rss_kib()?;
+        let per = (after.saturating_sub(before)) as f64 / held.len().max(1) as f64;
+        let metrics = vec![
+            Metric::absolute(
+                format!("idle sockets held (of {n} opened)"),
+                "sockets",
+                held.len() as f64,
+                Goal::AtLeast(n.min(15_000) as f64),
+            ),
+            Metric::absolute("server RSS per socket", "KiB", per, Goal::AtMost(12.0)),
+        ];
+        report_run(0, &metrics);
+        drop(held);
+        Ok(vec![metrics])
+    }
+
+    /// One message to a channel of `channel_members` members, each with a socket: time until
+    /// the last socket has it, against a raw WebSocket broadcast to as many sockets.
+    async fn channel_broadcast(&mut self) -> anyhow::Result<Vec<Vec<Metric>>> {
+        let m = self.sizes.channel_members;
+        let users = self.users(m + 1).await?;
+        let admin = &users[0];
+        let chat = self.api.create_chat(admin, "channel", &[]).await?;
+        for chunk in users[1..].chunks(1_000) {
+            let ids: Vec<&str> = chunk.iter().map(|u| u.id.as_str()).collect();
+            self.api.add_members(admin, &chat, &ids).await?;
+        }
+        let chat_keys = Arc::new(HashMap::from([(chat.clone(), 0u64)]));
+        let arrivals: Arrivals = Arc::new(Mutex::new(Vec::new()));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let api = self.api.clone();
+        let sockets: Vec<anyhow::Result<crate::client::Ws>> = stream::iter(users[1..].to_vec())
+            .map(|u| {
+                let api = api.clone();
+                async move { api.socket(&u.token).await }
+            })
+            .buffered(64)
+            .collect()
+            .await;
+        for (i, ws) in sockets.into_iter().enumerate() {
+            spawn_parley_reader(
+                i,
+                ws?,
+                self.clock,
+                arrivals.clone(),
+                chat_keys.clone(),
+                stop_rx.clone(),
+            );
+        }
+        let k = self.sizes.channel_messages as u64;
+        let sent = SendTimes::new((k * self.runs as u64) as usize);
+        let mut out = Vec::new();
+        for run in 0..self.runs as u64 {
+            let floor = raw_broadcast(m, k as usize).await?;
+            let mut lat = Vec::new();
+            for i in run * k..(run + 1) * k {
+                sent.mark(i, self.clock.now_us());
+                let s = self.api.send(admin, &chat, &format!("b{i}")).await?;
+                if s != 201 {
+                    bail!("channel send: {s}");
+                }
+                wait_for(&arrivals, &(i..i + 1), m, Duration::from_secs(30)).await;
+                let a = arrivals.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                let last = a
+                    .iter()
+                    .filter(|a| a.index == i)
+                    .map(|a| a.at_us)
+                    .max()
+                    .unwrap_or(0);
+                let got = a.iter().filter(|a| a.index == i).count();
+                if got < m {
+                    eprintln!("  message {i}: only {got} of {m} sockets within 30 s");
+                }
+                lat.push(last.saturating_sub(sent.get(i).unwrap_or(0)) as f64);
+            }
+            let (_, p99) = p50_p99_ms(&mut lat);
+            let metrics = vec![Metric::relative(
+                format!("p99 send→last of {m} sockets"),
+                "ms",
+                p99,
+                "raw WebSocket broadcast p99",
+                floor,
+                Goal::RatioAtMost(2.0),
+            )];
+            report_run(run, &metrics);
+            out.push(metrics);
+        }
+        let _ = stop_tx.send(true);
+        Ok(out)
+    }
+}
+
+impl Ctx {
+    /// Projector catch-up: `parley command-api` alone (no projectors) takes `backlog`
+    /// sendMessage over HTTP; then `parley up` starts and its projectors drain the backlog.
+    /// Events per second from the start of `parley up` until the read model holds every
+    /// message, against the plain projector floor on a backlog of the same size.
+    async fn projector_catchup(&mut self) -> anyhow::Result<Vec<Vec<Metric>>> {
+        const CHATS: usize = 100;
+        let users = self.users(40).await?;
+        let mut chats = Vec::new();
+        for i in 0..CHATS {
+            let other = users[(i + 1) % 40].id.clone();
+            chats.push((
+                i % 40,
+                self.api
+                    .create_chat(&users[i % 40], "group", &[&other])
+                    .await?,
+            ));
+        }
+        let ids: Vec<uuid::Uuid> = chats
+            .iter()
+            .map(|(_, c)| c.parse())
+            .collect::<Result<_, _>>()?;
+        let pg = self.stack.pg.clone();
+        let projected = |ids: Vec<uuid::Uuid>| {
+            let pg = pg.clone();
+            async move {
+                let row: (i64, Option<i64>) = sqlx::query_as(
+                    "SELECT count(*), sum(last_sequence)::bigint FROM chats WHERE chat_id = ANY($1)",
+                )
+                .bind(&ids)
+                .fetch_one(&pg)
+                .await?;
+                anyhow::Ok(row)
+            }
+        };
+        let start = Instant::now();
+        let mut target = loop {
+            let (n, sum) = projected(ids.clone()).await?;
+            if n == CHATS as i64 {
+                break sum.unwrap_or(0);
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("the chats never reached the read model");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let backlog = self.sizes.backlog;
+        let chats = Arc::new(chats);
+        let mut out = Vec::new();
+        for run in 0..self.runs {
+            let floor = floors::projector(&self.stack.js, &pg, backlog).await?;
+            self.stack.restart_parley("command-api").await?;
+            self.api = Api::new(&self.stack.parley.base, self.stack.parley.port)?;
+            let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let filling = Instant::now();
+            let tasks: Vec<_> = (0..64)
+                .map(|_| {
+                    let (api, chats, users, next) =
+                        (self.api.clone(), chats.clone(), users.clone(), next.clone());
+                    tokio::spawn(async move {
+                        let mut ok = 0i64;
+                        loop {
+                            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if k >= backlog {
+                                return ok;
+                            }
+                            let (u, chat) = &chats[k % CHATS];
+                            if let Ok(201) = api.send(&users[*u], chat, &format!("p{k}")).await {
+                                ok += 1;
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                target += t.await?;
+            }
+            eprintln!(
+                "  backlog of {backlog} sends in {:.1} s",
+                filling.elapsed().as_secs_f64()
+            );
+            let t0 = Instant::now();
+            self.stack.restart_parley("up").await?;
+            self.api = Api::new(&self.stack.parley.base, self.stack.parley.port)?;
+            loop {
+                let (_, sum) = projected(ids.clone()).await?;
+                if sum.unwrap_or(0) >= target {
+                    break;
+                }
+                if t0.elapsed() > Duration::from_secs(600) {
+                    bail!("projectors did not catch up within 600 s");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let metrics = vec![Metric::relative(
+                "catch-up events/s (from process start)",
+                "ev/s",
+                backlog as f64 / t0.elapsed().as_secs_f64(),
+                "plain projector, UNNEST 500 + checkpoint",
+                floor,
+                Goal::RatioAtLeast(0.5),
+            )];
+            report_run(run as u64, &metrics);
+            out.push(metrics);
+        }
+        Ok(out)
+    }
+}
+
+/// Waits until `expected` arrivals with an index in `range` are in, or `deadline` passes.
+async fn wait_for(
+    arrivals: &Arrivals,
+    range: &std::ops::Range<u64>,
+    expected: usize,
+    deadline: Duration,
+) {
+    let start = Instant::now();
+    while start.elapsed() < deadline {
+        let n = arrivals
+            .lock()
+            .map(|a| {
+                a.iter()
+                    .rev()
+                    .take(expected * 4 + 1000)
+                    .filter(|a| range.contains(&a.index))
+                    .count()
+            })
+            .unwrap_or(0);
+        if n >= expected {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The floor of the channel scenario: a bare axum server holding `sockets` WebSockets and a
+/// broadcast channel; p99 (ms) over `messages` of the time until the last socket has one.
+async fn raw_broadcast(sockets: usize, messages: usize) -> anyhow::Result<f64> {
+    use axum::extract::ws::{Message as AxMessage, WebSocketUpgrade};
+    let (tx, _) = tokio::sync::broadcast::channel::<String>(64);
+    let tx2 = tx.clone();
+    let app = axum::Router::new().route(
+        "/ws",
+        axum::routing::get(move |ws: WebSocketUpgrade| {
+            let mut rx = tx2.subscribe();
+            async move {
+                ws.on_upgrade(move |mut socket| async move {
+                    while let Ok(text) = rx.recv().await {
+                        if socket.send(AxMessage::text(text)).await.is_err() {
+                            return;
+                        }
+                    }
+                })
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let clients: Vec<_> = stream::iter(0..sockets)
+        .map(|_| {
+            let url = url.clone();
+            async move {
+                tokio_tungstenite::connect_async(url)
+                    .await
+                    .map(|(ws, _)| ws)
+            }
+        })
+        .buffered(64)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    // Every socket subscribes inside its upgrade; wait until all are in.
+    let start = Instant::now();
+    while tx.receiver_count() < sockets {
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "raw broadcast: only {} of {sockets} sockets subscribed",
+                tx.receiver_count()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant)>();
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws: crate::client::Ws| {
+            let done = done_tx.clone();
+            tokio::spawn(async move {
+                while let Some(Ok(msg)) = ws.next().await {
+                    if let tokio_tungstenite::tungstenite::Message::Text(t) = msg
+                        && let Ok(i) = t.parse::<usize>()
+                    {
+                        let _ = done.send((i, Instant::now()));
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    for i in 0..messages {
+        let t0 = Instant::now();
+        tx.send(i.to_string()).context("broadcast")?;
+        let mut got = 0;
+        let mut last = t0;
+        while got < sockets {
+            let (j, at) = tokio::time::timeout(Duration::from_secs(30), done_rx.recv())
+                .await
+                .context("raw broadcast stalled")?
+                .context("raw broadcast readers gone")?;
+            if j == i {
+                got += 1;
+                last = last.max(at);
+            }
+        }
+        lat.push((last - t0).as_micros() as f64);
+    }
+    for r in readers {
+        r.abort();
+    }
+    server.abort();
+    Ok(quantile(&mut lat, 0.99) / 1000.0)
+}
+
+fn report_run(run: u64, metrics: &[Metric]) {
+    for m in metrics {
+        let floor = m
+            .floor
+            .as_ref()
+            .map(|f| {
+                format!(
+                    "  floor {:.3} ({})  ratio {:.2}×",
+                    f.value,
+                    f.name,
+                    m.figure / f.value.max(1e-9)
+                )
+            })
+            .unwrap_or_default();
+        eprintln!(
+            "  run {}: {} = {:.3} {}{floor}",
+            run + 1,
+            m.name,
+            m.figure,
+            m.unit
+        );
+    }
+}

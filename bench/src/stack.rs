@@ -1,0 +1,148 @@
+//! The servers one benchmark run talks to: a private `nats-server` (temporary store, free
+//! port), a fresh PostgreSQL database on `DATABASE_URL`, and the real `parley up` binary as a
+//! child process with abuse limits off.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use parley_test_support::{NatsServer, TestDb, free_port};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+/// NATS, PostgreSQL and a running Parley; everything is stopped and dropped with it.
+pub struct Stack {
+    pub nats: NatsServer,
+    pub db: TestDb,
+    pub pg: PgPool,
+    pub js: async_nats::jetstream::Context,
+    pub client: async_nats::Client,
+    pub parley: Parley,
+    bin: PathBuf,
+}
+
+impl Stack {
+    pub async fn start(parley_bin: PathBuf) -> anyhow::Result<Stack> {
+        let nats = NatsServer::start().await;
+        let db = TestDb::create().await;
+        let pg = PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&db.url)
+            .await
+            .context("connect to the bench database")?;
+        let client = async_nats::connect(nats.url()).await?;
+        let js = async_nats::jetstream::new(client.clone());
+        let parley = Parley::spawn(&parley_bin, &nats.url(), &db.url, "up").await?;
+        Ok(Stack {
+            nats,
+            db,
+            pg,
+            js,
+            client,
+            parley,
+            bin: parley_bin,
+        })
+    }
+
+    /// Stops the running Parley and starts `parley <role>` (`up` or `command-api`) instead, on
+    /// the same NATS and database.
+    pub async fn restart_parley(&mut self, role: &str) -> anyhow::Result<()> {
+        self.parley.stop().await;
+        self.parley = Parley::spawn(&self.bin, &self.nats.url(), &self.db.url, role).await?;
+        Ok(())
+    }
+}
+
+/// `parley up` as a child process; killed on drop.
+pub struct Parley {
+    child: tokio::process::Child,
+    pub base: String,
+    pub port: u16,
+    pub pid: u32,
+}
+
+impl Parley {
+    async fn spawn(
+        bin: &std::path::Path,
+        nats_url: &str,
+        db_url: &str,
+        role: &str,
+    ) -> anyhow::Result<Parley> {
+        if !bin.exists() {
+            bail!(
+                "{} not found: build it first with `cargo build --release --bin parley` (./dev bench does)",
+                bin.display()
+            );
+        }
+        let port = free_port();
+        // `ulimit -n` then exec: the idle-connections scenario holds thousands of sockets, and
+        // exec keeps the pid, so /proc/<pid> is the gateway's own memory.
+        let mut child = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -n \"$(ulimit -Hn)\"; exec \"$0\" \"$1\"")
+            .arg(bin)
+            .arg(role)
+            .env("NATS_URL", nats_url)
+            .env("DATABASE_URL", db_url)
+            .env("PARLEY_ADDR", format!("127.0.0.1:{port}"))
+            .env("PARLEY_COMMAND_ADDR", format!("127.0.0.1:{port}"))
+            .env(
+                "RUST_LOG",
+                std::env::var("PARLEY_BENCH_LOG").unwrap_or("warn".into()),
+            )
+            .env("PARLEY_RATE_SEND_PER_USER", "off")
+            .env("PARLEY_RATE_SEND_PER_IP", "off")
+            .env("PARLEY_RATE_SIGNUP_PER_IP", "off")
+            .env("PARLEY_RATE_LOGIN_PER_IP", "off")
+            .env("PARLEY_RATE_LOGIN_PER_HANDLE", "off")
+            .env("PARLEY_FLOOD_MAX_CHATS", "1000000")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawn {}", bin.display()))?;
+        let pid = child.id().context("parley exited at once")?;
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = http.get(format!("{base}/healthz")).send().await
+                && r.status().is_success()
+            {
+                break;
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!("parley up exited during start-up: {status}");
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!("parley up did not answer /healthz within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Parley {
+            child,
+            base,
+            port,
+            pid,
+        })
+    }
+
+    /// Resident memory of the parley process, in KiB (VmRSS of /proc/<pid>/status).
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmRSS in /proc status")
+    }
+
+    pub async fn stop(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
