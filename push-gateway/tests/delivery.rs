@@ -345,7 +345,10 @@ async fn a_non_member_never_sees_a_frame_of_the_chat() {
     m.send_json(json!({"type": "typing", "chat_id": chat.id}))
         .await;
     assert_eq!(a.sequences(&chat, 1).await, vec![2]);
-    assert!(m.until_pong().await.is_empty());
+    // Mallory's typing for a chat not hers is refused with an error frame; nothing else comes.
+    let to_mallory = m.until_pong().await;
+    assert_eq!(to_mallory.len(), 1, "{to_mallory:?}");
+    assert_eq!(to_mallory[0]["type"], "error", "{to_mallory:?}");
     assert!(
         a.until_pong().await.is_empty(),
         "mallory's typing is not relayed"
