@@ -583,38 +583,53 @@ async fn run(instances: usize) {
         connections += l.connections;
     }
 
-    // Unread counts agree with the read watermarks: others' messages above the watermark.
-    let mut unread_mismatches = 0;
-    for (u, user) in users.iter().enumerate() {
-        let (s, v) = get(
-            &http,
-            &format!("{}/v1/chats", stack.query[u % instances]),
-            &user.token,
-        )
-        .await
-        .unwrap();
-        assert_eq!(s, 200, "{v}");
-        for (c, (chat, members)) in chats.iter().enumerate() {
-            if !members.contains(&u) {
-                continue;
-            }
-            let read = reads.get(&(c, u)).copied().unwrap_or(0);
-            let want = acked
-                .iter()
-                .filter(|(ac, snd, _, seq)| *ac == c && *snd != u && *seq > read)
-                .count();
-            let got = v["chats"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|x| x["chat_id"] == chat.as_str())
-                .map(|x| x["unread_count"].as_u64().unwrap())
-                .unwrap();
-            if got != want as u64 {
+    // Unread counts agree with the read watermarks: others' messages above the watermark. The
+    // receipts projection may still be catching up after the last crash, so this converges
+    // within a deadline; what remains at the deadline is a mismatch.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut unread_mismatches;
+    loop {
+        unread_mismatches = 0;
+        let mut report = Vec::new();
+        for (u, user) in users.iter().enumerate() {
+            let Ok((200, v)) = get(
+                &http,
+                &format!("{}/v1/chats", stack.query[u % instances]),
+                &user.token,
+            )
+            .await
+            else {
                 unread_mismatches += 1;
-                eprintln!("unread mismatch: user {u} chat {c}: want {want}, got {got}");
+                continue;
+            };
+            for (c, (chat, members)) in chats.iter().enumerate() {
+                if !members.contains(&u) {
+                    continue;
+                }
+                let read = reads.get(&(c, u)).copied().unwrap_or(0);
+                let want = acked
+                    .iter()
+                    .filter(|(ac, snd, _, seq)| *ac == c && *snd != u && *seq > read)
+                    .count();
+                let got = v["chats"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|x| x["chat_id"] == chat.as_str())
+                    .and_then(|x| x["unread_count"].as_u64());
+                if got != Some(want as u64) {
+                    unread_mismatches += 1;
+                    report.push(format!("user {u} chat {c}: want {want}, got {got:?}"));
+                }
             }
         }
+        if unread_mismatches == 0 || Instant::now() > deadline {
+            for line in report {
+                eprintln!("unread mismatch: {line}");
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
     eprintln!(
