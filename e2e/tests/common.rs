@@ -40,7 +40,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     let mut settings = Settings::default();
     settings.infra.nats_url = nats.url();
     settings.infra.database_url = db.url.clone();
-    settings.infra.pg_max_connections = 8;
+    settings.infra.pg_max_connections = 16;
     settings.command.max_group_members = 5;
     settings.command.limits = parley_command_api::LimitsConfig::off();
     adjust(&mut settings);

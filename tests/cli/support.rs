@@ -35,7 +35,7 @@ pub async fn spawn_app() -> TestApp {
     let mut settings = Settings::default();
     settings.infra.nats_url = nats.url();
     settings.infra.database_url = db.url.clone();
-    settings.infra.pg_max_connections = 8;
+    settings.infra.pg_max_connections = 16;
     // Tests send in bursts; the limits have their own tests.
     settings.command.limits = parley_command_api::LimitsConfig::off();
     let shutdown = CancellationToken::new();
