@@ -3,68 +3,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use parley_test_support::{NatsServer, TestDb, eventually, free_port};
+use parley_test_support::{NatsServer, ParleyChild, TestDb, proc_status_kib};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-const WAIT: Duration = Duration::from_secs(20);
 const MIB: usize = 1024 * 1024;
 
-/// Documented in docs/adr/0009 (with the measured figure): how much one 100 MiB round trip may add
+/// Documented in docs/adr/0010 (with the measured figure): how much one 100 MiB round trip may add
 /// to the process's resident memory.
 const RSS_GROWTH_BOUND_KIB: u64 = 40 * 1024;
-
-/// A `parley up` child, killed on drop.
-struct Parley {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Parley {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn start(nats: &NatsServer, db: &TestDb) -> Parley {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_parley"))
-        .args(["up", "--addr", &format!("127.0.0.1:{port}")])
-        .env("NATS_URL", nats.url())
-        .env("DATABASE_URL", &db.url)
-        .env("PARLEY_PG_MAX_CONNECTIONS", "4")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("run the parley binary");
-    let p = Parley { child, port };
-    let url = format!("http://127.0.0.1:{port}/healthz");
-    let http = reqwest::Client::new();
-    eventually(WAIT, "parley up to answer /healthz", || async {
-        let res = http.get(&url).send().await.ok()?;
-        res.status().is_success().then_some(())
-    })
-    .await;
-    p
-}
-
-/// `VmRSS` of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
-}
 
 async fn post(http: &reqwest::Client, url: String, token: Option<&str>, body: Value) -> Value {
     let mut req = http.post(url).json(&body);
@@ -80,8 +31,8 @@ async fn post(http: &reqwest::Client, url: String, token: Option<&str>, body: Va
 async fn a_100_mib_round_trip_keeps_the_process_memory_flat() {
     let nats = NatsServer::start().await;
     let db = TestDb::create().await;
-    let up = start(&nats, &db).await;
-    let base = format!("http://127.0.0.1:{}", up.port);
+    let up = ParleyChild::start(env!("CARGO_BIN_EXE_parley"), "up", &nats.url(), &db.url).await;
+    let base = up.base();
     let http = reqwest::Client::new();
     post(
         &http,
@@ -115,15 +66,15 @@ async fn a_100_mib_round_trip_keeps_the_process_memory_flat() {
         .unwrap();
     assert_eq!(res.status(), 201);
 
-    let pid = up.child.id();
-    let baseline = rss_kib(pid);
+    let pid = up.pid();
+    let baseline = proc_status_kib(pid, "VmRSS:");
     let peak = Arc::new(AtomicU64::new(baseline));
     let sampling = tokio_util::sync::CancellationToken::new();
     let sampler = tokio::spawn({
         let (peak, sampling) = (peak.clone(), sampling.clone());
         async move {
             while !sampling.is_cancelled() {
-                peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                peak.fetch_max(proc_status_kib(pid, "VmRSS:"), Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }

@@ -6,73 +6,19 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use parley_test_support::{NatsServer, TestDb, eventually, free_port};
+use parley_test_support::{NatsServer, ParleyChild, TestDb, eventually, proc_status_kib};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// A `parley` child process, killed with SIGKILL on drop.
-struct Parley {
-    child: Child,
-    port: u16,
-}
-
-impl Parley {
-    /// Runs `parley <role> --addr 127.0.0.1:<free port>` and waits for `/healthz`.
-    async fn start(nats: &NatsServer, db: &TestDb, role: &str) -> Parley {
-        let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_parley"))
-            .args([role, "--addr", &format!("127.0.0.1:{port}")])
-            .env("NATS_URL", nats.url())
-            .env("DATABASE_URL", &db.url)
-            .env("PARLEY_PG_MAX_CONNECTIONS", "4")
-            .env("RUST_LOG", "warn")
-            .envs(parley_test_support::LIMITS_OFF)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("run the parley binary");
-        let p = Parley { child, port };
-        let url = format!("http://127.0.0.1:{port}/healthz");
-        let http = reqwest::Client::new();
-        eventually(
-            WAIT,
-            &format!("parley {role} to answer /healthz"),
-            || async {
-                let res = http.get(&url).send().await.ok()?;
-                res.status().is_success().then_some(())
-            },
-        )
-        .await;
-        p
-    }
-
-    fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGKILL, as a crash or the OOM killer would: no shutdown code runs.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Parley {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// `parley <role>` as a child process of this test.
+async fn parley(nats: &NatsServer, db: &TestDb, role: &str) -> ParleyChild {
+    ParleyChild::start(env!("CARGO_BIN_EXE_parley"), role, &nats.url(), &db.url).await
 }
 
 /// HTTP calls to the `parley up` child.
@@ -188,10 +134,10 @@ async fn next_json(ws: &mut Ws, wait: Duration) -> Option<Value> {
 }
 
 /// NATS, a database, and a `parley up` child (commands, queries, projectors) on them.
-async fn stack() -> (NatsServer, TestDb, Parley, Api) {
+async fn stack() -> (NatsServer, TestDb, ParleyChild, Api) {
     let nats = NatsServer::start().await;
     let db = TestDb::create().await;
-    let up = Parley::start(&nats, &db, "up").await;
+    let up = parley(&nats, &db, "up").await;
     let api = Api {
         base: up.base(),
         http: reqwest::Client::new(),
@@ -231,8 +177,8 @@ async fn a_gateway_process_killed_with_sigkill_mid_stream_loses_nothing_after_re
     let ada = api.signup("ada").await;
     let bob = api.signup("bob").await;
     let chat = api.group(&ada, &bob).await;
-    let mut gateway = Parley::start(&nats, &db, "push-gateway").await;
-    let mut ws = connect(gateway.port, &bob.token).await;
+    let mut gateway = parley(&nats, &db, "push-gateway").await;
+    let mut ws = connect(gateway.port(), &bob.token).await;
 
     const MESSAGES: usize = 300;
     let sender = {
@@ -271,8 +217,8 @@ async fn a_gateway_process_killed_with_sigkill_mid_stream_loses_nothing_after_re
     }
     let killed_at = got.next;
 
-    let gateway = Parley::start(&nats, &db, "push-gateway").await;
-    let mut ws = connect(gateway.port, &bob.token).await;
+    let gateway = parley(&nats, &db, "push-gateway").await;
+    let mut ws = connect(gateway.port(), &bob.token).await;
     let last = sender.await.unwrap();
     assert_eq!(last, MESSAGES as u64 + 1, "created, then every message");
     while got.next <= last {
@@ -288,16 +234,6 @@ async fn a_gateway_process_killed_with_sigkill_mid_stream_loses_nothing_after_re
             Some(format!("m{i}").as_str())
         );
     }
-}
-
-/// `VmRSS` / `VmHWM` of a process, in KiB.
-fn memory_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
 /// Documented in docs/delivery.md ("Limits"): what one connection that stops reading may cost
@@ -320,13 +256,13 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_gateway_memory_stays_bou
         (list["chats"].as_array().map(Vec::len) == Some(8)).then_some(())
     })
     .await;
-    let gateway = Parley::start(&nats, &db, "push-gateway").await;
-    let mut ws = connect(gateway.port, &bob.token).await;
+    let gateway = parley(&nats, &db, "push-gateway").await;
+    let mut ws = connect(gateway.port(), &bob.token).await;
     // Bob's socket replays the eight `created` events, then Bob stops reading.
     for _ in 0..8 {
         next_json(&mut ws, WAIT).await.expect("created");
     }
-    let baseline = memory_kib(gateway.pid(), "VmRSS:");
+    let baseline = proc_status_kib(gateway.pid(), "VmRSS:");
 
     const PER_CHAT: usize = 750;
     let body = "x".repeat(3500);
@@ -355,7 +291,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_gateway_memory_stays_bou
         frames < total,
         "a client that did not read got all {total} frames: it was never cut off"
     );
-    let peak = memory_kib(gateway.pid(), "VmHWM:");
+    let peak = proc_status_kib(gateway.pid(), "VmHWM:");
     let growth = peak.saturating_sub(baseline);
     eprintln!(
         "gateway RSS: baseline {baseline} KiB, peak {peak} KiB, growth {growth} KiB; \

@@ -2,33 +2,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod support;
+
 use std::time::Duration;
 
 use async_nats::jetstream;
 use futures::StreamExt;
-use parley_nats::{Aggregate, AppendContext, EventStore, ExecuteError, JetStreamSettings, streams};
+use parley_nats::{AppendContext, EventStore, ExecuteError, JetStreamSettings, streams};
 use parley_schemas::cloudevent::{self, StoredEvent};
 use parley_schemas::events::MessageSent;
 use parley_schemas::{ChatEvent, ChatId, MessageId, UserId};
 use parley_test_support::NatsServer;
-use serde::{Deserialize, Serialize};
-
-/// A minimal aggregate: counts the messages of a chat.
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-struct Counter {
-    messages: u64,
-}
-
-impl Aggregate for Counter {
-    type Event = ChatEvent;
-    const PREFIX: &'static str = "chats";
-    const STREAM: &'static str = streams::CHATS;
-    const SNAPSHOT_VERSION: u32 = 1;
-    fn evolve(mut self, _event: &ChatEvent) -> Self {
-        self.messages += 1;
-        self
-    }
-}
+use support::{Counter, stored};
 
 fn message(sender: UserId, id: MessageId) -> ChatEvent {
     ChatEvent::MessageSent(MessageSent {
@@ -71,27 +56,11 @@ async fn setup(
 }
 
 async fn sequences(js: &jetstream::Context, chat: ChatId) -> Vec<u64> {
-    let stream = js.get_stream(streams::CHATS).await.unwrap();
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: format!("chats.{chat}"),
-            ..Default::default()
-        })
+    stored(js, chat)
         .await
-        .unwrap();
-    let mut out = Vec::new();
-    let pending = consumer.cached_info().num_pending;
-    let mut msgs = consumer.messages().await.unwrap();
-    while (out.len() as u64) < pending {
-        let msg = tokio::time::timeout(Duration::from_secs(5), msgs.next())
-            .await
-            .expect("stream read timed out")
-            .unwrap()
-            .unwrap();
-        let ev: StoredEvent<ChatEvent> = cloudevent::decode(&msg.payload).unwrap();
-        out.push(ev.meta.sequence);
-    }
-    out
+        .into_iter()
+        .map(|(seq, _)| seq)
+        .collect()
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 pub mod process;
-pub use process::{LIMITS_OFF, PrivatePostgres, Watched};
+pub use process::{LIMITS_OFF, ParleyChild, PrivatePostgres, Watched, proc_status_kib};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
 /// A `nats-server` child process with JetStream, killed (and its store removed) on drop.

@@ -261,3 +261,78 @@ fn run(cmd: &mut Command) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A `parley <role> --addr 127.0.0.1:<free port>` child process (the binary under test), with
+/// the abuse limits off and a small pool; SIGKILLed on drop. For tests that need the process
+/// itself: its pid for memory figures, or a kill that runs no shutdown code.
+pub struct ParleyChild {
+    child: Child,
+    port: u16,
+}
+
+impl ParleyChild {
+    /// Starts it and waits (20 s at most) until `/healthz` answers.
+    pub async fn start(bin: &str, role: &str, nats_url: &str, database_url: &str) -> ParleyChild {
+        let port = free_port();
+        let child = Command::new(bin)
+            .args([role, "--addr", &format!("127.0.0.1:{port}")])
+            .env("NATS_URL", nats_url)
+            .env("DATABASE_URL", database_url)
+            .env("PARLEY_PG_MAX_CONNECTIONS", "4")
+            .env("RUST_LOG", "warn")
+            .envs(LIMITS_OFF)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
+        let p = ParleyChild { child, port };
+        let url = format!("{}/healthz", p.base());
+        let http = reqwest::Client::new();
+        crate::eventually(
+            Duration::from_secs(20),
+            &format!("parley {role} to answer /healthz"),
+            || async {
+                let res = http.get(&url).send().await.ok()?;
+                res.status().is_success().then_some(())
+            },
+        )
+        .await;
+        p
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash or the OOM killer would: no shutdown code runs.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ParleyChild {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A memory figure of a process from `/proc/<pid>/status` (`"VmRSS:"`, `"VmHWM:"`), in KiB.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
