@@ -9,6 +9,16 @@ use parley_schemas::{ChatId, EventId, EventMeta, ReceiptEvent};
 
 use crate::setup::subjects;
 
+/// Publishes one receipt and waits until JetStream has stored it: what an HTTP call answers
+/// after (the gateway's ack batcher publishes a whole batch before awaiting, with `publish`).
+pub async fn publish_acked(
+    js: &jetstream::Context,
+    chat: ChatId,
+    event: &ReceiptEvent,
+) -> Result<(), PublishError> {
+    publish(js, chat, event).await?.await.map(|_| ())
+}
+
 /// Publishes one receipt; await the returned future for JetStream's ack. The CloudEvent's
 /// `sequence` is the chat sequence the watermark reaches; the same watermark published twice
 /// (a retry after a lost ack) is stored once.

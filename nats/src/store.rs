@@ -11,11 +11,13 @@ use std::sync::{Arc, Mutex as StdMutex, Weak};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 use async_nats::jetstream::{
     self, context::PublishErrorKind, kv, stream::DirectGetErrorKind, stream::Stream,
 };
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use parley_schemas::cloudevent::{self, CONTENT_TYPE, DomainEvent, EventMeta, StoredEvent};
 use parley_schemas::{EventId, UserId};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -139,6 +141,12 @@ fn nats_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Nats(e.to_string())
 }
 
+/// As [`nats_err`], saying which request failed: in a failover several kinds time out, and
+/// each waits on a different part of the cluster (the stream leader, the meta leader, a replica).
+fn nats_err_in<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> StoreError {
+    move |e| StoreError::Nats(format!("{what}: {e}"))
+}
+
 impl<A: Aggregate> EventStore<A> {
     /// `cache_capacity` aggregates are kept in memory; every changed aggregate is snapshotted
     /// within `snapshot_interval`, so its state outlives the stream's retention.
@@ -170,6 +178,20 @@ impl<A: Aggregate> EventStore<A> {
         let mut loaded = entry.lock().await;
         // Another process may have appended since we cached it: reads answer from the stream.
         self.catch_up(id, &mut loaded).await?;
+        Ok(f(&loaded.state, loaded.version))
+    }
+
+    /// As [`EventStore::read`], on the state this process holds, without asking the stream for
+    /// events another process may have appended since (one round trip less). For pre-checks
+    /// that the command's own decision repeats on fresh state: every append is conditional on
+    /// the stream's last sequence, so a stale answer here never stores a wrong event.
+    pub async fn read_cached<T>(
+        &self,
+        id: Uuid,
+        f: impl FnOnce(&A, u64) -> T,
+    ) -> Result<T, StoreError> {
+        let entry = self.entry(id).await?;
+        let loaded = entry.lock().await;
         Ok(f(&loaded.state, loaded.version))
     }
 
@@ -301,14 +323,14 @@ impl<A: Aggregate> EventStore<A> {
                 .js
                 .publish_with_headers(subject.clone(), headers, payload)
                 .await
-                .map_err(|e| AppendError::Store(nats_err(e)))?
+                .map_err(|e| AppendError::Store(nats_err_in("publish")(e)))?
                 .await;
             let ack = match ack {
                 Ok(ack) => ack,
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
                     return Err(AppendError::WrongLastSequence);
                 }
-                Err(e) => return Err(AppendError::Store(nats_err(e))),
+                Err(e) => return Err(AppendError::Store(nats_err_in("publish ack")(e))),
             };
             if ack.duplicate {
                 // A retry of a command already stored inside the duplicate window: answer with
@@ -326,51 +348,119 @@ impl<A: Aggregate> EventStore<A> {
         Ok(appended)
     }
 
+    /// The event the stream holds at `stream_seq`, read from the stream leader. Not a direct
+    /// get: with replicas, a direct get may be answered by a follower that has not applied
+    /// that entry yet (or, just after a failover, one holding an entry the new leader
+    /// truncated), and this answers a duplicate with what was stored. Rare, so the cost of the
+    /// leader round trip does not matter.
     async fn event_at(&self, stream_seq: u64) -> Result<StoredEvent<A::Event>, StoreError> {
         let msg = self
             .inner
             .stream
-            .direct_get(stream_seq)
+            .get_raw_message(stream_seq)
             .await
-            .map_err(nats_err)?;
+            .map_err(nats_err_in("reading a duplicate from the leader"))?;
         cloudevent::decode(&msg.payload).map_err(|e| StoreError::Corrupt {
             stream_seq,
             reason: e.to_string(),
         })
     }
 
-    /// Applies the aggregate's events stored after `loaded.last_stream_seq`, one direct get each.
+    /// Applies the aggregate's events stored after `loaded.last_stream_seq`: the first few by
+    /// direct gets (the usual tail is zero or one event: one round trip), the rest of a longer
+    /// tail through one ordered consumer, which streams it instead of a round trip per event
+    /// (an aggregate whose snapshot is missing or outdated may have a million).
+    ///
+    /// The consumer is only a speed-up: creating one needs the meta leader, which in a cluster
+    /// failover can take tens of seconds to return (measured on nats-server 2.9), while direct
+    /// gets are served by any current replica. So when streaming fails or stalls, the rest of
+    /// the tail is read by direct gets, and a failover costs the command seconds, not the
+    /// whole election.
     async fn catch_up(&self, id: Uuid, loaded: &mut Loaded<A>) -> Result<usize, StoreError> {
         let subject = Self::subject(id);
+        let (mut applied, done) = self.direct_gets(&subject, loaded, DIRECT_GETS).await?;
+        if done {
+            return Ok(applied);
+        }
+        match self.stream_tail(&subject, loaded).await {
+            Ok(n) => Ok(applied + n),
+            Err(e) => {
+                // What was streamed before the failure is applied; go on from there.
+                tracing::warn!(aggregate = %subject, error = %e,
+                    "streaming a long catch-up failed; reading the rest one event at a time");
+                applied += self.direct_gets(&subject, loaded, usize::MAX).await?.0;
+                Ok(applied)
+            }
+        }
+    }
+
+    /// Applies up to `max` events of the tail by direct gets: how many, and whether the tail
+    /// ended.
+    async fn direct_gets(
+        &self,
+        subject: &str,
+        loaded: &mut Loaded<A>,
+        max: usize,
+    ) -> Result<(usize, bool), StoreError> {
         let mut applied = 0;
-        loop {
+        while applied < max {
             let next = self
                 .inner
                 .stream
-                .direct_get_next_for_subject(subject.as_str(), Some(loaded.last_stream_seq + 1))
+                .direct_get_next_for_subject(subject, Some(loaded.last_stream_seq + 1))
                 .await;
             let msg = match next {
                 Ok(msg) => msg,
-                Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(applied),
-                Err(e) => return Err(nats_err(e)),
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok((applied, true)),
+                Err(e) => return Err(nats_err_in("direct get of the next event")(e)),
             };
-            let stored: StoredEvent<A::Event> =
-                cloudevent::decode(&msg.payload).map_err(|e| StoreError::Corrupt {
-                    stream_seq: msg.sequence,
-                    reason: e.to_string(),
-                })?;
-            if stored.meta.sequence != loaded.version + 1 {
-                tracing::error!(
-                    aggregate = %subject,
-                    expected = loaded.version + 1,
-                    found = stored.meta.sequence,
-                    "aggregate sequence is not contiguous"
-                );
-            }
-            loaded.state = std::mem::take(&mut loaded.state).evolve(&stored.event);
-            loaded.version = stored.meta.sequence;
-            loaded.last_stream_seq = msg.sequence;
+            apply_stored(subject, loaded, &msg.payload, msg.sequence)?;
             applied += 1;
+        }
+        Ok((applied, false))
+    }
+
+    /// The rest of a long tail, through an ordered consumer from `last_stream_seq + 1` until
+    /// it reports nothing pending. Events stored meanwhile may or may not be included: like
+    /// any read, the next append's expected sequence catches what was missed.
+    async fn stream_tail(
+        &self,
+        subject: &str,
+        loaded: &mut Loaded<A>,
+    ) -> Result<usize, StoreError> {
+        let create = self.inner.stream.create_consumer(OrderedConfig {
+            filter_subject: subject.to_owned(),
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: loaded.last_stream_seq + 1,
+            },
+            ..Default::default()
+        });
+        let consumer = tokio::time::timeout(TAIL_TIMEOUT, create)
+            .await
+            .map_err(nats_err_in("creating a catch-up consumer"))?
+            .map_err(nats_err_in("creating a catch-up consumer"))?;
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(0);
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(nats_err_in("reading a catch-up consumer"))?;
+        let mut applied = 0;
+        loop {
+            let msg = match tokio::time::timeout(TAIL_TIMEOUT, messages.next()).await {
+                Ok(Some(Ok(msg))) => msg,
+                Ok(Some(Err(e))) => return Err(nats_err_in("reading a catch-up consumer")(e)),
+                Ok(None) => return Err(StoreError::Nats("the stream closed mid-read".into())),
+                Err(_) => return Err(StoreError::Nats("reading the stream timed out".into())),
+            };
+            let info = msg.info().map_err(|e| nats_err(e.to_string()))?;
+            let (stream_seq, pending) = (info.stream_sequence, info.pending);
+            apply_stored(subject, loaded, &msg.payload, stream_seq)?;
+            applied += 1;
+            if pending == 0 {
+                return Ok(applied);
+            }
         }
     }
 
@@ -435,6 +525,38 @@ impl From<StoreError> for AppendError {
     fn from(e: StoreError) -> Self {
         AppendError::Store(e)
     }
+}
+
+/// Direct gets a catch-up makes before it streams the rest of the tail instead.
+const DIRECT_GETS: usize = 8;
+/// Longest wait for a catch-up consumer to be created, or for its next event, before the rest
+/// of the tail is read by direct gets instead.
+const TAIL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Evolves `loaded` by one stored event of `subject`.
+fn apply_stored<A: Aggregate>(
+    subject: &str,
+    loaded: &mut Loaded<A>,
+    payload: &[u8],
+    stream_seq: u64,
+) -> Result<(), StoreError> {
+    let stored: StoredEvent<A::Event> =
+        cloudevent::decode(payload).map_err(|e| StoreError::Corrupt {
+            stream_seq,
+            reason: e.to_string(),
+        })?;
+    if stored.meta.sequence != loaded.version + 1 {
+        tracing::error!(
+            aggregate = %subject,
+            expected = loaded.version + 1,
+            found = stored.meta.sequence,
+            "aggregate sequence is not contiguous"
+        );
+    }
+    loaded.state = std::mem::take(&mut loaded.state).evolve(&stored.event);
+    loaded.version = stored.meta.sequence;
+    loaded.last_stream_seq = stream_seq;
+    Ok(())
 }
 
 async fn snapshot_loop<A: Aggregate>(inner: Weak<Inner<A>>, every: Duration) {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use futures::StreamExt;
-use parley_nats::{AppendContext, EventStore, ExecuteError, JetStreamSettings, streams};
+use parley_nats::{AppendContext, EventStore, ExecuteError, JetStreamSettings, Outcome, streams};
 use parley_schemas::cloudevent::{self, StoredEvent};
 use parley_schemas::events::MessageSent;
 use parley_schemas::{ChatEvent, ChatId, MessageId, UserId};
@@ -53,6 +53,19 @@ async fn setup(
     .await
     .unwrap();
     (js, a, b)
+}
+
+/// One message appended to `chat` through `store`.
+async fn append_message(store: EventStore<Counter>, chat: ChatId, sender: UserId) -> Outcome {
+    let id = MessageId::new();
+    store
+        .execute(
+            *chat.as_uuid(),
+            &AppendContext::new(sender),
+            |_: &Counter| Ok::<_, ()>(vec![message(sender, id)]),
+        )
+        .await
+        .unwrap()
 }
 
 async fn sequences(js: &jetstream::Context, chat: ChatId) -> Vec<u64> {
@@ -146,17 +159,7 @@ async fn a_cold_load_starts_from_the_snapshot_and_reads_only_newer_events() {
     let (js, a, _) = setup(&server).await;
     let chat = ChatId::new();
     let sender = UserId::new();
-    let append = |store: EventStore<Counter>| async move {
-        let id = MessageId::new();
-        store
-            .execute(
-                *chat.as_uuid(),
-                &AppendContext::new(sender),
-                |_: &Counter| Ok::<_, ()>(vec![message(sender, id)]),
-            )
-            .await
-            .unwrap()
-    };
+    let append = |store: EventStore<Counter>| append_message(store, chat, sender);
     for _ in 0..30 {
         append(a.clone()).await;
     }
@@ -180,6 +183,40 @@ async fn a_cold_load_starts_from_the_snapshot_and_reads_only_newer_events() {
         .await
         .unwrap();
     assert_eq!((count, version), (31, 31));
+}
+
+#[tokio::test]
+async fn a_long_tail_without_a_snapshot_is_read_whole_and_in_order() {
+    let server = NatsServer::start().await;
+    let (js, a, b) = setup(&server).await;
+    let chat = ChatId::new();
+    let sender = UserId::new();
+    // Store `b` caches the chat at 1 event; `a` then appends 1,999 more, far past the direct
+    // gets a catch-up starts with, and no snapshot covers them.
+    let append = |store: EventStore<Counter>| append_message(store, chat, sender);
+    append(b.clone()).await;
+    for _ in 0..1999 {
+        append(a.clone()).await;
+    }
+    // A warm store catches up the tail, and a cold one loads all of it.
+    let warm = b
+        .read(*chat.as_uuid(), |s, v| (s.messages, v))
+        .await
+        .unwrap();
+    assert_eq!(warm, (2000, 2000));
+    let kv = js.get_key_value("snapshots").await.unwrap();
+    let cold = EventStore::<Counter>::new(js.clone(), kv, 10, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let loaded = cold
+        .read(*chat.as_uuid(), |s, v| (s.messages, v))
+        .await
+        .unwrap();
+    assert_eq!(loaded, (2000, 2000));
+    // And it appends at the right place: the next event is 2001, once.
+    let out = append(cold.clone()).await;
+    assert_eq!(out.appended[0].sequence, 2001);
+    assert_eq!(out.conflicts, 0, "the load was complete");
 }
 
 #[tokio::test]

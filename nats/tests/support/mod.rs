@@ -58,3 +58,31 @@ pub async fn stored(js: &jetstream::Context, chat: ChatId) -> Vec<(u64, EventId)
     }
     out
 }
+
+/// Every stored event of the `CHATS` stream, per chat and in order, read one message at a time
+/// from the stream *leader* (not a consumer or a direct get, which a follower may serve from a
+/// replica that is still catching up): what a replicated stream really holds.
+pub async fn stored_by_leader(
+    js: &jetstream::Context,
+) -> std::collections::HashMap<ChatId, Vec<(u64, EventId)>> {
+    let mut stream = js.get_stream(streams::CHATS).await.unwrap();
+    let state = stream.info().await.unwrap().state.clone();
+    let mut out: std::collections::HashMap<ChatId, Vec<(u64, EventId)>> = Default::default();
+    for seq in state.first_sequence..=state.last_sequence {
+        let msg = match stream.get_raw_message(seq).await {
+            Ok(msg) => msg,
+            // A deleted message leaves a hole in stream sequences; chats' own sequences are
+            // checked by the caller.
+            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+                continue;
+            }
+            Err(e) => panic!("stream message {seq}: {e}"),
+        };
+        let ev: StoredEvent<ChatEvent> = cloudevent::decode(&msg.payload).unwrap();
+        let chat = ChatId::from_uuid(uuid::Uuid::parse_str(&ev.meta.subject).unwrap());
+        out.entry(chat)
+            .or_default()
+            .push((ev.meta.sequence, ev.meta.id));
+    }
+    out
+}
