@@ -43,12 +43,8 @@ pub async fn apply_chats(
     let mut progress: BTreeMap<Uuid, i64> = BTreeMap::new();
     let mut out = Vec::with_capacity(events.len());
     for event in &events {
-        let Some(event) = event else {
-            out.push(Disposition::Term);
-            continue;
-        };
-        let chat_id = match versions.admit(event) {
-            Ok(id) => id,
+        let (chat_id, event) = match versions.admit(event) {
+            Ok(admitted) => admitted,
             Err(d) => {
                 out.push(d);
                 continue;

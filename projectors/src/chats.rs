@@ -73,12 +73,8 @@ pub async fn apply(
     let mut messages: Vec<MessageRow> = Vec::new();
     let mut out = Vec::with_capacity(events.len());
     for (event, opened) in events.iter().zip(&opened) {
-        let Some(event) = event else {
-            out.push(Disposition::Term);
-            continue;
-        };
-        let chat_id = match versions.admit(event) {
-            Ok(id) => id,
+        let (chat_id, event) = match versions.admit(event) {
+            Ok(admitted) => admitted,
             Err(d) => {
                 out.push(d);
                 continue;
@@ -295,12 +291,13 @@ async fn apply_one(
     }
     if let ChatItem::Update(update) = frames::render_opened(event, opened) {
         sqlx::query(
-            "INSERT INTO chat_updates (chat_id, sequence, \"update\") VALUES ($1, $2, $3) \
+            "INSERT INTO chat_updates (chat_id, sequence, \"update\", at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT DO NOTHING",
         )
         .bind(chat_id)
         .bind(seq)
         .bind(sqlx::types::Json(&update))
+        .bind(event.meta.time)
         .execute(&mut *tx)
         .await?;
     }

@@ -245,12 +245,16 @@ impl Versions {
         })
     }
 
-    /// The event's aggregate id if it applies now; otherwise what to do with it: a duplicate is
-    /// acked, an event ahead of a missing one retried later, a non-UUID subject terminated.
-    pub fn admit<E>(
+    /// The event and its aggregate id if it applies now; otherwise what to do with it: an
+    /// undecodable event (`None`, logged by `decode_all`) or a non-UUID subject is terminated,
+    /// a duplicate acked, an event ahead of a missing one retried later.
+    pub fn admit<'e, E>(
         &self,
-        event: &parley_schemas::StoredEvent<E>,
-    ) -> Result<uuid::Uuid, Disposition> {
+        event: &'e Option<parley_schemas::StoredEvent<E>>,
+    ) -> Result<(uuid::Uuid, &'e parley_schemas::StoredEvent<E>), Disposition> {
+        let Some(event) = event else {
+            return Err(Disposition::Term);
+        };
         let Ok(id) = uuid::Uuid::parse_str(&event.meta.subject) else {
             tracing::error!(subject = %event.meta.subject, "event with a non-UUID subject");
             return Err(Disposition::Term);
@@ -262,7 +266,7 @@ impl Versions {
         } else if seq != current + 1 {
             Err(Disposition::Retry(self.out_of_order_delay))
         } else {
-            Ok(id)
+            Ok((id, event))
         }
     }
 

@@ -25,12 +25,8 @@ pub async fn apply(
     .await?;
     let mut out = Vec::with_capacity(events.len());
     for event in &events {
-        let Some(event) = event else {
-            out.push(Disposition::Term);
-            continue;
-        };
-        let user_id = match versions.admit(event) {
-            Ok(id) => id,
+        let (user_id, event) = match versions.admit(event) {
+            Ok(admitted) => admitted,
             Err(d) => {
                 out.push(d);
                 continue;
@@ -63,13 +59,27 @@ pub async fn apply(
                 .bind(event.meta.time)
                 .execute(&mut *tx)
                 .await?;
+                // A new device starts at each chat's sequence as of the moment it was added
+                // (never below the membership), not as of now: the chats projection may already
+                // hold events of that chat from after the device joined, which it must get.
+                // Strictly earlier: times are stored to the microsecond, and an event of the
+                // same microsecond is better sent twice (clients drop repeats) than skipped.
                 sqlx::query(
                     "INSERT INTO device_cursors (device_id, chat_id, acked_up_to) \
-                     SELECT $1, m.chat_id, c.last_sequence FROM members m JOIN chats c USING (chat_id) \
-                     WHERE m.user_id = $2 AND m.left_seq IS NULL ON CONFLICT DO NOTHING",
+                     SELECT $1, m.chat_id, GREATEST(m.joined_seq - 1, COALESCE(( \
+                         SELECT max(s) FROM ( \
+                             (SELECT sequence AS s FROM messages x WHERE x.chat_id = m.chat_id \
+                              AND x.sent_at < $3 ORDER BY sequence DESC LIMIT 1) \
+                             UNION ALL \
+                             (SELECT sequence FROM chat_updates u WHERE u.chat_id = m.chat_id \
+                              AND (u.at IS NULL OR u.at < $3) ORDER BY sequence DESC LIMIT 1) \
+                         ) AS before_device), 0)) \
+                     FROM members m WHERE m.user_id = $2 AND m.left_seq IS NULL \
+                     ON CONFLICT DO NOTHING",
                 )
                 .bind(d.device_id.as_uuid())
                 .bind(user_id)
+                .bind(event.meta.time)
                 .execute(&mut *tx)
                 .await?;
             }

@@ -5,14 +5,16 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use parley_nats::MessageKeys;
-use parley_projectors::chats;
 use parley_projectors::runner::{Delivered, Disposition};
+use parley_projectors::{chats, users};
 use parley_schemas::cloudevent::{EventMeta, encode};
 use parley_schemas::events::{
-    ChatCreated, MemberRole, MessageSent, ParticipantsModified, RoleChanged, TitleChanged,
+    ChatCreated, DeviceAdded, MemberRole, MessageSent, ParticipantsModified, RoleChanged,
+    TitleChanged, UserRegistered,
 };
-use parley_schemas::{ChatEvent, ChatId, ChatKind, EventId, MessageId, Role, UserId};
+use parley_schemas::{ChatEvent, ChatId, ChatKind, DeviceId, EventId, MessageId, Role, UserId};
 use parley_test_support::TestStack;
 use sqlx::PgPool;
 
@@ -425,4 +427,98 @@ async fn sealed_messages_open_edit_react_and_a_deletion_in_the_same_batch_leaves
         "the projector destroyed the key"
     );
     assert!(keys.get(chat.id, kept).await.unwrap().is_some());
+}
+
+/// The events of one user, with the times the test gives them.
+struct User {
+    id: UserId,
+    seq: u64,
+}
+
+impl User {
+    fn event(&mut self, event: parley_schemas::UserEvent, time: DateTime<Utc>) -> Delivered {
+        self.seq += 1;
+        let meta = EventMeta {
+            id: EventId::new(),
+            subject: self.id.to_string(),
+            time,
+            sequence: self.seq,
+            actor: self.id,
+        };
+        Delivered {
+            stream_seq: self.seq,
+            payload: encode(&meta, &event).into(),
+        }
+    }
+    fn device_added(&mut self, device: DeviceId, time: DateTime<Utc>) -> Delivered {
+        self.event(
+            parley_schemas::UserEvent::DeviceAdded(DeviceAdded {
+                device_id: device,
+                device_name: "phone".into(),
+                platform: None,
+            }),
+            time,
+        )
+    }
+}
+
+#[tokio::test]
+async fn a_new_devices_cursor_starts_at_the_chat_as_of_its_addition_whichever_projection_runs_first()
+ {
+    let (_db, pg, keys) = db().await;
+    let mut bob = User {
+        id: UserId::new(),
+        seq: 0,
+    };
+    let registered = bob.event(
+        parley_schemas::UserEvent::Registered(UserRegistered {
+            user_id: bob.id,
+            handle: "bob".into(),
+            display_name: "Bob".into(),
+        }),
+        Utc::now(),
+    );
+    users::apply(&pg, vec![registered], DELAY).await.unwrap();
+
+    // Devices added before the chat, between its events, and after them; the users projection
+    // applies all three only once the chats projection holds the whole chat.
+    let early = (DeviceId::new(), Utc::now());
+    let mut chat = Chat::new();
+    let created = chat.created(&[bob.id]);
+    let first = chat.message("one");
+    let middle = (DeviceId::new(), Utc::now());
+    let second = chat.message("two");
+    let late = (DeviceId::new(), Utc::now());
+    chats::apply(&pg, &keys, vec![created, first, second], DELAY)
+        .await
+        .unwrap();
+    let added: Vec<Delivered> = [early, middle, late]
+        .iter()
+        .map(|(d, t)| bob.device_added(*d, *t))
+        .collect();
+    assert_eq!(
+        users::apply(&pg, added, DELAY).await.unwrap(),
+        vec![Disposition::Ack; 3]
+    );
+
+    let cursor = |device: DeviceId| {
+        let pg = pg.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT acked_up_to FROM device_cursors WHERE device_id = $1 AND chat_id = $2",
+            )
+            .bind(device.as_uuid())
+            .bind(chat.id.as_uuid())
+            .fetch_one(&pg)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(
+        cursor(early.0).await,
+        0,
+        "added before the chat: gets all of it"
+    );
+    assert_eq!(cursor(middle.0).await, 2, "added after message one");
+    assert_eq!(cursor(late.0).await, 3, "added after everything");
 }
