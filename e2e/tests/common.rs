@@ -8,18 +8,27 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use parley::{App, Role, Settings};
-use parley_test_support::{NatsServer, TestDb};
-use serde_json::{Value, json};
+#[allow(unused_imports)] // not every test binary names it
+pub use parley_test_support::User;
+use parley_test_support::{Api, NatsServer, TestDb};
+use serde_json::Value;
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
 use tokio_util::sync::CancellationToken;
 
 pub struct TestApp {
-    pub base: String,
+    /// The HTTP calls (`app.post(…)`, `app.signup(…)`, `app.http`, `app.base` through `Deref`).
+    pub api: Api,
     pub port: u16,
-    pub http: reqwest::Client,
     pub shutdown: CancellationToken,
     pub nats: NatsServer,
     pub db: TestDb,
+}
+
+impl std::ops::Deref for TestApp {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
 }
 
 impl Drop for TestApp {
@@ -56,33 +65,15 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     let port = app.port();
     tokio::spawn(app.run_until_stopped());
     TestApp {
-        base: format!("http://127.0.0.1:{port}"),
+        api: Api::new(format!("http://127.0.0.1:{port}")),
         port,
-        http: reqwest::Client::new(),
         shutdown,
         nats,
         db,
     }
 }
 
-pub struct User {
-    pub user_id: String,
-    pub token: String,
-    pub device_id: String,
-    pub handle: String,
-}
-
 impl TestApp {
-    pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
-        let mut req = self.http.post(format!("{}{path}", self.base)).json(&body);
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        let res = req.send().await.expect("request");
-        let status = res.status().as_u16();
-        (status, res.json().await.unwrap_or(Value::Null))
-    }
-
     /// `call` with a token.
     pub async fn call_as(
         &self,
@@ -113,93 +104,6 @@ impl TestApp {
             .await
             .expect("last message");
         serde_json::from_slice(&msg.payload).expect("cloudevent")
-    }
-
-    pub async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
-        let mut req = self.http.get(format!("{}{path}", self.base));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        let res = req.send().await.expect("request");
-        let status = res.status().as_u16();
-        (status, res.json().await.unwrap_or(Value::Null))
-    }
-
-    /// Any method; `body` is sent as JSON when given.
-    pub async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        let res = req.send().await.expect("request");
-        let status = res.status().as_u16();
-        (status, res.json().await.unwrap_or(Value::Null))
-    }
-
-    pub async fn send_message(&self, user: &User, chat: &str, body: &str) -> (String, u64) {
-        let (s, res) = self
-            .post(
-                &format!("/v1/chats/{chat}/messages"),
-                Some(&user.token),
-                json!({ "body": body }),
-            )
-            .await;
-        assert_eq!(s, 201, "send: {res}");
-        (
-            res["message_id"].as_str().unwrap().to_owned(),
-            res["sequence"].as_u64().unwrap(),
-        )
-    }
-
-    pub async fn signup(&self, handle: &str) -> User {
-        let (s, body) = self
-            .post(
-                "/v1/users",
-                None,
-                json!({"handle": handle, "display_name": handle.to_uppercase(), "password": "correct horse"}),
-            )
-            .await;
-        assert_eq!(s, 201, "signup {handle}: {body}");
-        self.login(handle).await
-    }
-
-    pub async fn login(&self, handle: &str) -> User {
-        let (s, body) = self
-            .post(
-                "/v1/sessions",
-                None,
-                json!({"handle": handle, "password": "correct horse", "device_name": "laptop", "platform": "web"}),
-            )
-            .await;
-        assert_eq!(s, 201, "login {handle}: {body}");
-        User {
-            user_id: body["user_id"].as_str().unwrap().to_owned(),
-            token: body["token"].as_str().unwrap().to_owned(),
-            device_id: body["device_id"].as_str().unwrap().to_owned(),
-            handle: handle.to_owned(),
-        }
-    }
-
-    pub async fn group(&self, admin: &User, others: &[&User]) -> String {
-        let members: Vec<&str> = others.iter().map(|u| u.user_id.as_str()).collect();
-        let (s, body) = self
-            .post(
-                "/v1/chats",
-                Some(&admin.token),
-                json!({"kind": "group", "title": "team", "members": members}),
-            )
-            .await;
-        assert_eq!(s, 201, "create group: {body}");
-        body["chat_id"].as_str().unwrap().to_owned()
     }
 
     /// A gateway of its own (as `parley push-gateway`) on this app's NATS and database; stop

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
+pub mod api;
 pub mod process;
+pub use api::{Api, User};
 pub use process::{LIMITS_OFF, ParleyChild, PrivatePostgres, Watched, proc_status_kib};
 use sqlx::{ConnectOptions, Connection, PgPool};
 

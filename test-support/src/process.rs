@@ -10,13 +10,14 @@ use crate::{eventually_result, free_port};
 
 /// Settings that turn command-api's abuse limits off, for a `parley` child process driven by a
 /// load test (the limits have their own tests).
-pub const LIMITS_OFF: [(&str, &str); 6] = [
+pub const LIMITS_OFF: [(&str, &str); 7] = [
     ("PARLEY_RATE_SEND_PER_USER", "off"),
     ("PARLEY_RATE_SEND_PER_IP", "off"),
     ("PARLEY_RATE_SIGNUP_PER_IP", "off"),
     ("PARLEY_RATE_LOGIN_PER_IP", "off"),
     ("PARLEY_RATE_LOGIN_PER_HANDLE", "off"),
     ("PARLEY_FLOOD_MAX_CHATS", "1000000"),
+    ("PARLEY_WS_MAX_CONNECTIONS_PER_IP", "off"),
 ];
 
 /// A program run under `sh`: closing the watchdog's stdin sends `signal` to the program.
@@ -273,6 +274,17 @@ pub struct ParleyChild {
 impl ParleyChild {
     /// Starts it and waits (20 s at most) until `/healthz` answers.
     pub async fn start(bin: &str, role: &str, nats_url: &str, database_url: &str) -> ParleyChild {
+        Self::start_with(bin, role, nats_url, database_url, &[]).await
+    }
+
+    /// As `start`, with more environment (applied last, so it can turn a limit back on).
+    pub async fn start_with(
+        bin: &str,
+        role: &str,
+        nats_url: &str,
+        database_url: &str,
+        env: &[(&str, &str)],
+    ) -> ParleyChild {
         let port = free_port();
         let child = Command::new(bin)
             .args([role, "--addr", &format!("127.0.0.1:{port}")])
@@ -281,6 +293,7 @@ impl ParleyChild {
             .env("PARLEY_PG_MAX_CONNECTIONS", "4")
             .env("RUST_LOG", "warn")
             .envs(LIMITS_OFF)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

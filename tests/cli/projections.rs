@@ -44,7 +44,7 @@ async fn populate(app: &TestApp) -> (User, Vec<String>) {
     app.deliver(&ada, &pair, 4).await;
     app.every_feature(&ada, &bob, &carol, &team).await;
     let (s, _) = app
-        .send(
+        .call(
             reqwest::Method::DELETE,
             &format!("/v1/devices/{}", carol.device_id),
             Some(&carol.token),
@@ -54,7 +54,10 @@ async fn populate(app: &TestApp) -> (User, Vec<String>) {
     assert_eq!(s, 204);
     app.settled().await;
     let (_, page) = app
-        .get(&format!("/v1/chats/{team}/messages?limit=5"), &ada.token)
+        .get(
+            &format!("/v1/chats/{team}/messages?limit=5"),
+            Some(&ada.token),
+        )
         .await;
     let message = page["messages"][0]["message_id"]
         .as_str()
@@ -174,7 +177,7 @@ async fn rebuild_under_queries(
 ) -> Value {
     let mut baseline = Vec::new();
     for q in queries {
-        let (s, body) = app.get(q, token).await;
+        let (s, body) = app.get(q, Some(token)).await;
         assert_eq!(s, 200, "{q}: {body}");
         baseline.push(body);
     }

@@ -51,7 +51,7 @@ async fn every_stored_event_validates_against_the_json_schema_of_its_type() {
     assert_eq!(s, 204, "{b}");
     app.deliver(&bob, &chat, seq).await;
     let (s, b) = app
-        .send(
+        .call(
             reqwest::Method::DELETE,
             &format!("/v1/devices/{}", carol.device_id),
             Some(&carol.token),

@@ -7,20 +7,28 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use parley::{App, Role, Settings};
-use parley_test_support::{NatsServer, TestDb, eventually};
+pub use parley_test_support::User;
+use parley_test_support::{Api, NatsServer, TestDb, eventually};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
 use tokio_util::sync::CancellationToken;
 
 pub struct TestApp {
-    pub base: String,
+    /// The HTTP calls (`app.post(…)`, `app.signup(…)`, `app.http`, `app.base` through `Deref`).
+    pub api: Api,
     pub port: u16,
-    pub http: reqwest::Client,
     pub shutdown: CancellationToken,
     pub js: async_nats::jetstream::Context,
     pub pg: sqlx::PgPool,
     pub nats: NatsServer,
     pub db: TestDb,
+}
+
+impl std::ops::Deref for TestApp {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
 }
 
 impl Drop for TestApp {
@@ -52,9 +60,8 @@ pub async fn spawn_app() -> TestApp {
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let pg = db.pool().await;
     TestApp {
-        base: format!("http://127.0.0.1:{port}"),
+        api: Api::new(format!("http://127.0.0.1:{port}")),
         port,
-        http: reqwest::Client::new(),
         shutdown,
         js,
         pg,
@@ -63,83 +70,7 @@ pub async fn spawn_app() -> TestApp {
     }
 }
 
-pub struct User {
-    pub user_id: String,
-    pub token: String,
-    pub device_id: String,
-}
-
 impl TestApp {
-    pub async fn send(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let res = req.send().await.expect("request");
-        let status = res.status().as_u16();
-        (status, res.json().await.unwrap_or(Value::Null))
-    }
-
-    pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
-        self.send(reqwest::Method::POST, path, token, Some(body))
-            .await
-    }
-
-    pub async fn get(&self, path: &str, token: &str) -> (u16, Value) {
-        self.send(reqwest::Method::GET, path, Some(token), None)
-            .await
-    }
-
-    pub async fn signup(&self, handle: &str) -> User {
-        let (s, body) = self
-            .post(
-                "/v1/users",
-                None,
-                json!({"handle": handle, "display_name": handle.to_uppercase(), "password": "correct horse"}),
-            )
-            .await;
-        assert_eq!(s, 201, "signup {handle}: {body}");
-        self.login(handle).await
-    }
-
-    pub async fn login(&self, handle: &str) -> User {
-        let (s, body) = self
-            .post(
-                "/v1/sessions",
-                None,
-                json!({"handle": handle, "password": "correct horse", "device_name": "laptop", "platform": "web"}),
-            )
-            .await;
-        assert_eq!(s, 201, "login {handle}: {body}");
-        User {
-            user_id: body["user_id"].as_str().unwrap().to_owned(),
-            token: body["token"].as_str().unwrap().to_owned(),
-            device_id: body["device_id"].as_str().unwrap().to_owned(),
-        }
-    }
-
-    pub async fn group(&self, admin: &User, others: &[&User]) -> String {
-        let members: Vec<&str> = others.iter().map(|u| u.user_id.as_str()).collect();
-        let (s, body) = self
-            .post(
-                "/v1/chats",
-                Some(&admin.token),
-                json!({"kind": "group", "title": "team", "members": members}),
-            )
-            .await;
-        assert_eq!(s, 201, "create group: {body}");
-        body["chat_id"].as_str().unwrap().to_owned()
-    }
-
     /// The message id at `sequence` of `chat`, once the read model holds it.
     pub async fn message_id(&self, user: &User, chat: &str, sequence: u64) -> String {
         let (s, v) = self
@@ -148,7 +79,7 @@ impl TestApp {
                     "/v1/chats/{chat}/messages?after={}&limit=1&min_sequence={sequence}",
                     sequence - 1
                 ),
-                &user.token,
+                Some(&user.token),
             )
             .await;
         assert_eq!(s, 200, "{v}");
@@ -207,7 +138,7 @@ impl TestApp {
         ];
         for (method, path, who, body) in calls {
             let (s, b) = self
-                .send(method.clone(), &path, Some(&who.token), body)
+                .call(method.clone(), &path, Some(&who.token), body)
                 .await;
             assert!((200..300).contains(&s), "{method} {path}: {s} {b}");
         }
@@ -215,15 +146,7 @@ impl TestApp {
 
     /// Sends a message; returns its chat sequence.
     pub async fn message(&self, from: &User, chat: &str, body: &str) -> u64 {
-        let (s, b) = self
-            .post(
-                &format!("/v1/chats/{chat}/messages"),
-                Some(&from.token),
-                json!({ "body": body }),
-            )
-            .await;
-        assert_eq!(s, 201, "send: {b}");
-        b["sequence"].as_u64().unwrap()
+        self.send_message(from, chat, body).await.1
     }
 
     /// Connects `user`'s device to the gateway and acks everything of `chat` up to `up_to`,

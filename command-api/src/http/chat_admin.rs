@@ -59,15 +59,7 @@ pub async fn change_title(
         actor: me.user_id,
         title: ChatTitle::parse(req.title)?,
     };
-    let outcome = state
-        .chats
-        .execute(*chat_id.as_uuid(), &AppendContext::new(me.user_id), |s| {
-            chat::decide(s, &cmd)
-        })
-        .await?;
-    Ok(Json(SequenceResponse {
-        sequence: outcome.version,
-    }))
+    decide(&state, me, chat_id, &cmd).await
 }
 
 #[utoipa::path(put, path = "/v1/chats/{chat_id}/members/{user_id}/role", request_body = RoleRequest,
@@ -91,10 +83,20 @@ pub async fn change_role(
         user: user_id,
         role: req.role,
     };
+    decide(&state, me, chat_id, &cmd).await
+}
+
+/// Decides `cmd` on the chat and appends what it yields; answers the chat's version after it.
+async fn decide(
+    state: &CommandState,
+    me: Principal,
+    chat_id: ChatId,
+    cmd: &ChatCommand,
+) -> Result<Json<SequenceResponse>, ApiError> {
     let outcome = state
         .chats
         .execute(*chat_id.as_uuid(), &AppendContext::new(me.user_id), |s| {
-            chat::decide(s, &cmd)
+            chat::decide(s, cmd)
         })
         .await?;
     Ok(Json(SequenceResponse {

@@ -110,7 +110,16 @@ pub async fn send(
         }
         if req.reply_to.is_none() && req.thread_root.is_none() {
             // Only members get a message key made for them: a stranger cannot fill the bucket.
-            require_member(state, me.user_id, chat_id).await?;
+            // The cached state answers the common case without a round trip; only a "no" is
+            // checked against the stream (the user may have joined through another process).
+            // A stale "yes" (just removed elsewhere) costs one unused key: `decide` refuses.
+            let cached = state
+                .chats
+                .read_cached(*chat_id.as_uuid(), |c, _| c.is_member(me.user_id))
+                .await?;
+            if !cached {
+                require_member(state, me.user_id, chat_id).await?;
+            }
         }
         let mentions = resolve_mentions(state, &body).await?;
         let attachments = resolve_attachments(state, me.user_id, &req.attachments).await?;

@@ -11,7 +11,7 @@ use parley_schemas::{ChatId, ReceiptEvent};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::domain::Rejection;
+use super::messages::require_member;
 use crate::error::ApiError;
 use crate::state::CommandState;
 
@@ -40,13 +40,7 @@ pub async fn read(
     PathIds(chat_id): PathIds<ChatId>,
     ApiJson(req): ApiJson<ReadRequest>,
 ) -> Result<StatusCode, ApiError> {
-    let version = state
-        .chats
-        .read(*chat_id.as_uuid(), |c, v| {
-            c.is_member(me.user_id).then_some(v)
-        })
-        .await?
-        .ok_or(ApiError::Rejected(Rejection::NotFound))?;
+    let version = require_member(&state, me.user_id, chat_id).await?;
     if req.up_to == 0 || req.up_to > version {
         return Err(ApiError::Invalid(format!(
             "up_to must be between 1 and the chat's last sequence ({version})"
@@ -56,12 +50,8 @@ pub async fn read(
         user_id: me.user_id,
         up_to: req.up_to,
     });
-    let unavailable =
-        |e: async_nats::jetstream::context::PublishError| ApiError::Unavailable(e.to_string());
-    parley_nats::receipts::publish(&state.js, chat_id, &event)
+    parley_nats::receipts::publish_acked(&state.js, chat_id, &event)
         .await
-        .map_err(unavailable)?
-        .await
-        .map_err(unavailable)?;
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     Ok(StatusCode::NO_CONTENT)
 }
