@@ -170,7 +170,8 @@ fn ws_doc() -> utoipa::openapi::OpenApi {
     responses(
         (status = 101, description = "switching protocols"),
         (status = 401, body = parley_platform::Problem, description = "bad token in the header"),
-        (status = 429, body = parley_platform::Problem, description = "too many connections for this user"),
+        (status = 403, body = parley_platform::Problem, description = "the `Origin` header names an origin outside `PARLEY_WS_ALLOWED_ORIGINS`"),
+        (status = 429, body = parley_platform::Problem, description = "too many connections for this user or this client address (IPv4 address or IPv6 /64); `Retry-After` says when to try again"),
     ))]
 #[allow(dead_code)]
 async fn ws() {}

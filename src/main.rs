@@ -86,6 +86,45 @@ struct Opts {
     limits: LimitOpts,
     #[command(flatten)]
     attachments: AttachmentOpts,
+    #[command(flatten)]
+    gateway: GatewayOpts,
+}
+
+/// push-gateway's socket admission, per process.
+#[derive(clap::Args)]
+struct GatewayOpts {
+    /// Open sockets per user.
+    #[arg(
+        long,
+        global = true,
+        env = "PARLEY_WS_MAX_CONNECTIONS_PER_USER",
+        default_value_t = 20
+    )]
+    ws_max_connections_per_user: usize,
+    /// Open sockets per client address (IPv4 address or IPv6 /64), or `off`.
+    #[arg(long, global = true, env = "PARLEY_WS_MAX_CONNECTIONS_PER_IP", default_value = "1000", value_parser = parse_limit)]
+    ws_max_connections_per_ip: Limit,
+    /// Comma-separated browser origins allowed to open a socket (`*`: any). Unset: any.
+    #[arg(
+        long,
+        global = true,
+        env = "PARLEY_WS_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    ws_allowed_origins: Option<Vec<String>>,
+}
+
+/// A count limit, or none (`off`).
+#[derive(Clone, Copy)]
+struct Limit(Option<usize>);
+
+fn parse_limit(s: &str) -> Result<Limit, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(Limit(None));
+    }
+    s.parse()
+        .map(|n| Limit(Some(n)))
+        .map_err(|_| format!("`{s}` is neither a count nor `off`"))
 }
 
 /// Largest attachment per kind (`16MiB`, `512KiB`, plain bytes, …).
@@ -232,6 +271,14 @@ impl Opts {
         s.command.max_group_members = self.max_group_members;
         s.command.max_channel_members = self.max_channel_members;
         s.command.limits = self.limits.config();
+        s.gateway.max_connections_per_user = self.gateway.ws_max_connections_per_user;
+        s.gateway.max_connections_per_ip = self.gateway.ws_max_connections_per_ip.0;
+        s.gateway.allowed_origins = self.gateway.ws_allowed_origins.as_ref().map(|list| {
+            list.iter()
+                .map(|o| o.trim().to_owned())
+                .filter(|o| !o.is_empty())
+                .collect()
+        });
         s.command.attachment_limits = AttachmentLimits {
             image: self.attachments.attachment_max_image,
             audio: self.attachments.attachment_max_audio,

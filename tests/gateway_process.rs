@@ -1,7 +1,8 @@
 //! The push gateway as a real process (the `parley` binary, `parley push-gateway`), next to a
 //! `parley up` child that serves commands, queries and runs the projectors: a gateway killed
 //! with SIGKILL mid-stream loses nothing once restarted, and a client that stops reading is cut
-//! off without the gateway's memory growing past a bound.
+//! off without the gateway's memory growing past a bound; its admission settings come from
+//! the environment.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -9,7 +10,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use parley_test_support::{NatsServer, ParleyChild, TestDb, eventually, proc_status_kib};
+use parley_test_support::{Api, NatsServer, ParleyChild, TestDb, eventually, proc_status_kib};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -19,89 +20,6 @@ const WAIT: Duration = Duration::from_secs(20);
 /// `parley <role>` as a child process of this test.
 async fn parley(nats: &NatsServer, db: &TestDb, role: &str) -> ParleyChild {
     ParleyChild::start(env!("CARGO_BIN_EXE_parley"), role, &nats.url(), &db.url).await
-}
-
-/// HTTP calls to the `parley up` child.
-#[derive(Clone)]
-struct Api {
-    base: String,
-    http: reqwest::Client,
-}
-
-#[derive(Clone)]
-struct User {
-    user_id: String,
-    token: String,
-}
-
-impl Api {
-    async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
-        let mut req = self.http.post(format!("{}{path}", self.base)).json(&body);
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        let res = req.send().await.expect("request");
-        let status = res.status().as_u16();
-        (status, res.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn get(&self, path: &str, token: &str) -> Value {
-        let res = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(token)
-            .send()
-            .await
-            .expect("request");
-        res.json().await.unwrap_or(Value::Null)
-    }
-
-    async fn signup(&self, handle: &str) -> User {
-        let (s, b) = self
-            .post(
-                "/v1/users",
-                None,
-                json!({"handle": handle, "display_name": handle, "password": "correct horse"}),
-            )
-            .await;
-        assert_eq!(s, 201, "{b}");
-        let (s, b) = self
-            .post(
-                "/v1/sessions",
-                None,
-                json!({"handle": handle, "password": "correct horse", "device_name": "d"}),
-            )
-            .await;
-        assert_eq!(s, 201, "{b}");
-        User {
-            user_id: b["user_id"].as_str().unwrap().to_owned(),
-            token: b["token"].as_str().unwrap().to_owned(),
-        }
-    }
-
-    async fn group(&self, admin: &User, other: &User) -> String {
-        let (s, b) = self
-            .post(
-                "/v1/chats",
-                Some(&admin.token),
-                json!({"kind": "group", "title": "t", "members": [other.user_id]}),
-            )
-            .await;
-        assert_eq!(s, 201, "{b}");
-        b["chat_id"].as_str().unwrap().to_owned()
-    }
-
-    async fn send(&self, from: &User, chat: &str, body: &str) -> u64 {
-        let (s, b) = self
-            .post(
-                &format!("/v1/chats/{chat}/messages"),
-                Some(&from.token),
-                json!({ "body": body }),
-            )
-            .await;
-        assert_eq!(s, 201, "{b}");
-        b["sequence"].as_u64().unwrap()
-    }
 }
 
 type Ws =
@@ -138,10 +56,7 @@ async fn stack() -> (NatsServer, TestDb, ParleyChild, Api) {
     let nats = NatsServer::start().await;
     let db = TestDb::create().await;
     let up = parley(&nats, &db, "up").await;
-    let api = Api {
-        base: up.base(),
-        http: reqwest::Client::new(),
-    };
+    let api = Api::new(up.base());
     (nats, db, up, api)
 }
 
@@ -176,7 +91,7 @@ async fn a_gateway_process_killed_with_sigkill_mid_stream_loses_nothing_after_re
     let (nats, db, _up, api) = stack().await;
     let ada = api.signup("ada").await;
     let bob = api.signup("bob").await;
-    let chat = api.group(&ada, &bob).await;
+    let chat = api.group(&ada, &[&bob]).await;
     let mut gateway = parley(&nats, &db, "push-gateway").await;
     let mut ws = connect(gateway.port(), &bob.token).await;
 
@@ -186,7 +101,7 @@ async fn a_gateway_process_killed_with_sigkill_mid_stream_loses_nothing_after_re
         tokio::spawn(async move {
             let mut last = 0;
             for i in 0..MESSAGES {
-                last = api.send(&ada, &chat, &format!("m{i}")).await;
+                last = api.send_message(&ada, &chat, &format!("m{i}")).await.1;
                 // Keeps the stream flowing across the kill and the restart.
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -248,11 +163,11 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_gateway_memory_stays_bou
     // Eight chats, so the senders never contend for one chat's sequence.
     let mut chats = Vec::new();
     for _ in 0..8 {
-        chats.push(api.group(&ada, &bob).await);
+        chats.push(api.group(&ada, &[&bob]).await);
     }
     // Projected first, so the replay below is not a race with the projector.
     eventually(WAIT, "bob's 8 chats in the read model", || async {
-        let list = api.get("/v1/chats", &bob.token).await;
+        let (_, list) = api.get("/v1/chats", Some(&bob.token)).await;
         (list["chats"].as_array().map(Vec::len) == Some(8)).then_some(())
     })
     .await;
@@ -271,7 +186,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_gateway_memory_stays_bou
         let (ada, body) = (&ada, &body);
         async move {
             for _ in 0..PER_CHAT {
-                api.send(ada, chat, body).await;
+                api.send_message(ada, chat, body).await;
             }
         }
     }));
@@ -301,4 +216,42 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_gateway_memory_stays_bou
         growth < RSS_GROWTH_BOUND_KIB,
         "gateway RSS grew by {growth} KiB (bound {RSS_GROWTH_BOUND_KIB} KiB)"
     );
+}
+
+#[tokio::test]
+async fn the_origin_allowlist_and_the_per_address_limit_come_from_the_environment() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::create().await;
+    let up = ParleyChild::start_with(
+        env!("CARGO_BIN_EXE_parley"),
+        "up",
+        &nats.url(),
+        &db.url,
+        &[
+            (
+                "PARLEY_WS_ALLOWED_ORIGINS",
+                "https://chat.example.com, https://beta.example.com",
+            ),
+            ("PARLEY_WS_MAX_CONNECTIONS_PER_IP", "1"),
+        ],
+    )
+    .await;
+    let url = format!("ws://127.0.0.1:{}/v1/ws", up.port());
+    let open = |origin: &'static str| {
+        let url = url.clone();
+        async move {
+            let mut req = url.into_client_request().unwrap();
+            req.headers_mut().insert("origin", origin.parse().unwrap());
+            tokio_tungstenite::connect_async(req).await
+        }
+    };
+    let status = |r: Result<_, tokio_tungstenite::tungstenite::Error>| match r {
+        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => res.status().as_u16(),
+        Err(e) => panic!("expected an HTTP refusal, got {e}"),
+        Ok(_) => 101,
+    };
+    assert_eq!(status(open("https://evil.example").await), 403);
+    // Not yet authenticated, from the second listed origin: it holds the address's one slot.
+    let (_held, _) = open("https://beta.example.com").await.unwrap();
+    assert_eq!(status(open("https://chat.example.com").await), 429);
 }

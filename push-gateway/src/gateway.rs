@@ -64,7 +64,10 @@ impl Gateway {
                 parley_nats::MessageKeys::new(infra.buckets.message_keys.clone(), infra.js.clone()),
                 infra.shutdown.clone(),
             ),
-            registry: Registry::new(config.max_connections_per_user),
+            registry: Registry::new(
+                config.max_connections_per_user,
+                config.max_connections_per_ip,
+            ),
             acks: Arc::new(AckBatcher::default()),
             presence: Presence::new(infra.buckets.clone()),
             pg_permits: Arc::new(Semaphore::new((pool_size / 2).max(1))),

@@ -1,5 +1,6 @@
-//! `GET /v1/ws`: authenticates (header before the upgrade, or a first `auth` frame after it),
-//! enforces the per-user connection limit, and hands the socket to its connection task.
+//! `GET /v1/ws`: checks the `Origin` allowlist and the per-address connection limit,
+//! authenticates (header before the upgrade, or a first `auth` frame after it), enforces the
+//! per-user connection limit, and hands the socket to its connection task.
 
 use axum::extract::State;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -8,7 +9,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use parley_platform::auth::AuthError;
-use parley_platform::{Principal, Problem};
+use parley_platform::{ClientIp, Principal, Problem};
 use parley_schemas::frames::ClientFrame;
 
 use crate::connection;
@@ -22,9 +23,26 @@ const RETRY_AFTER_SECS: u64 = 5;
 
 pub(crate) async fn upgrade(
     State(gw): State<AppState>,
+    ClientIp(ip): ClientIp,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    if let Some(allowed) = &gw.config.allowed_origins
+        && let Some(origin) = headers.get(header::ORIGIN)
+        && !origin_allowed(allowed, origin.as_bytes())
+    {
+        return Problem::new(
+            StatusCode::FORBIDDEN,
+            "origin-not-allowed",
+            "this origin may not open a Parley socket",
+        )
+        .into_response();
+    }
+    // Held, like the user's slot, for as long as the connection runs, from before the
+    // upgrade: sockets that never authenticate count against their address too.
+    let Some(addr_slot) = gw.registry.reserve_addr(ip) else {
+        return too_many("this address has too many open connections").into_response();
+    };
     let chats_stream = match gw.background().await {
         Ok(bg) => bg.chats.clone(),
         Err(error) => {
@@ -39,7 +57,7 @@ pub(crate) async fn upgrade(
         };
         match gw.registry.reserve(principal.user_id) {
             Some(slot) => Some((principal, slot)),
-            None => return too_many().into_response(),
+            None => return too_many("this user has too many open connections").into_response(),
         }
     } else {
         None
@@ -64,17 +82,26 @@ pub(crate) async fn upgrade(
                 connection::run(socket, gw, principal, chats_stream).await;
                 drop(slot);
             }
+            drop(addr_slot);
         })
 }
 
-fn too_many() -> Problem {
+fn too_many(detail: &'static str) -> Problem {
     let mut p = Problem::new(
         StatusCode::TOO_MANY_REQUESTS,
         "too-many-connections",
-        "this user has too many open connections",
+        detail,
     );
     p.retry_after = Some(RETRY_AFTER_SECS);
     p
+}
+
+/// An origin is serialized as `scheme://host[:port]`; browsers send it lower case, but
+/// configuration is typed by people, so the comparison ignores ASCII case.
+fn origin_allowed(allowed: &[String], origin: &[u8]) -> bool {
+    allowed
+        .iter()
+        .any(|a| a == "*" || a.as_bytes().eq_ignore_ascii_case(origin))
 }
 
 /// For clients that cannot set headers (browsers): the first text frame must be

@@ -172,14 +172,9 @@ pub(crate) async fn ack(
         device_id: me.device_id,
         up_to: req.sequence,
     });
-    let unavailable = |e: async_nats::jetstream::context::PublishError| {
-        InboxError::Unavailable(format!("RECEIPTS: {e}"))
-    };
-    parley_nats::receipts::publish(&gw.infra.js, req.chat_id, &event)
+    parley_nats::receipts::publish_acked(&gw.infra.js, req.chat_id, &event)
         .await
-        .map_err(unavailable)?
-        .await
-        .map_err(unavailable)?;
+        .map_err(|e| InboxError::Unavailable(format!("RECEIPTS: {e}")))?;
     wait_until_visible(&gw, me, req.chat_id, req.sequence).await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -3,6 +3,8 @@
 //! the seam (API.md, "Push gateway" and "Delivery guarantee").
 //!
 //! How a connection goes:
+//! 0. Admit: an `Origin` outside `allowed_origins` is a 403, and an address over
+//!    `max_connections_per_ip` a 429, both before the upgrade.
 //! 1. Authenticate: `Authorization: Bearer` on the upgrade (a bad token is a 401 before the
 //!    upgrade; over `max_connections_per_user` a 429), or a first text frame
 //!    `{"type":"auth","token"}` within `auth_timeout` (else an `unauthorized` error frame and
@@ -56,6 +58,14 @@ pub struct GatewayConfig {
     pub queue_frames: usize,
     /// Open connections per user on one gateway process; more get 429.
     pub max_connections_per_user: usize,
+    /// Open connections per client address (IPv4 address or IPv6 /64) on one gateway process,
+    /// authenticated or not; more get 429. `None`: no limit.
+    pub max_connections_per_ip: Option<usize>,
+    /// Browser origins allowed to open a socket (`https://chat.example.com`, exact, case
+    /// insensitive; `*` allows any). A request whose `Origin` header is not listed gets 403.
+    /// Requests without `Origin` (native clients) are always allowed. `None`: any origin, which
+    /// is safe only because sockets authenticate with a bearer token, never a cookie.
+    pub allowed_origins: Option<Vec<String>>,
     /// Acks are batched (highest per device and chat) and published this often.
     pub ack_flush: Duration,
     /// Wait before asking PostgreSQL again for events it does not hold yet (projection lag);
@@ -71,6 +81,8 @@ impl Default for GatewayConfig {
             max_frame_bytes: 64 * 1024,
             queue_frames: 1024,
             max_connections_per_user: 20,
+            max_connections_per_ip: Some(1000),
+            allowed_origins: None,
             ack_flush: Duration::from_millis(100),
             catch_up_retry: Duration::from_millis(100),
         }

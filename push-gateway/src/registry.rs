@@ -1,7 +1,8 @@
-//! Who is connected to this process: connections per user (for the per-user limit) and per
-//! device (so a revoked device's sockets close at once).
+//! Who is connected to this process: connections per client address and per user (for their
+//! limits) and per device (so a revoked device's sockets close at once).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use parley_schemas::{DeviceId, UserId};
@@ -11,12 +12,15 @@ use crate::stop::{StopReason, Stopper};
 
 pub(crate) struct Registry {
     max_per_user: usize,
+    /// `None`: no per-address limit.
+    max_per_ip: Option<usize>,
     inner: Mutex<Inner>,
 }
 
 #[derive(Default)]
 struct Inner {
     users: HashMap<UserId, usize>,
+    addrs: HashMap<IpAddr, usize>,
     devices: HashMap<DeviceId, HashMap<ConnId, Arc<Stopper>>>,
 }
 
@@ -24,6 +28,28 @@ struct Inner {
 pub(crate) struct Slot {
     registry: Arc<Registry>,
     user: UserId,
+}
+
+/// A reserved connection slot of a client address (taken before authentication, so that
+/// unauthenticated sockets count too); released on drop.
+pub(crate) struct AddrSlot {
+    registry: Arc<Registry>,
+    addr: IpAddr,
+}
+
+/// The unit an address limit counts: an IPv4 address, or an IPv6 /64, the block one host or
+/// subscriber line is normally given (counting single v6 addresses would limit nothing).
+fn addr_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(prefix.into())
+            }
+        },
+        v4 => v4,
+    }
 }
 
 /// A connection listed under its device; unlisted on drop.
@@ -34,11 +60,31 @@ pub(crate) struct Listing {
 }
 
 impl Registry {
-    pub(crate) fn new(max_per_user: usize) -> Arc<Self> {
+    pub(crate) fn new(max_per_user: usize, max_per_ip: Option<usize>) -> Arc<Self> {
         Arc::new(Self {
             max_per_user,
+            max_per_ip,
             inner: Mutex::new(Inner::default()),
         })
+    }
+
+    /// Takes one of the client address's connection slots, or `None` when all are in use.
+    /// Without a known address (no `ConnectInfo`, as in some tests) nothing is counted.
+    pub(crate) fn reserve_addr(self: &Arc<Self>, ip: Option<IpAddr>) -> Option<Option<AddrSlot>> {
+        let (Some(max), Some(ip)) = (self.max_per_ip, ip) else {
+            return Some(None);
+        };
+        let addr = addr_key(ip);
+        let mut inner = self.lock();
+        let count = inner.addrs.entry(addr).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(Some(AddrSlot {
+            registry: Arc::clone(self),
+            addr,
+        }))
     }
 
     /// Takes one of the user's connection slots, or `None` when all are in use.
@@ -103,6 +149,18 @@ impl Drop for Slot {
     }
 }
 
+impl Drop for AddrSlot {
+    fn drop(&mut self) {
+        let mut inner = self.registry.lock();
+        if let Some(count) = inner.addrs.get_mut(&self.addr) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                inner.addrs.remove(&self.addr);
+            }
+        }
+    }
+}
+
 impl Drop for Listing {
     fn drop(&mut self) {
         let mut inner = self.registry.lock();
@@ -122,7 +180,7 @@ mod tests {
 
     #[test]
     fn slots_are_limited_per_user_and_released_on_drop() {
-        let r = Registry::new(2);
+        let r = Registry::new(2, None);
         let u = UserId::new();
         let a = r.reserve(u).unwrap();
         let _b = r.reserve(u).unwrap();
@@ -136,8 +194,39 @@ mod tests {
     }
 
     #[test]
+    fn slots_are_limited_per_address_with_ipv6_counted_per_64() {
+        let r = Registry::new(100, Some(2));
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let a = r.reserve_addr(ip("192.0.2.1")).unwrap();
+        let _b = r.reserve_addr(ip("::ffff:192.0.2.1")).unwrap();
+        assert!(
+            r.reserve_addr(ip("192.0.2.1")).is_none(),
+            "v4-mapped is the same address"
+        );
+        assert!(r.reserve_addr(ip("192.0.2.2")).unwrap().is_some());
+        let _c = r.reserve_addr(ip("2001:db8:0:1::1")).unwrap();
+        let _d = r.reserve_addr(ip("2001:db8:0:1:ffff::2")).unwrap();
+        assert!(
+            r.reserve_addr(ip("2001:db8:0:1::3")).is_none(),
+            "one /64 is one address"
+        );
+        assert!(r.reserve_addr(ip("2001:db8:0:2::1")).unwrap().is_some());
+        drop(a);
+        assert!(r.reserve_addr(ip("192.0.2.1")).unwrap().is_some());
+        assert!(
+            r.reserve_addr(None).unwrap().is_none(),
+            "an unknown address is not counted"
+        );
+        let off = Registry::new(100, None);
+        let held: Vec<_> = (0..10)
+            .map(|_| off.reserve_addr(ip("192.0.2.1")).unwrap())
+            .collect();
+        assert!(held.iter().all(Option::is_none), "no limit, no slots");
+    }
+
+    #[test]
     fn revoking_a_device_stops_its_listed_connections_only() {
-        let r = Registry::new(5);
+        let r = Registry::new(5, None);
         let (d1, d2) = (DeviceId::new(), DeviceId::new());
         let s1 = Arc::new(Stopper::new(CancellationToken::new()));
         let s2 = Arc::new(Stopper::new(CancellationToken::new()));

@@ -170,6 +170,81 @@ async fn connections_over_the_per_user_limit_get_429_with_retry_after() {
     h.connect(&someone).await;
 }
 
+/// The refusal of an upgrade: its status and problem+json body.
+fn refusal(err: tungstenite::Error) -> (u16, serde_json::Value) {
+    let tungstenite::Error::Http(response) = err else {
+        panic!("expected an HTTP refusal, got {err:?}");
+    };
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body = serde_json::from_slice(response.body().as_ref().unwrap()).unwrap();
+    (response.status().as_u16(), body)
+}
+
+#[tokio::test]
+async fn connections_over_the_per_address_limit_get_429_authenticated_or_not() {
+    let h = Harness::with_config(GatewayConfig {
+        max_connections_per_ip: Some(2),
+        ..Default::default()
+    })
+    .await;
+    let (ada, bob) = (h.login().await, h.login().await);
+    // A socket that has not authenticated yet holds a slot of its address too.
+    let unauthenticated = h.connect_raw(None).await.unwrap();
+    let _ada = h.connect(&ada).await;
+    let (status, body) = refusal(h.connect_raw(Some(&bob.token)).await.err().unwrap());
+    assert_eq!(status, 429);
+    assert_eq!(body["detail"], "this address has too many open connections");
+    let (status, _) = refusal(h.connect_raw(None).await.err().unwrap());
+    assert_eq!(status, 429, "unauthenticated sockets are refused as well");
+
+    // Closing one frees its slot (once the server has seen the close).
+    drop(unauthenticated);
+    let (h, bob) = (&h, &bob);
+    parley_test_support::eventually(WAIT, "a freed address slot", || async move {
+        let mut c = h.connect_raw(Some(&bob.token)).await.ok()?;
+        (c.next_json().await["type"] == "ready").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn only_allowed_origins_may_open_a_socket_and_native_clients_send_none() {
+    let h = Harness::with_config(GatewayConfig {
+        allowed_origins: Some(vec!["https://chat.example.com".into()]),
+        ..Default::default()
+    })
+    .await;
+    let d = h.login().await;
+    let (status, body) = refusal(
+        h.connect_from(Some(&d.token), Some("https://evil.example"))
+            .await
+            .err()
+            .unwrap(),
+    );
+    assert_eq!(status, 403);
+    assert_eq!(body["status"], 403);
+    // Refused before authenticating: a bad token from a bad origin is still a 403.
+    let (status, _) = refusal(
+        h.connect_from(Some("not-a-token"), Some("https://evil.example"))
+            .await
+            .err()
+            .unwrap(),
+    );
+    assert_eq!(status, 403);
+
+    for origin in [
+        Some("https://chat.example.com"),
+        Some("HTTPS://Chat.Example.COM"),
+        None,
+    ] {
+        let mut c = h.connect_from(Some(&d.token), origin).await.unwrap();
+        assert_eq!(c.next_json().await["type"], "ready", "origin {origin:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_connection_without_client_frames_is_closed_after_the_idle_timeout() {
     let h = Harness::with_config(GatewayConfig {

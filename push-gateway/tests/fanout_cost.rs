@@ -104,6 +104,10 @@ async fn per_member(url: &str, members: usize, events: usize) -> Run {
                 .await
                 .unwrap();
         }
+        // Core NATS has no flow control: an unflushed burst of members × events messages to a
+        // reader that a busy machine starves can make the server cut it off as a slow consumer,
+        // and what it drops never arrives (this once hung a CI run). One round trip per event.
+        publisher.flush().await.unwrap();
     }
     publisher.flush().await.unwrap();
     let received = tokio::time::timeout(DEADLINE, receiver)
@@ -131,7 +135,8 @@ async fn compare(members: usize, events: usize) -> (Run, Run) {
     (chat, member)
 }
 
-#[tokio::test]
+// Two threads: the readers keep draining while the publisher sends (as in a gateway process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_chat_subscription_delivers_everything_with_one_nats_message_per_event() {
     let (members, events) = (200, 20);
     let (chat, member) = compare(members, events).await;

@@ -51,10 +51,14 @@ impl Harness {
         let addr = listener.local_addr().unwrap();
         let shutdown = stack.infra.shutdown.clone();
         tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await
-                .unwrap();
+            // With the peer address, as `parley` serves it: the per-address limit needs it.
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+            .unwrap();
         });
         Harness { stack, addr }
     }
@@ -99,11 +103,25 @@ impl Harness {
     }
 
     pub async fn connect_raw(&self, token: Option<&str>) -> Result<Client, tungstenite::Error> {
+        self.connect_from(token, None).await
+    }
+
+    /// As `connect_raw`, with an `Origin` header as a browser would send.
+    pub async fn connect_from(
+        &self,
+        token: Option<&str>,
+        origin: Option<&str>,
+    ) -> Result<Client, tungstenite::Error> {
         let mut request = self.url().into_client_request().unwrap();
         if let Some(token) = token {
             request
                 .headers_mut()
                 .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        if let Some(origin) = origin {
+            request
+                .headers_mut()
+                .insert("origin", origin.parse().unwrap());
         }
         let (ws, _) = tokio_tungstenite::connect_async(request).await?;
         Ok(Client { ws })
