@@ -118,6 +118,11 @@ impl Api {
         Ok(body["chat_id"].as_str().context("chat_id")?.to_owned())
     }
 
+    /// A group of `users[0]` (its admin) and `users[1]`; its id.
+    pub async fn group_of_two(&self, users: &[User]) -> anyhow::Result<String> {
+        self.create_chat(&users[0], "group", &[&users[1].id]).await
+    }
+
     pub async fn add_members(&self, admin: &User, chat: &str, ids: &[&str]) -> anyhow::Result<()> {
         let (s, body) = self
             .post(

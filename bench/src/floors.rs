@@ -441,3 +441,48 @@ pub fn arrival_counts(
     }
     counts
 }
+
+/// Appends `events` messages to `chat` straight onto its subject (sequences 2..=events + 1,
+/// after its `created`), pipelined 2,000 at a time, as command-api would store them: how the
+/// cold-load scenario makes a big chat in seconds.
+pub async fn fill_chat(
+    js: &jetstream::Context,
+    chat: &str,
+    sender: &str,
+    events: usize,
+) -> anyhow::Result<()> {
+    use parley_schemas::cloudevent::{EventMeta, encode};
+    use parley_schemas::events::MessageSent;
+    use parley_schemas::{ChatEvent, EventId, MessageId, UserId};
+    let sender: UserId = serde_json::from_value(serde_json::Value::String(sender.to_owned()))?;
+    let subject = format!("chats.{chat}");
+    for start in (0..events).step_by(2000) {
+        let mut acks = Vec::with_capacity(2000);
+        for i in start..(start + 2000).min(events) {
+            let meta = EventMeta {
+                id: EventId::new(),
+                subject: chat.to_owned(),
+                time: chrono::Utc::now(),
+                sequence: i as u64 + 2,
+                actor: sender,
+            };
+            let event = ChatEvent::MessageSent(MessageSent {
+                message_id: MessageId::new(),
+                sender_id: sender,
+                body: format!("fill {i}"),
+                reply_to: None,
+                attachments: vec![],
+                thread_root: None,
+                mentions: vec![],
+            });
+            acks.push(
+                js.publish(subject.clone(), encode(&meta, &event).into())
+                    .await?,
+            );
+        }
+        for ack in acks {
+            ack.await?;
+        }
+    }
+    Ok(())
+}

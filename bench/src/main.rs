@@ -100,8 +100,12 @@ async fn main() -> anyhow::Result<()> {
     let sizes_note = if sizes.quick {
         format!(
             "quick mode: sized down — history {} rows (not 1M), {} idle sockets (not 15,000), \
-             channel of {} (not 5,000), phases of {:?}",
-            sizes.history_rows, sizes.idle_connections, sizes.channel_members, sizes.phase
+             channel of {} (not 5,000), cold-load chat of {} events (not 1M), phases of {:?}",
+            sizes.history_rows,
+            sizes.idle_connections,
+            sizes.channel_members,
+            sizes.cold_events,
+            sizes.phase
         )
     } else {
         format!("full mode: phases of {:?}", sizes.phase)

@@ -26,6 +26,8 @@ pub struct Sizes {
     pub channel_messages: usize,
     /// Events in the projector catch-up backlog (and in its floor's backlog).
     pub backlog: usize,
+    /// Events of the chat whose aggregate the cold-load scenario loads.
+    pub cold_events: usize,
 }
 
 impl Sizes {
@@ -38,6 +40,7 @@ impl Sizes {
             channel_members: 200,
             channel_messages: 10,
             backlog: 10_000,
+            cold_events: 100_000,
         }
     }
 
@@ -50,6 +53,7 @@ impl Sizes {
             channel_members: 5_000,
             channel_messages: 20,
             backlog: 200_000,
+            cold_events: 1_000_000,
         }
     }
 }
@@ -63,6 +67,8 @@ pub const ALL: &[&str] = &[
     "idle-connections",
     "channel-broadcast",
     "projector-catchup",
+    // Last: it leaves the projectors a backlog of its fill.
+    "cold-load",
 ];
 
 /// Everything a scenario needs: the servers, a client, the clock, and a pool of users reused
@@ -104,6 +110,13 @@ impl Ctx {
         Ok(self.users[..n].to_vec())
     }
 
+    /// Runs `parley <role>` instead of the running Parley, and points the client at it.
+    async fn restart(&mut self, role: &str) -> anyhow::Result<()> {
+        self.stack.restart_parley(role).await?;
+        self.api = Api::new(&self.stack.parley.base, self.stack.parley.port)?;
+        Ok(())
+    }
+
     pub async fn run(&mut self, name: &str) -> anyhow::Result<Vec<Vec<Metric>>> {
         match name {
             "delivery-1k" => self.delivery(1_000.0, false).await,
@@ -114,6 +127,7 @@ impl Ctx {
             "idle-connections" => self.idle_connections().await,
             "channel-broadcast" => self.channel_broadcast().await,
             "projector-catchup" => self.projector_catchup().await,
+            "cold-load" => self.cold_load().await,
             other => bail!("unknown scenario {other:?}; known: {}", ALL.join(", ")),
         }
     }
@@ -416,10 +430,7 @@ impl Ctx {
     /// One chat, two members each sending as soon as their previous send is answered.
     async fn hot_chat(&mut self) -> anyhow::Result<Vec<Vec<Metric>>> {
         let users = self.users(2).await?;
-        let chat = self
-            .api
-            .create_chat(&users[0], "group", &[&users[1].id])
-            .await?;
+        let chat = self.api.group_of_two(&users).await?;
         let mut out = Vec::new();
         for run in 0..self.runs {
             let (floor, _) =
@@ -467,10 +478,7 @@ impl Ctx {
     /// whole budget), newest page and oldest page, against the raw keyset query.
     async fn history(&mut self) -> anyhow::Result<Vec<Vec<Metric>>> {
         let users = self.users(2).await?;
-        let chat = self
-            .api
-            .create_chat(&users[0], "group", &[&users[1].id])
-            .await?;
+        let chat = self.api.group_of_two(&users).await?;
         let chat_id: uuid::Uuid = chat.parse()?;
         let sender: uuid::Uuid = users[0].id.parse()?;
         let pg = self.stack.pg.clone();
@@ -767,8 +775,7 @@ impl Ctx {
         let mut out = Vec::new();
         for run in 0..self.runs {
             let floor = floors::projector(&self.stack.js, &pg, backlog).await?;
-            self.stack.restart_parley("command-api").await?;
-            self.api = Api::new(&self.stack.parley.base, self.stack.parley.port)?;
+            self.restart("command-api").await?;
             let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let filling = Instant::now();
             let tasks: Vec<_> = (0..64)
@@ -798,8 +805,7 @@ impl Ctx {
                 filling.elapsed().as_secs_f64()
             );
             let t0 = Instant::now();
-            self.stack.restart_parley("up").await?;
-            self.api = Api::new(&self.stack.parley.base, self.stack.parley.port)?;
+            self.restart("up").await?;
             loop {
                 let (_, sum) = projected(ids.clone()).await?;
                 if sum.unwrap_or(0) >= target {
@@ -821,6 +827,108 @@ impl Ctx {
             report_run(run as u64, &metrics);
             out.push(metrics);
         }
+        Ok(out)
+    }
+
+    /// Command latency on a cold cache: sendMessage to a chat of `cold_events` events on a
+    /// freshly started `parley command-api` (nothing cached), which loads the chat aggregate
+    /// (its snapshot, then the events after it) before it decides and appends. The events go
+    /// straight onto the chat's subject, pipelined, while only command-api runs (the API would
+    /// take minutes for 1M, and no projector competes for the CPU); the first command after the
+    /// fill reads all of them (no snapshot covers them yet), and command-api snapshots the chat
+    /// within its snapshot interval. Beside the cold figure: the same send once warm. Each
+    /// restarted process first sends to another chat, so the figure is the cold *aggregate* in
+    /// a running process (an evicted or never-loaded chat), not the process's first request.
+    async fn cold_load(&mut self) -> anyhow::Result<Vec<Vec<Metric>>> {
+        let users = self.users(2).await?;
+        let chat = self.api.group_of_two(&users).await?;
+        // Another, small chat: each restarted process sends there first, so the timed send
+        // pays for loading the big chat, not for the process's first request of all.
+        let small = self.api.group_of_two(&users).await?;
+        self.restart("command-api").await?;
+        let events = self.sizes.cold_events;
+        let filling = Instant::now();
+        floors::fill_chat(&self.stack.js, &chat, &users[0].id, events).await?;
+        eprintln!(
+            "  {events} events appended to one chat in {:.1} s",
+            filling.elapsed().as_secs_f64()
+        );
+        let t = Instant::now();
+        let status = self.api.send(&users[0], &chat, "first").await?;
+        if status != 201 {
+            bail!("the first send to the filled chat answered {status}");
+        }
+        eprintln!(
+            "  first command, no snapshot ({events} events read): {:.1} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        // The snapshot holds the chat at its version after that send: events + 2 (created,
+        // the fill, "first").
+        let want = events as u64 + 2;
+        let kv = self.stack.js.get_key_value("snapshots").await?;
+        let key = format!("chats.{chat}");
+        let waiting = Instant::now();
+        loop {
+            let version = kv
+                .get(&key)
+                .await?
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["version"].as_u64());
+            if version >= Some(want) {
+                break;
+            }
+            if waiting.elapsed() > Duration::from_secs(60) {
+                bail!("command-api did not snapshot the chat within 60 s (at {version:?})");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut out = Vec::new();
+        for run in 0..self.runs {
+            self.restart("command-api").await?;
+            // A connection, a session check and a first command elsewhere: the timed request
+            // pays for none of them, only for the big chat's aggregate not being cached.
+            for k in 0..3 {
+                self.api
+                    .send(&users[0], &small, &format!("warm-up {k}"))
+                    .await?;
+            }
+            let t = Instant::now();
+            let status = self
+                .api
+                .send(&users[0], &chat, &format!("cold {run}"))
+                .await?;
+            let cold = t.elapsed().as_secs_f64() * 1e3;
+            if status != 201 {
+                bail!("the cold send answered {status}");
+            }
+            let mut warm = Vec::new();
+            for k in 0..20 {
+                let t = Instant::now();
+                self.api
+                    .send(&users[0], &chat, &format!("warm {run} {k}"))
+                    .await?;
+                warm.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            let warm = quantile(&mut warm, 0.5);
+            let metrics = vec![
+                Metric::absolute(
+                    format!("cold sendMessage, chat of {events} events"),
+                    "ms",
+                    cold,
+                    Goal::AtMost(5.0),
+                ),
+                Metric::absolute(
+                    "warm sendMessage p50, same chat",
+                    "ms",
+                    warm,
+                    Goal::AtMost(5.0),
+                ),
+            ];
+            report_run(run as u64, &metrics);
+            out.push(metrics);
+        }
+        // Later scenarios expect everything running; the projectors now take the fill.
+        self.restart("up").await?;
         Ok(out)
     }
 }

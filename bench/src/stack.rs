@@ -91,12 +91,8 @@ impl Parley {
                 "RUST_LOG",
                 std::env::var("PARLEY_BENCH_LOG").unwrap_or("warn".into()),
             )
-            .env("PARLEY_RATE_SEND_PER_USER", "off")
-            .env("PARLEY_RATE_SEND_PER_IP", "off")
-            .env("PARLEY_RATE_SIGNUP_PER_IP", "off")
-            .env("PARLEY_RATE_LOGIN_PER_IP", "off")
-            .env("PARLEY_RATE_LOGIN_PER_HANDLE", "off")
-            .env("PARLEY_FLOOD_MAX_CHATS", "1000000")
+            // Every client of a run comes from 127.0.0.1: the per-address limits would bite.
+            .envs(parley_test_support::LIMITS_OFF)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .kill_on_drop(true)
