@@ -82,6 +82,14 @@ struct Opts {
         default_value_t = 100_000
     )]
     max_channel_members: usize,
+    /// Message keys command-api stores ahead of need, so a send does not wait for one (0: none).
+    #[arg(
+        long,
+        global = true,
+        env = "PARLEY_MESSAGE_KEY_POOL",
+        default_value_t = 256
+    )]
+    message_key_pool: usize,
     #[command(flatten)]
     limits: LimitOpts,
     #[command(flatten)]
@@ -270,6 +278,7 @@ impl Opts {
         };
         s.command.max_group_members = self.max_group_members;
         s.command.max_channel_members = self.max_channel_members;
+        s.command.message_key_pool = self.message_key_pool;
         s.command.limits = self.limits.config();
         s.gateway.max_connections_per_user = self.gateway.ws_max_connections_per_user;
         s.gateway.max_connections_per_ip = self.gateway.ws_max_connections_per_ip.0;

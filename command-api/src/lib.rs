@@ -27,6 +27,9 @@ pub struct CommandConfig {
     pub cache_capacity: u64,
     /// How soon a changed aggregate gets a snapshot.
     pub snapshot_interval: Duration,
+    /// Message keys stored ahead of need ([`parley_nats::KeyPool`]); 0 makes each send write
+    /// its own key first.
+    pub message_key_pool: usize,
     /// Largest JSON request body.
     pub max_body_bytes: usize,
     /// Rate limits and the flood rule.
@@ -43,6 +46,7 @@ impl Default for CommandConfig {
             max_devices: 5,
             cache_capacity: 100_000,
             snapshot_interval: Duration::from_secs(5),
+            message_key_pool: 256,
             max_body_bytes: 64 * 1024,
             limits: LimitsConfig::default(),
             attachment_limits: AttachmentLimits::default(),

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use parley_nats::{Buckets, EventStore, MessageKeys};
+use parley_nats::{Buckets, EventStore, KeyPool, MessageKeys};
 use parley_platform::{Authenticator, Infra};
 
 use crate::CommandConfig;
@@ -29,6 +29,8 @@ pub struct CommandState {
     pub limits: Limits,
     /// Per-message body keys: sealing on send and edit, destruction on delete.
     pub keys: MessageKeys,
+    /// Keys already stored for fresh message ids: sendMessage's key without a round trip.
+    pub key_pool: KeyPool,
     pub config: Arc<CommandConfig>,
 }
 
@@ -48,6 +50,8 @@ impl CommandState {
             config.snapshot_interval,
         )
         .await?;
+        let keys = MessageKeys::new(infra.buckets.message_keys.clone(), infra.js.clone());
+        let key_pool = KeyPool::start(keys.clone(), config.message_key_pool, &infra.shutdown);
         Ok(Self {
             chats,
             users,
@@ -57,7 +61,8 @@ impl CommandState {
             pg: infra.pg.clone(),
             auth: infra.auth.clone(),
             limits: Limits::new(&config.limits, &infra.shutdown),
-            keys: MessageKeys::new(infra.buckets.message_keys.clone(), infra.js.clone()),
+            keys,
+            key_pool,
             config: Arc::new(config),
         })
     }

@@ -10,7 +10,7 @@ pub mod setup;
 pub mod store;
 
 pub use attachments::{AttachmentError, AttachmentMeta, Attachments, NewAttachment};
-pub use message_keys::{KeyError, MessageKey, MessageKeys};
+pub use message_keys::{KeyError, KeyPool, MessageKey, MessageKeys};
 pub use setup::{Buckets, JetStreamSettings, connect, ensure, subjects};
 pub use store::{Aggregate, AppendContext, EventStore, ExecuteError, Outcome, StoreError};
 

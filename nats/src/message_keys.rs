@@ -1,19 +1,29 @@
 //! Message keys, for crypto-shredding (ADR 7): every message body in `CHATS` is sealed with
 //! XChaCha20-Poly1305 under a random 256-bit key of its own, kept in the `message_keys` KV
-//! bucket at `<chat_id>.<message_id>`. Deleting a message destroys its key by *erasing* the
-//! KV message in place, after which no replay of the stream can open the body again.
+//! bucket at `m.<message_id>` (keys made before the pool existed: `<chat_id>.<message_id>`).
+//! Deleting a message destroys its key by *erasing* the KV message in place, after which no
+//! replay of the stream can open the body again.
+//!
+//! A key must be durable before the event that needs it, which put a KV round trip in front
+//! of every append. [`KeyPool`] takes it off the send path: it keeps keys for fresh message
+//! ids already stored, so sendMessage mints the id of a pooled key and appends at once.
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use std::sync::Mutex as StdMutex;
 
 use async_nats::jetstream::{self, kv, response::Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
+use futures::StreamExt;
 use parley_schemas::events::SealedBody;
 use parley_schemas::{ChatEvent, ChatId, MessageId};
 use rand::RngCore;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use zeroize::Zeroize;
 
 /// The KV bucket of message keys.
@@ -143,34 +153,66 @@ impl MessageKeys {
         }
     }
 
-    /// The KV key of a message's key: both tokens are validated ids.
-    pub fn kv_key(chat: ChatId, message: MessageId) -> String {
+    /// The KV key of a message's key: the message id alone (a validated id), so that a key can
+    /// be made before anyone knows which chat its message will go to ([`KeyPool`]).
+    pub fn kv_key(message: MessageId) -> String {
+        format!("m.{message}")
+    }
+
+    /// Where keys made before [`KeyPool`] live; still read and destroyed.
+    fn legacy_kv_key(chat: ChatId, message: MessageId) -> String {
         format!("{chat}.{message}")
     }
 
-    /// Makes the message's key, create-only. The message id is minted per command, so a
-    /// retried command finds its own key and seals with it again.
+    /// Makes the message's key, create-only; a key this process already holds for it (a pooled
+    /// one, or a retried command's) is used as it is. The message id is minted per command,
+    /// so a retried command finds its own key and seals with it again.
     pub async fn create(
         &self,
         chat: ChatId,
         message: MessageId,
     ) -> Result<Arc<MessageKey>, KeyError> {
-        let key = MessageKey::random();
-        let name = Self::kv_key(chat, message);
-        match self
-            .kv
-            .create(name.as_str(), bytes::Bytes::copy_from_slice(&key.0))
-            .await
-        {
-            Ok(_) => {
-                let key = Arc::new(key);
+        if let Some(k) = self.cache.get(&(chat, message)).await {
+            return Ok(k);
+        }
+        match self.store_new(message).await? {
+            Some(key) => {
                 self.cache.insert((chat, message), key.clone()).await;
                 Ok(key)
             }
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => self
+            None => self
                 .get(chat, message)
                 .await?
                 .ok_or_else(|| KeyError::Nats("message key vanished while being created".into())),
+        }
+    }
+
+    /// The message's key if it has one (a v1 plaintext message may not), else a new one: for
+    /// edits, which must seal under the key the original body has.
+    pub async fn get_or_create(
+        &self,
+        chat: ChatId,
+        message: MessageId,
+    ) -> Result<Arc<MessageKey>, KeyError> {
+        match self.get(chat, message).await? {
+            Some(key) => Ok(key),
+            None => self.create(chat, message).await,
+        }
+    }
+
+    /// Stores a new random key for `message`, create-only: `None` if it already has one.
+    async fn store_new(&self, message: MessageId) -> Result<Option<Arc<MessageKey>>, KeyError> {
+        let key = MessageKey::random();
+        match self
+            .kv
+            .create(
+                Self::kv_key(message).as_str(),
+                bytes::Bytes::copy_from_slice(&key.0),
+            )
+            .await
+        {
+            Ok(_) => Ok(Some(Arc::new(key))),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
             Err(e) => Err(nats_err(e)),
         }
     }
@@ -184,11 +226,14 @@ impl MessageKeys {
         if let Some(k) = self.cache.get(&(chat, message)).await {
             return Ok(Some(k));
         }
-        let stored = self
-            .kv
-            .get(Self::kv_key(chat, message))
-            .await
-            .map_err(nats_err)?;
+        let mut stored = self.kv.get(Self::kv_key(message)).await.map_err(nats_err)?;
+        if stored.is_none() {
+            stored = self
+                .kv
+                .get(Self::legacy_kv_key(chat, message))
+                .await
+                .map_err(nats_err)?;
+        }
         let Some(key) = stored.and_then(|b| MessageKey::from_slice(&b)) else {
             return Ok(None);
         };
@@ -208,10 +253,15 @@ impl MessageKeys {
     /// can both do it, in any order, any number of times.
     pub async fn destroy(&self, chat: ChatId, message: MessageId) -> Result<(), KeyError> {
         self.forget(chat, message).await;
-        let name = Self::kv_key(chat, message);
+        self.erase(&Self::kv_key(message)).await?;
+        self.erase(&Self::legacy_kv_key(chat, message)).await
+    }
+
+    /// Erases the KV key `name` in place; a name that holds nothing is success.
+    async fn erase(&self, name: &str) -> Result<(), KeyError> {
         let stream = format!("KV_{BUCKET}");
         for _ in 0..3 {
-            let Some(entry) = self.kv.entry(name.as_str()).await.map_err(nats_err)? else {
+            let Some(entry) = self.kv.entry(name).await.map_err(nats_err)? else {
                 return Ok(());
             };
             let res: Response<serde_json::Value> = self
@@ -224,10 +274,10 @@ impl MessageKeys {
                 .map_err(nats_err)?;
             if let Response::Err { error } = res {
                 // Someone else erased it first, or it was rolled over: look again.
-                tracing::debug!(%chat, %message, %error, "erase of a message key failed");
+                tracing::debug!(%name, %error, "erase of a message key failed");
             }
         }
-        match self.kv.entry(name.as_str()).await.map_err(nats_err)? {
+        match self.kv.entry(name).await.map_err(nats_err)? {
             None => Ok(()),
             Some(e) => Err(KeyError::NotDestroyed(format!(
                 "{name} still at revision {}",
@@ -254,6 +304,84 @@ impl MessageKeys {
             tracing::warn!(%chat, %message, "a sealed body does not open under its message key");
         }
         Ok(opened)
+    }
+}
+
+/// Keys stored ahead of need, each for a fresh message id, so that sendMessage does not wait
+/// for a KV write before its append. Cheap to clone.
+///
+/// A background task keeps up to `size` keys ready, `PIPELINE` writes in flight; a key enters
+/// the pool only once the bucket has acknowledged it, so a message sealed with a pooled key can
+/// always be opened. A key taken and never used (the command was then refused, or the process
+/// stopped with keys still pooled) stays in the bucket unread: 32 bytes, at most `size` per
+/// process start plus one per refused command of a member (strangers are refused before a key
+/// is taken).
+#[derive(Clone)]
+pub struct KeyPool {
+    keys: MessageKeys,
+    ready: Arc<StdMutex<mpsc::Receiver<Pooled>>>,
+}
+
+/// A fresh message id and its key, already in the bucket.
+type Pooled = (MessageId, Arc<MessageKey>);
+
+/// Key writes a pool keeps in flight while it refills.
+const PIPELINE: usize = 32;
+
+impl KeyPool {
+    /// Starts filling a pool of `size` keys (0: no pool, every command writes its own key);
+    /// the filler stops with `shutdown`.
+    pub fn start(keys: MessageKeys, size: usize, shutdown: &CancellationToken) -> Self {
+        let (tx, rx) = mpsc::channel(size.max(1));
+        if size > 0 {
+            let (keys, shutdown) = (keys.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = fill(keys, tx) => {}
+                    () = shutdown.cancelled() => {}
+                }
+            });
+        }
+        Self {
+            keys,
+            ready: Arc::new(StdMutex::new(rx)),
+        }
+    }
+
+    /// A fresh message id whose key is already stored, now held by this process for `chat`
+    /// ([`MessageKeys::create`] finds it without a round trip); `None` when the pool is empty.
+    pub async fn take(&self, chat: ChatId) -> Option<MessageId> {
+        let (message, key) = self.ready.lock().ok()?.try_recv().ok()?;
+        self.keys.cache.insert((chat, message), key).await;
+        Some(message)
+    }
+}
+
+/// Stores keys for fresh message ids and hands each over once stored, until nobody takes them.
+async fn fill(keys: MessageKeys, tx: mpsc::Sender<Pooled>) {
+    let made = futures::stream::repeat(()).map(|()| {
+        let keys = keys.clone();
+        async move {
+            let message = MessageId::new();
+            (message, keys.store_new(message).await)
+        }
+    });
+    let mut made = std::pin::pin!(made.buffer_unordered(PIPELINE));
+    while let Some((message, stored)) = made.next().await {
+        match stored {
+            Ok(Some(key)) => {
+                if tx.send((message, key)).await.is_err() {
+                    return;
+                }
+            }
+            // A fresh UUIDv7 is never taken; if it were, skipping it is all it takes.
+            Ok(None) => {}
+            Err(error) => {
+                // Commands make their own keys meanwhile; try again shortly.
+                tracing::warn!(%error, "refilling the message key pool failed");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
     }
 }
 

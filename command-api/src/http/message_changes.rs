@@ -278,7 +278,7 @@ async fn seal_edit(
     match facts {
         Some(f) if f.sender_id == me && !f.deleted => {
             // A v2 message has its key; a v1 (plaintext) message gets one now, create-only.
-            let key = state.keys.create(chat_id, message_id).await?;
+            let key = state.keys.get_or_create(chat_id, message_id).await?;
             Ok(message_keys::seal(&key, chat_id, message_id, body.as_str()))
         }
         _ => Ok(SealedBody {

@@ -97,8 +97,24 @@ pub async fn send(
         )));
     }
     let scope = format!("messages:{}:{chat_id}", me.user_id);
+    // Only members get a message key made or taken for them: a stranger can neither fill the
+    // bucket nor drain the pool. The cached state answers the common case without a round
+    // trip; only a "no" is checked against the stream (the user may have joined through
+    // another process), inside, so that a retried command still gets its stored answer. A
+    // stale "yes" (just removed elsewhere) costs one unused key: `decide` refuses.
+    let member_cached = state
+        .chats
+        .read_cached(*chat_id.as_uuid(), |c, _| c.is_member(me.user_id))
+        .await?;
+    // The id of a key already stored (none when the pool is empty): no KV write before the
+    // append. A retried command keeps the id (and key) its first attempt minted.
+    let pooled = if member_cached {
+        state.key_pool.take(chat_id).await
+    } else {
+        None
+    };
     let ids = || Ids {
-        message_id: MessageId::new(),
+        message_id: pooled.unwrap_or_else(MessageId::new),
     };
     let req = &req;
     let res = idempotency::once(state, &scope, key, req, ids, |ids, msg_id| async move {
@@ -108,22 +124,13 @@ pub async fn send(
         if let Some(root) = req.thread_root {
             check_target(state, me.user_id, chat_id, root, Target::ThreadRoot).await?;
         }
-        if req.reply_to.is_none() && req.thread_root.is_none() {
-            // Only members get a message key made for them: a stranger cannot fill the bucket.
-            // The cached state answers the common case without a round trip; only a "no" is
-            // checked against the stream (the user may have joined through another process).
-            // A stale "yes" (just removed elsewhere) costs one unused key: `decide` refuses.
-            let cached = state
-                .chats
-                .read_cached(*chat_id.as_uuid(), |c, _| c.is_member(me.user_id))
-                .await?;
-            if !cached {
-                require_member(state, me.user_id, chat_id).await?;
-            }
+        if req.reply_to.is_none() && req.thread_root.is_none() && !member_cached {
+            require_member(state, me.user_id, chat_id).await?;
         }
         let mentions = resolve_mentions(state, &body).await?;
         let attachments = resolve_attachments(state, me.user_id, &req.attachments).await?;
-        // The key exists before the event does, so every reader of the event can open it.
+        // The key exists before the event does, so every reader of the event can open it: a
+        // pooled key was stored before it was pooled, any other is stored here.
         let key = state.keys.create(chat_id, ids.message_id).await?;
         let sealed = parley_nats::message_keys::seal(&key, chat_id, ids.message_id, body.as_str());
         let cmd = ChatCommand::SendSealedMessage {

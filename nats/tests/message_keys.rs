@@ -1,0 +1,146 @@
+//! Message keys against a real nats-server: the pool hands out only keys the bucket already
+//! holds, refills itself, and keys stored under the pre-pool name are still read and destroyed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use futures::TryStreamExt;
+use parley_nats::message_keys::{open, seal};
+use parley_nats::{JetStreamSettings, KeyPool, MessageKeys};
+use parley_schemas::{ChatId, MessageId};
+use parley_test_support::{NatsServer, eventually};
+use tokio_util::sync::CancellationToken;
+
+async fn setup(server: &NatsServer) -> (jetstream::Context, kv::Store) {
+    let client = parley_nats::connect(&server.url()).await.unwrap();
+    let js = jetstream::new(client);
+    let buckets = parley_nats::ensure(&js, &JetStreamSettings::default())
+        .await
+        .unwrap();
+    (js, buckets.message_keys)
+}
+
+/// A key taken from the pool: waits (with a deadline) for the filler to have one ready.
+async fn take(pool: &KeyPool, chat: ChatId) -> MessageId {
+    eventually(Duration::from_secs(10), "a pooled key", || async {
+        pool.take(chat).await
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_pooled_key_is_in_the_bucket_before_it_is_handed_out_and_opens_for_every_reader() {
+    let server = NatsServer::start().await;
+    let (js, bucket) = setup(&server).await;
+    let shutdown = CancellationToken::new();
+    let keys = MessageKeys::new(bucket.clone(), js.clone());
+    let pool = KeyPool::start(keys.clone(), 8, &shutdown);
+    let chat = ChatId::new();
+
+    // More than the pool holds at once: it refills while keys are taken.
+    let mut taken = Vec::new();
+    for _ in 0..40 {
+        let message = take(&pool, chat).await;
+        // Stored before it was handed out: read the bucket itself, not a cache.
+        assert!(
+            bucket
+                .get(MessageKeys::kv_key(message))
+                .await
+                .unwrap()
+                .is_some(),
+            "pooled key of {message} is not in the bucket"
+        );
+        taken.push(message);
+    }
+    let distinct: std::collections::HashSet<_> = taken.iter().collect();
+    assert_eq!(distinct.len(), taken.len(), "a message id handed out twice");
+
+    // The sender seals with the key this process holds (no round trip); another process,
+    // with an empty cache, reads the same key from the bucket and opens the body.
+    let message = taken[0];
+    let sealing = keys.create(chat, message).await.unwrap();
+    let sealed = seal(&sealing, chat, message, "hello from the pool");
+    let reader = MessageKeys::new(bucket.clone(), js.clone());
+    let read = reader.get(chat, message).await.unwrap().expect("key found");
+    assert_eq!(
+        open(&read, chat, message, &sealed).as_deref(),
+        Some("hello from the pool")
+    );
+
+    // Deleting the message destroys the pooled key like any other.
+    reader.destroy(chat, message).await.unwrap();
+    assert!(
+        MessageKeys::new(bucket, js)
+            .get(chat, message)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_pool_of_size_zero_hands_out_nothing_and_sends_make_their_own_keys() {
+    let server = NatsServer::start().await;
+    let (js, bucket) = setup(&server).await;
+    let shutdown = CancellationToken::new();
+    let keys = MessageKeys::new(bucket.clone(), js.clone());
+    let pool = KeyPool::start(keys.clone(), 0, &shutdown);
+    let chat = ChatId::new();
+    assert_eq!(pool.take(chat).await, None);
+    let message = MessageId::new();
+    keys.create(chat, message).await.unwrap();
+    assert!(
+        bucket
+            .get(MessageKeys::kv_key(message))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    // Nothing was stored ahead of need: the bucket holds that one key.
+    let names: Vec<String> = bucket.keys().await.unwrap().try_collect().await.unwrap();
+    assert_eq!(names, vec![MessageKeys::kv_key(message)]);
+}
+
+#[tokio::test]
+async fn a_key_stored_under_the_pre_pool_name_is_still_read_kept_for_edits_and_destroyed() {
+    let server = NatsServer::start().await;
+    let (js, bucket) = setup(&server).await;
+    let (chat, message) = (ChatId::new(), MessageId::new());
+    let legacy = format!("{chat}.{message}");
+    bucket
+        .create(legacy.as_str(), bytes::Bytes::from(vec![7u8; 32]))
+        .await
+        .unwrap();
+
+    let keys = MessageKeys::new(bucket.clone(), js.clone());
+    let key = keys.get(chat, message).await.unwrap().expect("legacy key");
+    let sealed = seal(&key, chat, message, "old message");
+    // An edit seals under the key the original has, not a new one.
+    let fresh = MessageKeys::new(bucket.clone(), js.clone());
+    let for_edit = fresh.get_or_create(chat, message).await.unwrap();
+    assert_eq!(
+        open(&for_edit, chat, message, &sealed).as_deref(),
+        Some("old message")
+    );
+    assert!(
+        bucket
+            .get(MessageKeys::kv_key(message))
+            .await
+            .unwrap()
+            .is_none(),
+        "no second key made for a message that has one"
+    );
+
+    fresh.destroy(chat, message).await.unwrap();
+    assert!(bucket.get(legacy.as_str()).await.unwrap().is_none());
+    assert!(
+        MessageKeys::new(bucket, js)
+            .get(chat, message)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
