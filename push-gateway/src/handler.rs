@@ -20,10 +20,11 @@ use crate::wire::error_frame;
 
 /// Seconds a client over its connection limit is told to wait.
 const RETRY_AFTER_SECS: u64 = 5;
-/// Read buffer per socket: enough for any client frame but a large paste.
-const SOCKET_READ_BUFFER: usize = 4 * 1024;
-/// Bytes a socket gathers before writing when not flushed: several frames of a replay.
-const SOCKET_WRITE_BUFFER: usize = 16 * 1024;
+/// Read buffer per socket: client frames are acks and typing, far smaller; a larger frame is
+/// read in several steps.
+const SOCKET_READ_BUFFER: usize = 1024;
+/// Bytes a socket gathers before writing when not flushed (a few frames of a replay).
+const SOCKET_WRITE_BUFFER: usize = 4 * 1024;
 
 pub(crate) async fn upgrade(
     State(gw): State<AppState>,

@@ -134,6 +134,21 @@ async fn an_oversized_frame_closes_with_1009() {
 }
 
 #[tokio::test]
+async fn a_frame_many_times_the_read_buffer_but_within_the_limit_is_read_whole() {
+    // The socket reads through a 1 KiB buffer; a 32 KiB frame (limit 64 KiB) must arrive
+    // whole: a ping padded with an extra field is parsed as one ping and answered, and the
+    // socket stays usable.
+    let h = Harness::start().await;
+    let d = h.login().await;
+    let mut c = h.connect(&d).await;
+    let padded = json!({"type": "ping", "padding": "x".repeat(32 * 1024)});
+    c.send(Message::text(padded.to_string())).await;
+    assert_eq!(c.next_json().await["type"], "pong");
+    c.send_json(json!({"type": "ping"})).await;
+    assert_eq!(c.next_json().await["type"], "pong");
+}
+
+#[tokio::test]
 async fn a_revoked_device_is_closed_with_4401_and_other_devices_stay() {
     let h = Harness::start().await;
     let d = h.login().await;
