@@ -249,14 +249,7 @@ async fn the_sender_sees_delivered_then_read_receipt_frames_and_the_reader_gets_
         json!({"type": "receipt", "chat_id": chat, "user_id": bob.user_id, "delivered_up_to": seq})
     );
 
-    let (s, b) = app
-        .post(
-            &format!("/v1/chats/{chat}/read"),
-            Some(&bob.token),
-            json!({ "up_to": seq }),
-        )
-        .await;
-    assert_eq!(s, 204, "{b}");
+    app.read_up_to(&bob, &chat, seq).await;
     let read = ada_ws
         .next_of_type("receipt", Duration::from_secs(10))
         .await

@@ -232,14 +232,7 @@ async fn a_sender_sees_sent_then_delivered_then_read() {
     // Bob reads: read, and his unread count drops to zero.
     let (_, list) = app.get("/v1/chats", Some(&bob.token)).await;
     assert_eq!(list["chats"][0]["unread_count"], 1);
-    let (s, b) = app
-        .post(
-            &format!("/v1/chats/{chat}/read"),
-            Some(&bob.token),
-            json!({"up_to": seq}),
-        )
-        .await;
-    assert_eq!(s, 204, "{b}");
+    app.read_up_to(&bob, &chat, seq).await;
     parley_test_support::eventually(Duration::from_secs(10), "read receipt", || async {
         let (_, r) = app.get(&receipts, Some(&ada.token)).await;
         (r["read_by"] == json!([bob.user_id])).then_some(())

@@ -22,6 +22,15 @@ async fn setup(server: &NatsServer) -> (jetstream::Context, kv::Store) {
     (js, buckets.message_keys)
 }
 
+/// Whether the bucket itself (not a cache) holds a key for `message` under its name.
+async fn in_bucket(bucket: &kv::Store, message: MessageId) -> bool {
+    bucket
+        .get(MessageKeys::kv_key(message))
+        .await
+        .unwrap()
+        .is_some()
+}
+
 /// A key taken from the pool: waits (with a deadline) for the filler to have one ready.
 async fn take(pool: &KeyPool, chat: ChatId) -> MessageId {
     eventually(Duration::from_secs(10), "a pooled key", || async {
@@ -45,11 +54,7 @@ async fn a_pooled_key_is_in_the_bucket_before_it_is_handed_out_and_opens_for_eve
         let message = take(&pool, chat).await;
         // Stored before it was handed out: read the bucket itself, not a cache.
         assert!(
-            bucket
-                .get(MessageKeys::kv_key(message))
-                .await
-                .unwrap()
-                .is_some(),
+            in_bucket(&bucket, message).await,
             "pooled key of {message} is not in the bucket"
         );
         taken.push(message);
@@ -92,13 +97,7 @@ async fn a_pool_of_size_zero_hands_out_nothing_and_sends_make_their_own_keys() {
     assert_eq!(pool.take(chat).await, None);
     let message = MessageId::new();
     keys.create(chat, message).await.unwrap();
-    assert!(
-        bucket
-            .get(MessageKeys::kv_key(message))
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(in_bucket(&bucket, message).await);
     // Nothing was stored ahead of need: the bucket holds that one key.
     let names: Vec<String> = bucket.keys().await.unwrap().try_collect().await.unwrap();
     assert_eq!(names, vec![MessageKeys::kv_key(message)]);
@@ -126,11 +125,7 @@ async fn a_key_stored_under_the_pre_pool_name_is_still_read_kept_for_edits_and_d
         Some("old message")
     );
     assert!(
-        bucket
-            .get(MessageKeys::kv_key(message))
-            .await
-            .unwrap()
-            .is_none(),
+        !in_bucket(&bucket, message).await,
         "no second key made for a message that has one"
     );
 

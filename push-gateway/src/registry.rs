@@ -2,6 +2,7 @@
 //! limits) and per device (so a revoked device's sockets close at once).
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
@@ -75,12 +76,9 @@ impl Registry {
             return Some(None);
         };
         let addr = addr_key(ip);
-        let mut inner = self.lock();
-        let count = inner.addrs.entry(addr).or_insert(0);
-        if *count >= max {
+        if !take(&mut self.lock().addrs, addr, max) {
             return None;
         }
-        *count += 1;
         Some(Some(AddrSlot {
             registry: Arc::clone(self),
             addr,
@@ -89,12 +87,9 @@ impl Registry {
 
     /// Takes one of the user's connection slots, or `None` when all are in use.
     pub(crate) fn reserve(self: &Arc<Self>, user: UserId) -> Option<Slot> {
-        let mut inner = self.lock();
-        let count = inner.users.entry(user).or_insert(0);
-        if *count >= self.max_per_user {
+        if !take(&mut self.lock().users, user, self.max_per_user) {
             return None;
         }
-        *count += 1;
         Some(Slot {
             registry: Arc::clone(self),
             user,
@@ -137,27 +132,35 @@ impl Registry {
     }
 }
 
+/// Counts one more under `key` unless it already has `max`; whether it did.
+fn take<K: Hash + Eq>(counts: &mut HashMap<K, usize>, key: K, max: usize) -> bool {
+    let count = counts.entry(key).or_insert(0);
+    if *count >= max {
+        return false;
+    }
+    *count += 1;
+    true
+}
+
+/// Counts one less under `key`, forgetting keys that reach zero.
+fn give_back<K: Hash + Eq>(counts: &mut HashMap<K, usize>, key: &K) {
+    if let Some(count) = counts.get_mut(key) {
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            counts.remove(key);
+        }
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut inner = self.registry.lock();
-        if let Some(count) = inner.users.get_mut(&self.user) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                inner.users.remove(&self.user);
-            }
-        }
+        give_back(&mut self.registry.lock().users, &self.user);
     }
 }
 
 impl Drop for AddrSlot {
     fn drop(&mut self) {
-        let mut inner = self.registry.lock();
-        if let Some(count) = inner.addrs.get_mut(&self.addr) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                inner.addrs.remove(&self.addr);
-            }
-        }
+        give_back(&mut self.registry.lock().addrs, &self.addr);
     }
 }
 

@@ -106,6 +106,18 @@ impl Api {
     }
 
     /// Sends `body` to `chat`; the message id and its chat sequence.
+    /// Marks `chat` read by `user` up to `up_to`; panics unless answered 204.
+    pub async fn read_up_to(&self, user: &User, chat: &str, up_to: u64) {
+        let (s, b) = self
+            .post(
+                &format!("/v1/chats/{chat}/read"),
+                Some(&user.token),
+                json!({ "up_to": up_to }),
+            )
+            .await;
+        assert_eq!(s, 204, "read: {b}");
+    }
+
     pub async fn send_message(&self, user: &User, chat: &str, body: &str) -> (String, u64) {
         let (s, res) = self
             .post(

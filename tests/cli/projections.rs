@@ -32,14 +32,7 @@ async fn populate(app: &TestApp) -> (User, Vec<String>) {
         .await;
     assert_eq!(s, 200, "{b}");
     let last = app.message(&bob, &team, "after carol left").await;
-    let (s, _) = app
-        .post(
-            &format!("/v1/chats/{team}/read"),
-            Some(&bob.token),
-            json!({"up_to": last}),
-        )
-        .await;
-    assert_eq!(s, 204);
+    app.read_up_to(&bob, &team, last).await;
     app.deliver(&bob, &team, last).await;
     app.deliver(&ada, &pair, 4).await;
     app.every_feature(&ada, &bob, &carol, &team).await;

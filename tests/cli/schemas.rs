@@ -41,14 +41,7 @@ async fn every_stored_event_validates_against_the_json_schema_of_its_type() {
         .await;
     assert_eq!(s, 200, "{b}");
     let seq = app.message(&ada, &chat, "hello \"all\" ✓").await;
-    let (s, b) = app
-        .post(
-            &format!("/v1/chats/{chat}/read"),
-            Some(&bob.token),
-            json!({"up_to": seq}),
-        )
-        .await;
-    assert_eq!(s, 204, "{b}");
+    app.read_up_to(&bob, &chat, seq).await;
     app.deliver(&bob, &chat, seq).await;
     let (s, b) = app
         .call(
