@@ -32,6 +32,9 @@ pub enum ApiError {
     Contended,
     #[error("dependency unavailable: {0}")]
     Unavailable(String),
+    /// This process is at capacity for the work (password hashing); retry shortly.
+    #[error("busy: {0}")]
+    Busy(&'static str),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -117,6 +120,7 @@ impl ApiError {
                 tracing::warn!(%cause, "dependency unavailable");
                 Problem::unavailable("a dependency is unavailable; retry", 1)
             }
+            ApiError::Busy(what) => Problem::unavailable(*what, 1),
             ApiError::Internal(cause) => {
                 tracing::error!(%cause, "internal error");
                 Problem::internal()

@@ -7,6 +7,7 @@ mod error;
 mod http;
 mod idempotency;
 mod limits;
+mod passwords;
 mod state;
 
 use std::time::Duration;

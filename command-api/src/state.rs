@@ -9,6 +9,7 @@ use crate::CommandConfig;
 use crate::domain::{chat::Chat, user::User};
 use crate::error::ApiError;
 use crate::limits::Limits;
+use crate::passwords::Passwords;
 
 #[derive(Clone)]
 pub struct CommandState {
@@ -31,6 +32,8 @@ pub struct CommandState {
     pub keys: MessageKeys,
     /// Keys already stored for fresh message ids: sendMessage's key without a round trip.
     pub key_pool: KeyPool,
+    /// argon2id, at most one per core at a time.
+    pub passwords: Passwords,
     pub config: Arc<CommandConfig>,
 }
 
@@ -50,7 +53,7 @@ impl CommandState {
             config.snapshot_interval,
         )
         .await?;
-        let keys = MessageKeys::new(infra.buckets.message_keys.clone(), infra.js.clone());
+        let keys = infra.keys.clone();
         let key_pool = KeyPool::start(keys.clone(), config.message_key_pool, &infra.shutdown);
         Ok(Self {
             chats,
@@ -63,6 +66,7 @@ impl CommandState {
             limits: Limits::new(&config.limits, &infra.shutdown),
             keys,
             key_pool,
+            passwords: Passwords::default(),
             config: Arc::new(config),
         })
     }

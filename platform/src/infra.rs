@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use parley_nats::{Buckets, JetStreamSettings};
+use parley_nats::{Buckets, JetStreamSettings, MessageKeys};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -46,6 +46,10 @@ pub struct Infra {
     pub pg: PgPool,
     /// Token checks with a revocation-aware cache.
     pub auth: Authenticator,
+    /// Message keys with one cache for the whole process: inside `parley up`, the key
+    /// command-api seals a message with is the key the projector and the gateway open it
+    /// with, without a KV read each.
+    pub keys: MessageKeys,
     /// Fired when the process should stop.
     pub shutdown: CancellationToken,
 }
@@ -89,12 +93,14 @@ impl Infra {
         let pg = crate::pg_pool(&cfg.database_url, cfg.pg_max_connections).await?;
         MIGRATOR.run(&pg).await?;
         let auth = Authenticator::new(buckets.sessions.clone(), shutdown.clone());
+        let keys = MessageKeys::new(buckets.message_keys.clone(), js.clone());
         Ok(Infra {
             nats,
             js,
             buckets,
             pg,
             auth,
+            keys,
             shutdown,
         })
     }

@@ -136,6 +136,7 @@ pub async fn apply_receipts(
         .await?;
     }
     let mut out = Vec::with_capacity(events.len());
+    let mut receipts: (Vec<Uuid>, Vec<Uuid>, Vec<i64>, Vec<DateTime<Utc>>) = Default::default();
     for event in &events {
         let Some(event) = event else {
             out.push(Disposition::Term);
@@ -146,46 +147,49 @@ pub async fn apply_receipts(
             continue;
         };
         if let ReceiptEvent::Delivered(d) = &event.event {
-            let user = *d.user_id.as_uuid();
-            let up_to = d.up_to as i64;
-            let at = event.meta.time;
-            let previous: Option<i64> = sqlx::query_scalar(
-                "SELECT delivered_up_to FROM activity_watermarks WHERE chat_id = $1 AND user_id = $2",
-            )
-            .bind(chat_id)
-            .bind(user)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let previous = previous.unwrap_or(0);
-            if up_to > previous {
-                // Earliest wins, so a receipt applied late (redelivery) never moves a time later.
-                sqlx::query(
-                    "UPDATE activity_messages SET delivered_at = $5 \
-                     WHERE chat_id = $1 AND sequence > $2 AND sequence <= $3 AND sender_id <> $4 \
-                       AND (delivered_at IS NULL OR delivered_at > $5)",
-                )
-                .bind(chat_id)
-                .bind(previous)
-                .bind(up_to)
-                .bind(user)
-                .bind(at)
-                .execute(&mut *tx)
-                .await?;
-                sqlx::query(
-                    "INSERT INTO activity_watermarks (chat_id, user_id, delivered_up_to, at) \
-                     VALUES ($1, $2, $3, $4) ON CONFLICT (chat_id, user_id) DO UPDATE \
-                     SET delivered_up_to = EXCLUDED.delivered_up_to, at = EXCLUDED.at \
-                     WHERE activity_watermarks.delivered_up_to < EXCLUDED.delivered_up_to",
-                )
-                .bind(chat_id)
-                .bind(user)
-                .bind(up_to)
-                .bind(at)
-                .execute(&mut *tx)
-                .await?;
-            }
+            receipts.0.push(chat_id);
+            receipts.1.push(*d.user_id.as_uuid());
+            receipts.2.push(i64::try_from(d.up_to).unwrap_or(i64::MAX));
+            receipts.3.push(event.meta.time);
         }
         out.push(Disposition::Ack);
+    }
+    if !receipts.0.is_empty() {
+        // One statement for the batch. Each receipt stamps the messages between its user's
+        // watermark before the batch and its `up_to`; where a batch's receipts overlap, the
+        // earliest time wins, as the definition above says. Then each (chat, user) keeps its
+        // highest `up_to` (the earliest time among equals). A data-modifying WITH runs once,
+        // whether or not the main statement reads it.
+        sqlx::query(
+            "WITH r AS ( \
+                 SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[], $4::timestamptz[]) \
+                     AS r(chat_id, user_id, up_to, at)), \
+             p AS ( \
+                 SELECT r.*, COALESCE(w.delivered_up_to, 0) AS previous FROM r \
+                 LEFT JOIN activity_watermarks w \
+                     ON w.chat_id = r.chat_id AND w.user_id = r.user_id), \
+             stamped AS ( \
+                 UPDATE activity_messages m SET delivered_at = s.at \
+                 FROM (SELECT a.chat_id, a.sequence, min(p.at) AS at FROM p \
+                       JOIN activity_messages a ON a.chat_id = p.chat_id \
+                           AND a.sequence > p.previous AND a.sequence <= p.up_to \
+                           AND a.sender_id <> p.user_id \
+                       GROUP BY a.chat_id, a.sequence) s \
+                 WHERE m.chat_id = s.chat_id AND m.sequence = s.sequence \
+                   AND (m.delivered_at IS NULL OR m.delivered_at > s.at)) \
+             INSERT INTO activity_watermarks (chat_id, user_id, delivered_up_to, at) \
+             SELECT DISTINCT ON (chat_id, user_id) chat_id, user_id, up_to, at FROM r \
+             ORDER BY chat_id, user_id, up_to DESC, at \
+             ON CONFLICT (chat_id, user_id) DO UPDATE \
+             SET delivered_up_to = EXCLUDED.delivered_up_to, at = EXCLUDED.at \
+             WHERE activity_watermarks.delivered_up_to < EXCLUDED.delivered_up_to",
+        )
+        .bind(&receipts.0)
+        .bind(&receipts.1)
+        .bind(&receipts.2)
+        .bind(&receipts.3)
+        .execute(&mut *tx)
+        .await?;
     }
     checkpoint(&mut tx, RECEIPTS_READER, &batch).await?;
     tx.commit().await?;

@@ -121,7 +121,7 @@ pub async fn spawn(
     .await?;
     let pg = infra.pg.clone();
     let delay = config.out_of_order_delay;
-    let keys = parley_nats::MessageKeys::new(infra.buckets.message_keys.clone(), infra.js.clone());
+    let keys = infra.keys.clone();
     tracker.spawn(chats.run(move |batch| {
         let pg = pg.clone();
         let keys = keys.clone();

@@ -41,9 +41,12 @@ async fn apply_batch(
     batch: Vec<Delivered>,
 ) -> Result<(Vec<Disposition>, Moved), sqlx::Error> {
     let events = decode_all::<ReceiptEvent>("receipts", &batch);
-    let mut tx = pg.begin().await?;
     let mut out = Vec::with_capacity(events.len());
-    let mut moved = Moved::new();
+    // Watermarks only move up, so the highest of a batch per key is all that applying its
+    // events one by one would leave: one statement per table instead of one per event.
+    let mut cursors = Highest::new();
+    let mut delivered = Highest::new();
+    let mut read = Highest::new();
     for event in &events {
         let Some(event) = event else {
             out.push(Disposition::Term);
@@ -55,54 +58,100 @@ async fn apply_batch(
         };
         match &event.event {
             ReceiptEvent::Delivered(d) => {
-                sqlx::query(
-                    "INSERT INTO device_cursors (device_id, chat_id, acked_up_to) VALUES ($1, $2, $3) \
-                     ON CONFLICT (device_id, chat_id) DO UPDATE \
-                     SET acked_up_to = GREATEST(device_cursors.acked_up_to, EXCLUDED.acked_up_to)",
-                )
-                .bind(d.device_id.as_uuid())
-                .bind(chat_id)
-                .bind(d.up_to as i64)
-                .execute(&mut *tx)
-                .await?;
-                // RETURNING only when it moved: what the receipt frame announces.
-                let up: Option<i64> = sqlx::query_scalar(
-                    "UPDATE members SET delivered_up_to = $3 \
-                     WHERE chat_id = $1 AND user_id = $2 AND delivered_up_to < $3 \
-                     RETURNING delivered_up_to",
-                )
-                .bind(chat_id)
-                .bind(d.user_id.as_uuid())
-                .bind(d.up_to as i64)
-                .fetch_optional(&mut *tx)
-                .await?;
-                if let Some(up) = up {
-                    let entry = moved.entry((chat_id, *d.user_id.as_uuid())).or_default();
-                    entry.0 = entry.0.max(Some(up.max(0) as u64));
-                }
+                raise(&mut cursors, (*d.device_id.as_uuid(), chat_id), d.up_to);
+                raise(&mut delivered, (chat_id, *d.user_id.as_uuid()), d.up_to);
             }
-            ReceiptEvent::Read(r) => {
-                let up: Option<i64> = sqlx::query_scalar(
-                    "UPDATE members SET read_up_to = $3 \
-                     WHERE chat_id = $1 AND user_id = $2 AND read_up_to < $3 \
-                     RETURNING read_up_to",
-                )
-                .bind(chat_id)
-                .bind(r.user_id.as_uuid())
-                .bind(r.up_to as i64)
-                .fetch_optional(&mut *tx)
-                .await?;
-                if let Some(up) = up {
-                    let entry = moved.entry((chat_id, *r.user_id.as_uuid())).or_default();
-                    entry.1 = entry.1.max(Some(up.max(0) as u64));
-                }
-            }
+            ReceiptEvent::Read(r) => raise(&mut read, (chat_id, *r.user_id.as_uuid()), r.up_to),
         }
         out.push(Disposition::Ack);
+    }
+    let mut tx = pg.begin().await?;
+    if !cursors.is_empty() {
+        let (devices, chats, ups) = columns(&cursors);
+        sqlx::query(
+            "INSERT INTO device_cursors (device_id, chat_id, acked_up_to) \
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[]) \
+             ON CONFLICT (device_id, chat_id) DO UPDATE \
+             SET acked_up_to = GREATEST(device_cursors.acked_up_to, EXCLUDED.acked_up_to)",
+        )
+        .bind(devices)
+        .bind(chats)
+        .bind(ups)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let mut moved = Moved::new();
+    for (chat, user, up) in raise_members(&mut tx, Watermark::Delivered, &delivered).await? {
+        moved.entry((chat, user)).or_default().0 = Some(up.max(0) as u64);
+    }
+    for (chat, user, up) in raise_members(&mut tx, Watermark::Read, &read).await? {
+        moved.entry((chat, user)).or_default().1 = Some(up.max(0) as u64);
     }
     checkpoint(&mut tx, "receipts", &batch).await?;
     tx.commit().await?;
     Ok((out, moved))
+}
+
+/// The highest `up_to` of a batch per key, in key order (the order rows are locked in).
+type Highest = BTreeMap<(Uuid, Uuid), i64>;
+
+fn raise(map: &mut Highest, key: (Uuid, Uuid), up_to: u64) {
+    let up_to = i64::try_from(up_to).unwrap_or(i64::MAX);
+    let entry = map.entry(key).or_insert(up_to);
+    *entry = (*entry).max(up_to);
+}
+
+fn columns(map: &Highest) -> (Vec<Uuid>, Vec<Uuid>, Vec<i64>) {
+    let mut cols = (
+        Vec::with_capacity(map.len()),
+        Vec::with_capacity(map.len()),
+        Vec::with_capacity(map.len()),
+    );
+    for (&(a, b), &up) in map {
+        cols.0.push(a);
+        cols.1.push(b);
+        cols.2.push(up);
+    }
+    cols
+}
+
+#[derive(Clone, Copy)]
+enum Watermark {
+    Delivered,
+    Read,
+}
+
+/// Raises members' watermarks to the batch's highest; returns those that moved (what the
+/// receipt frames announce), not those already at or above it.
+async fn raise_members(
+    tx: &mut sqlx::PgConnection,
+    which: Watermark,
+    ups: &Highest,
+) -> Result<Vec<(Uuid, Uuid, i64)>, sqlx::Error> {
+    if ups.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = match which {
+        Watermark::Delivered => {
+            "UPDATE members m SET delivered_up_to = v.up \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[]) AS v(chat_id, user_id, up) \
+             WHERE m.chat_id = v.chat_id AND m.user_id = v.user_id AND m.delivered_up_to < v.up \
+             RETURNING m.chat_id, m.user_id, m.delivered_up_to"
+        }
+        Watermark::Read => {
+            "UPDATE members m SET read_up_to = v.up \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[]) AS v(chat_id, user_id, up) \
+             WHERE m.chat_id = v.chat_id AND m.user_id = v.user_id AND m.read_up_to < v.up \
+             RETURNING m.chat_id, m.user_id, m.read_up_to"
+        }
+    };
+    let (chats, users, up) = columns(ups);
+    sqlx::query_as(sql)
+        .bind(chats)
+        .bind(users)
+        .bind(up)
+        .fetch_all(tx)
+        .await
 }
 
 /// Announces what moved. Only after the commit, so no frame ever shows a watermark the read

@@ -201,3 +201,17 @@ async fn redelivered_batches_change_nothing() {
         .unwrap();
     assert_eq!(count, 4);
 }
+
+#[tokio::test]
+async fn receipts_in_one_batch_stamp_the_same_times_in_any_order() {
+    let (_db, pg) = db().await;
+    let s = scenario();
+    activity::apply_chats(&pg, copy(&s.chats), DELAY)
+        .await
+        .unwrap();
+    // Bob's later, wider receipt first: his earlier one still stamps the messages it covers.
+    let mut reversed = copy(&s.receipts);
+    reversed.reverse();
+    activity::apply_receipts(&pg, reversed).await.unwrap();
+    assert_eq!(delivered_at(&pg, s.chat).await, expected());
+}

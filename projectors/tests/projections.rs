@@ -6,15 +6,19 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use parley_nats::MessageKeys;
+use parley_nats::receipts::WatermarkMoved;
 use parley_projectors::runner::{Delivered, Disposition};
-use parley_projectors::{chats, users};
+use parley_projectors::{chats, receipts, users};
 use parley_schemas::cloudevent::{EventMeta, encode};
 use parley_schemas::events::{
-    ChatCreated, DeviceAdded, MemberRole, MessageSent, ParticipantsModified, RoleChanged,
-    TitleChanged, UserRegistered,
+    ChatCreated, Delivered as DeliveredReceipt, DeviceAdded, MemberRole, MessageSent,
+    ParticipantsModified, Read as ReadReceipt, RoleChanged, TitleChanged, UserRegistered,
 };
-use parley_schemas::{ChatEvent, ChatId, ChatKind, DeviceId, EventId, MessageId, Role, UserId};
+use parley_schemas::{
+    ChatEvent, ChatId, ChatKind, DeviceId, EventId, MessageId, ReceiptEvent, Role, UserId,
+};
 use parley_test_support::TestStack;
 use sqlx::PgPool;
 
@@ -521,4 +525,146 @@ async fn a_new_devices_cursor_starts_at_the_chat_as_of_its_addition_whichever_pr
     );
     assert_eq!(cursor(middle.0).await, 2, "added after message one");
     assert_eq!(cursor(late.0).await, 3, "added after everything");
+}
+
+/// A receipt on `chat`'s `RECEIPTS` subject, at stream position `stream_seq`.
+fn receipt(chat: ChatId, stream_seq: u64, actor: UserId, event: ReceiptEvent) -> Delivered {
+    let meta = EventMeta {
+        id: EventId::new(),
+        subject: chat.to_string(),
+        time: chrono::Utc::now(),
+        sequence: stream_seq,
+        actor,
+    };
+    Delivered {
+        stream_seq,
+        payload: encode(&meta, &event).into(),
+    }
+}
+
+#[tokio::test]
+async fn a_receipt_batch_keeps_the_highest_watermark_per_member_and_announces_each_move_once() {
+    let (stack, pg, keys) = db().await;
+    let (bob, cy) = (UserId::new(), UserId::new());
+    let mut chat = Chat::new();
+    let mut events = vec![chat.created(&[bob, cy])];
+    events.extend((0..6).map(|i| chat.message(&format!("m{i}"))));
+    chats::apply(&pg, &keys, events, DELAY).await.unwrap();
+    // Cy has already delivered everything: nothing in the batch moves her.
+    sqlx::query("UPDATE members SET delivered_up_to = 7 WHERE user_id = $1")
+        .bind(cy.as_uuid())
+        .execute(&pg)
+        .await
+        .unwrap();
+    let mut notices = stack
+        .infra
+        .nats
+        .subscribe(parley_nats::subjects::live_receipts(chat.id))
+        .await
+        .unwrap();
+    stack.infra.nats.flush().await.unwrap();
+
+    let (phone, laptop) = (DeviceId::new(), DeviceId::new());
+    let delivered = |device: DeviceId, user: UserId, up_to: u64| {
+        ReceiptEvent::Delivered(DeliveredReceipt {
+            user_id: user,
+            device_id: device,
+            up_to,
+        })
+    };
+    let read = |user: UserId, up_to: u64| {
+        ReceiptEvent::Read(ReadReceipt {
+            user_id: user,
+            up_to,
+        })
+    };
+    // Out of order within the batch, two devices of one user, and a stale ack.
+    let batch = vec![
+        receipt(chat.id, 1, bob, delivered(phone, bob, 5)),
+        receipt(chat.id, 2, bob, delivered(laptop, bob, 3)),
+        receipt(chat.id, 3, bob, delivered(phone, bob, 4)),
+        receipt(chat.id, 4, bob, read(bob, 2)),
+        receipt(chat.id, 5, bob, read(bob, 4)),
+        receipt(chat.id, 6, cy, delivered(DeviceId::new(), cy, 6)),
+    ];
+    let out = receipts::apply(&pg, &stack.infra.nats, batch)
+        .await
+        .unwrap();
+    assert_eq!(out, vec![Disposition::Ack; 6]);
+
+    let cursors: Vec<(uuid::Uuid, i64)> =
+        sqlx::query_as("SELECT device_id, acked_up_to FROM device_cursors WHERE chat_id = $1")
+            .bind(chat.id.as_uuid())
+            .fetch_all(&pg)
+            .await
+            .unwrap();
+    assert!(cursors.contains(&(*phone.as_uuid(), 5)), "{cursors:?}");
+    assert!(cursors.contains(&(*laptop.as_uuid(), 3)), "{cursors:?}");
+    let watermarks: Vec<(uuid::Uuid, i64, i64)> = sqlx::query_as(
+        "SELECT user_id, delivered_up_to, read_up_to FROM members WHERE chat_id = $1 AND user_id <> $2",
+    )
+    .bind(chat.id.as_uuid())
+    .bind(chat.admin.as_uuid())
+    .fetch_all(&pg)
+    .await
+    .unwrap();
+    assert!(
+        watermarks.contains(&(*bob.as_uuid(), 5, 4)),
+        "{watermarks:?}"
+    );
+    assert!(
+        watermarks.contains(&(*cy.as_uuid(), 7, 0)),
+        "{watermarks:?}"
+    );
+
+    // One notice, for Bob, with both highest watermarks; none for Cy, who did not move.
+    let notice = tokio::time::timeout(Duration::from_secs(5), notices.next())
+        .await
+        .expect("a receipt notice within 5 s")
+        .unwrap();
+    let moved: WatermarkMoved = serde_json::from_slice(&notice.payload).unwrap();
+    assert_eq!(
+        moved,
+        WatermarkMoved {
+            chat_id: chat.id,
+            user_id: bob,
+            delivered_up_to: Some(5),
+            read_up_to: Some(4),
+        }
+    );
+    // Nothing after it: a marker published now is the next message on the subject.
+    stack
+        .infra
+        .nats
+        .publish(
+            parley_nats::subjects::live_receipts(chat.id),
+            "marker".into(),
+        )
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), notices.next())
+        .await
+        .expect("the marker within 5 s")
+        .unwrap();
+    assert_eq!(&next.payload[..], b"marker");
+
+    // Redelivering the batch moves nothing and announces nothing.
+    let again = vec![receipt(chat.id, 1, bob, delivered(phone, bob, 5))];
+    receipts::apply(&pg, &stack.infra.nats, again)
+        .await
+        .unwrap();
+    stack
+        .infra
+        .nats
+        .publish(
+            parley_nats::subjects::live_receipts(chat.id),
+            "marker 2".into(),
+        )
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), notices.next())
+        .await
+        .expect("the second marker within 5 s")
+        .unwrap();
+    assert_eq!(&next.payload[..], b"marker 2");
 }

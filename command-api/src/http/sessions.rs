@@ -65,6 +65,7 @@ pub(crate) fn device_key(device_id: DeviceId) -> String {
         (status = 409, body = parley_platform::Problem, description = "already 5 active devices"),
         (status = 422, body = parley_platform::Problem),
         (status = 429, body = parley_platform::Problem, description = "too many log-ins for this handle or address (see Retry-After)"),
+        (status = 503, body = parley_platform::Problem, description = "every core is busy hashing passwords, for longer than 10 s (see Retry-After)"),
     ))]
 pub async fn login(
     State(state): State<CommandState>,
@@ -133,20 +134,8 @@ async fn verify(state: &CommandState, handle: &str, password: &str) -> Result<Us
         .await
         .map_err(kv_err)?
         .ok_or(ApiError::BadCredentials)?;
-    let password = password.to_owned();
-    let ok = tokio::task::spawn_blocking(move || {
-        use argon2::password_hash::{PasswordHash, PasswordVerifier};
-        let hash = String::from_utf8_lossy(&hash).into_owned();
-        PasswordHash::new(&hash)
-            .map(|h| {
-                argon2::Argon2::default()
-                    .verify_password(password.as_bytes(), &h)
-                    .is_ok()
-            })
-            .unwrap_or(false)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let phc = String::from_utf8_lossy(&hash).into_owned();
+    let ok = state.passwords.verify(password.to_owned(), phc).await?;
     if ok {
         Ok(user_id)
     } else {

@@ -55,6 +55,7 @@ struct Ids {
         (status = 409, body = parley_platform::Problem, description = "handle taken"),
         (status = 422, body = parley_platform::Problem, description = "invalid handle, name or password"),
         (status = 429, body = parley_platform::Problem, description = "too many sign-ups from this address (see Retry-After)"),
+        (status = 503, body = parley_platform::Problem, description = "every core is busy hashing passwords, for longer than 10 s (see Retry-After)"),
     ))]
 pub async fn register(
     State(state): State<CommandState>,
@@ -87,7 +88,7 @@ async fn register_user(
     msg_id: Option<String>,
 ) -> Result<idempotency::Answer, ApiError> {
     reserve_handle(state, &handle, user_id).await?;
-    let hash = hash_password(password).await?;
+    let hash = state.passwords.hash(password).await?;
     state
         .buckets
         .credentials
@@ -136,18 +137,4 @@ async fn reserve_handle(
         }
         Err(e) => Err(ApiError::Unavailable(e.to_string())),
     }
-}
-
-/// argon2id with the crate's recommended parameters, off the async threads.
-async fn hash_password(password: Password) -> Result<String, ApiError> {
-    tokio::task::spawn_blocking(move || {
-        use argon2::password_hash::{PasswordHasher, SaltString, rand_core::OsRng};
-        let salt = SaltString::generate(&mut OsRng);
-        argon2::Argon2::default()
-            .hash_password(password.expose().as_bytes(), &salt)
-            .map(|h| h.to_string())
-            .map_err(|e| ApiError::Internal(e.to_string()))
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?
 }
