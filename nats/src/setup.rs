@@ -23,10 +23,15 @@ pub mod subjects {
     pub fn live_chat(id: ChatId) -> String {
         format!("live.chats.{id}")
     }
-    /// Core NATS: membership changes for one user (gateways subscribe for connected users).
+    /// Core NATS: membership changes for one user.
     pub fn notify_user(id: UserId) -> String {
-        format!("notify.user.{id}")
+        format!("{NOTIFY_USER_PREFIX}{id}")
     }
+    /// Every user's membership changes: each gateway holds this one subscription and routes
+    /// notices to the user's connections there, rather than one subscription per socket.
+    pub const NOTIFY_USERS: &str = "notify.user.*";
+    /// The prefix of [`notify_user`] before the user id.
+    pub const NOTIFY_USER_PREFIX: &str = "notify.user.";
     /// Core NATS: a device was removed; gateways close its sockets.
     pub const DEVICE_REVOKED: &str = "notify.devices.revoked";
     /// Core NATS: a chat's typing indicators (never stored).

@@ -22,7 +22,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::gateway::AppState;
-use crate::hub::{ConnId, LiveItem, LiveMsg, Subscriber};
+use crate::hub::{ConnId, Inbound, LiveItem, LiveMsg, Subscriber};
 use crate::inbox::{self, BATCH, Membership, Replayed};
 use crate::presence::{self, PresenceHandle};
 use crate::seam::{ChatCursor, Verdict};
@@ -46,14 +46,11 @@ const REORDER_WINDOW: usize = 256;
 const HEAD_READS_IN_FLIGHT: usize = 16;
 /// Waiting for the client's close reply, so the socket closes cleanly.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
-/// Presence frames queued per connection; beyond this they are dropped (best effort).
-const PRESENCE_QUEUE: usize = 64;
 
 /// Serves an authenticated connection until it ends, then closes it.
 pub(crate) async fn run(socket: WebSocket, gw: AppState, me: Principal, chats_stream: Stream<()>) {
     let id = gw.next_conn_id();
     let stopper = Arc::new(Stopper::new(gw.infra.shutdown.child_token()));
-    let _listing = gw.registry.list(me.device_id, id, Arc::clone(&stopper));
     let queue = gw.config.queue_frames.max(1);
     let (sink, mut stream) = socket.split();
     let (out, out_rx) = mpsc::channel(queue);
@@ -61,7 +58,17 @@ pub(crate) async fn run(socket: WebSocket, gw: AppState, me: Principal, chats_st
     let writer = tokio::spawn(writer::run(sink, out_rx, close_rx));
     let (live_tx, mut live_rx) = mpsc::channel(queue);
     let (fetched_tx, mut fetched_rx) = mpsc::unbounded_channel();
-    let (presence_tx, mut presence_rx) = mpsc::channel(PRESENCE_QUEUE);
+    // Listed before `start` reads the memberships: a chat joined from here on is announced
+    // to this queue, one joined earlier is in what `start` reads.
+    let _listing = gw.registry.list(
+        me.user_id,
+        me.device_id,
+        Subscriber {
+            conn: id,
+            tx: live_tx.clone(),
+            stopper: Arc::clone(&stopper),
+        },
+    );
 
     let mut conn = Connection {
         gw,
@@ -74,16 +81,13 @@ pub(crate) async fn run(socket: WebSocket, gw: AppState, me: Principal, chats_st
         chats: HashMap::new(),
         fetch_permits: Arc::new(Semaphore::new(FETCHES_PER_CONNECTION)),
         chats_stream,
-        presence_tx,
         presence: None,
     };
     let reason = match conn.start().await {
-        Ok(mut notices) => {
+        Ok(()) => {
             let mut feeds = Feeds {
-                notices: &mut notices,
-                live: &mut live_rx,
+                inbound: &mut live_rx,
                 fetched: &mut fetched_rx,
-                presence: &mut presence_rx,
             };
             conn.serve(&mut stream, &mut feeds).await
         }
@@ -164,13 +168,13 @@ struct Connection {
     stopper: Arc<Stopper>,
     /// Frames to the writer; bounded, so a client that does not read pushes back.
     out: mpsc::Sender<Message>,
-    /// Handed to the hub for this connection's chats; bounded by `queue_frames`.
-    live_tx: mpsc::Sender<LiveMsg>,
+    /// This connection's queue for live items (hub), membership notices (registry) and
+    /// presence frames; bounded by `queue_frames`.
+    live_tx: mpsc::Sender<Inbound>,
     fetched_tx: mpsc::UnboundedSender<Fetched>,
     chats: HashMap<ChatId, Chat>,
     fetch_permits: Arc<Semaphore>,
     chats_stream: Stream<()>,
-    presence_tx: mpsc::Sender<Utf8Bytes>,
     /// Counts the user as connected here (heartbeats) and watches its contacts.
     presence: Option<PresenceHandle>,
 }
@@ -180,28 +184,17 @@ type Step = Result<(), StopReason>;
 
 /// Everything besides the client that the connection's loop listens to.
 struct Feeds<'a> {
-    /// `notify.user.<user_id>`: membership changes.
-    notices: &'a mut async_nats::Subscriber,
-    live: &'a mut mpsc::Receiver<LiveMsg>,
+    /// Live items, membership changes and presence frames.
+    inbound: &'a mut mpsc::Receiver<Inbound>,
     fetched: &'a mut mpsc::UnboundedReceiver<Fetched>,
-    /// Rendered `presence` frames about the user's contacts.
-    presence: &'a mut mpsc::Receiver<Utf8Bytes>,
 }
 
 impl Connection {
-    /// Subscribes (membership notices, then every chat's live feed), reads the inbox cursors,
-    /// learns how far each chat goes, says `ready`, and starts the catch-ups.
-    async fn start(&mut self) -> Result<async_nats::Subscriber, StopReason> {
+    /// Reads the memberships (notices already reach this connection: it is listed), joins
+    /// every chat's live feed, learns how far each chat goes, says `ready`, and starts the
+    /// catch-ups.
+    async fn start(&mut self) -> Result<(), StopReason> {
         let nats = self.gw.infra.nats.clone();
-        let notices = nats
-            .subscribe(subjects::notify_user(self.me.user_id))
-            .await
-            .map_err(|e| unavailable("subscribe to membership notices", &e))?;
-        // The notice subscription must be in effect before memberships are read, or a chat
-        // joined in between would be seen by neither.
-        nats.flush()
-            .await
-            .map_err(|e| unavailable("flush NATS", &e))?;
         let memberships = inbox::memberships(&self.gw.infra.pg, self.me.user_id, self.me.device_id)
             .await
             .map_err(|e| unavailable("read memberships", &e))?;
@@ -213,7 +206,7 @@ impl Connection {
             self.me.user_id,
             self.id,
             contacts,
-            self.presence_tx.clone(),
+            self.live_tx.clone(),
         ));
         let live: Vec<ChatId> = self
             .chats
@@ -257,7 +250,7 @@ impl Connection {
         for chat in chats {
             self.fetch(chat, Duration::ZERO);
         }
-        Ok(notices)
+        Ok(())
     }
 
     async fn serve(
@@ -285,13 +278,12 @@ impl Connection {
                     idle.as_mut().reset(Instant::now() + idle_timeout);
                     self.on_client(frame).await
                 }
-                Some(msg) = feeds.live.recv() => self.on_live(msg).await,
-                Some(done) = feeds.fetched.recv() => self.on_fetched(done).await,
-                Some(frame) = feeds.presence.recv() => self.emit(frame).await,
-                notice = feeds.notices.next() => match notice {
-                    Some(msg) => self.on_notice(&msg.payload).await,
-                    None => Err(StopReason::Unavailable),
+                Some(msg) = feeds.inbound.recv() => match msg {
+                    Inbound::Live(msg) => self.on_live(msg).await,
+                    Inbound::Membership(notice) => self.on_notice(notice).await,
+                    Inbound::Presence(frame) => self.emit(frame).await,
                 },
+                Some(done) = feeds.fetched.recv() => self.on_fetched(done).await,
                 _ = resync.tick() => self.resync().await,
             };
             if let Err(reason) = step {
@@ -623,14 +615,7 @@ impl Connection {
 
     // ---- membership ----
 
-    async fn on_notice(&mut self, payload: &[u8]) -> Step {
-        let notice: MembershipNotice = match serde_json::from_slice(payload) {
-            Ok(n) => n,
-            Err(error) => {
-                tracing::warn!(%error, "malformed membership notice");
-                return Ok(());
-            }
-        };
+    async fn on_notice(&mut self, notice: MembershipNotice) -> Step {
         let chat = notice.chat_id;
         self.refresh_contacts().await;
         let state = self
@@ -764,7 +749,7 @@ impl Connection {
 
     async fn refresh_contacts(&mut self) {
         let contacts = self.contacts().await;
-        let tx = self.presence_tx.clone();
+        let tx = self.live_tx.clone();
         if let Some(p) = self.presence.as_mut() {
             p.set_contacts(contacts, tx);
         }

@@ -1,6 +1,6 @@
 //! The gateway's shared state (`AppState`): cheap handles every connection uses, and the
-//! process-wide tasks (revocation listener, ack flusher, presence) started with the first
-//! connection (or the first inbox call).
+//! process-wide tasks (revocation listener, membership notice router, ack flusher, presence)
+//! started with the first connection (or the first inbox call).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +16,8 @@ use crate::acks::AckBatcher;
 use crate::hub::{ConnId, Hub};
 use crate::presence::Presence;
 use crate::registry::Registry;
-use crate::wire::DeviceRevoked;
+use crate::stop::StopReason;
+use crate::wire::{DeviceRevoked, MembershipNotice};
 
 pub(crate) type AppState = Arc<Gateway>;
 
@@ -61,7 +62,7 @@ impl Gateway {
         Self {
             hub: Hub::new(
                 infra.nats.clone(),
-                parley_nats::MessageKeys::new(infra.buckets.message_keys.clone(), infra.js.clone()),
+                infra.keys.clone(),
                 infra.shutdown.clone(),
             ),
             registry: Registry::new(
@@ -89,7 +90,13 @@ impl Gateway {
             .get_or_try_init(|| async {
                 let nats = &self.infra.nats;
                 let mut revoked = nats.subscribe(subjects::DEVICE_REVOKED).await?;
+                let notices = nats.subscribe(subjects::NOTIFY_USERS).await?;
                 nats.flush().await?;
+                tokio::spawn(route_notices(
+                    notices,
+                    Arc::clone(&self.registry),
+                    self.infra.shutdown.clone(),
+                ));
                 let registry = Arc::clone(&self.registry);
                 let shutdown = self.infra.shutdown.clone();
                 tokio::spawn(async move {
@@ -122,5 +129,44 @@ impl Gateway {
                 Ok(Background { chats })
             })
             .await
+    }
+}
+
+/// Routes every `notify.user.<user_id>` notice to that user's connections here. The
+/// subscription is in effect before any connection is admitted, and a connection is listed
+/// before it reads its memberships, so a chat joined meanwhile reaches it one way or the other.
+async fn route_notices(
+    mut notices: async_nats::Subscriber,
+    registry: Arc<Registry>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            msg = notices.next() => msg,
+        };
+        let Some(msg) = msg else {
+            // Only a closed client ends a subscription: no connection would hear of a new chat.
+            registry.stop_all(StopReason::Unavailable);
+            return;
+        };
+        let user = msg
+            .subject
+            .strip_prefix(subjects::NOTIFY_USER_PREFIX)
+            .and_then(|id| parley_schemas::UserId::parse(id).ok());
+        match (
+            user,
+            serde_json::from_slice::<MembershipNotice>(&msg.payload),
+        ) {
+            (Some(user), Ok(notice)) => {
+                registry.notify(user, notice);
+            }
+            (user, notice) => tracing::warn!(
+                subject = %msg.subject,
+                user_ok = user.is_some(),
+                notice_ok = notice.is_ok(),
+                "malformed membership notice; ignored"
+            ),
+        }
     }
 }

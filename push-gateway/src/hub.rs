@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::stop::{StopReason, Stopper};
-use crate::wire::{SequenceOnly, Typing};
+use crate::wire::{MembershipNotice, SequenceOnly, Typing};
 
 /// Identifies one WebSocket connection inside this process.
 pub(crate) type ConnId = u64;
@@ -33,6 +33,18 @@ pub(crate) type ConnId = u64;
 pub(crate) struct LiveMsg {
     pub chat: ChatId,
     pub item: Arc<LiveItem>,
+}
+
+/// Everything that reaches a connection from inside the gateway, in its one bounded queue: a
+/// socket costs one channel for all three, not one each (and no NATS subscription of its own).
+#[derive(Debug, Clone)]
+pub(crate) enum Inbound {
+    /// A chat's live item, from the hub.
+    Live(LiveMsg),
+    /// `notify.user.<user_id>`: the user joined or left a chat, routed by the registry.
+    Membership(MembershipNotice),
+    /// A rendered `presence` frame about a contact; best effort.
+    Presence(Utf8Bytes),
 }
 
 #[derive(Debug)]
@@ -60,7 +72,7 @@ pub(crate) struct LiveEvent {
 #[derive(Clone)]
 pub(crate) struct Subscriber {
     pub conn: ConnId,
-    pub tx: mpsc::Sender<LiveMsg>,
+    pub tx: mpsc::Sender<Inbound>,
     pub stopper: Arc<Stopper>,
 }
 
@@ -249,7 +261,7 @@ fn fan_out(subscribers: &RwLock<Vec<Subscriber>>, chat: ChatId, item: LiveItem) 
         item: Arc::new(item),
     };
     for sub in read(subscribers).iter() {
-        match sub.tx.try_send(msg.clone()) {
+        match sub.tx.try_send(Inbound::Live(msg.clone())) {
             Ok(()) => {}
             // Typing and receipts are best effort; a missed chat event would need the inbox
             // anyway, so the client is cut off and replays it on reconnect instead of

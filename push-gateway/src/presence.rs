@@ -35,7 +35,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::ConnId;
+use crate::hub::{ConnId, Inbound};
 
 /// Heartbeats written at once by the heartbeat loop.
 const PUTS_IN_FLIGHT: usize = 64;
@@ -51,7 +51,7 @@ struct Inner {
     /// Users with live connections on this gateway, and how many.
     local: HashMap<UserId, usize>,
     /// Contact → the local connections told about it.
-    watchers: HashMap<UserId, HashMap<ConnId, mpsc::Sender<Utf8Bytes>>>,
+    watchers: HashMap<UserId, HashMap<ConnId, mpsc::Sender<Inbound>>>,
     /// What this gateway believes about each watched contact.
     known: HashMap<UserId, Known>,
 }
@@ -91,7 +91,7 @@ impl Presence {
         user: UserId,
         conn: ConnId,
         contacts: Vec<UserId>,
-        tx: mpsc::Sender<Utf8Bytes>,
+        tx: mpsc::Sender<Inbound>,
     ) -> PresenceHandle {
         let first = {
             let mut inner = self.lock();
@@ -276,7 +276,7 @@ impl Presence {
 impl PresenceHandle {
     /// Replaces the contacts this connection is told about (membership changed). Contacts in
     /// both sets keep what this gateway knows about them.
-    pub(crate) fn set_contacts(&mut self, contacts: Vec<UserId>, tx: mpsc::Sender<Utf8Bytes>) {
+    pub(crate) fn set_contacts(&mut self, contacts: Vec<UserId>, tx: mpsc::Sender<Inbound>) {
         let me = self.user;
         let new: HashSet<UserId> = contacts.into_iter().filter(|&c| c != me).collect();
         let presence = Arc::clone(&self.presence);
@@ -362,13 +362,20 @@ fn presence_frame(user_id: UserId, online: bool, last_seen_at: Option<DateTime<U
     .into()
 }
 
-/// Best effort, like typing: a connection whose presence queue is full misses the frame (the
-/// HTTP presence query has the truth).
+/// Best effort, like typing: a connection whose queue is more than half full misses the frame
+/// (the HTTP presence query has the truth). The queue is shared with chat events, whose
+/// overflow stops the connection, so presence never takes the last half of it.
 fn send_to_watchers(inner: &Inner, user: UserId, frame: &Utf8Bytes) {
     if let Some(watchers) = inner.watchers.get(&user) {
         for tx in watchers.values() {
-            let _ = tx.try_send(frame.clone());
+            offer(tx, frame);
         }
+    }
+}
+
+fn offer(tx: &mpsc::Sender<Inbound>, frame: &Utf8Bytes) {
+    if tx.capacity() * 2 > tx.max_capacity() {
+        let _ = tx.try_send(Inbound::Presence(frame.clone()));
     }
 }
 

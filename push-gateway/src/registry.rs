@@ -1,5 +1,6 @@
 //! Who is connected to this process: connections per client address and per user (for their
-//! limits) and per device (so a revoked device's sockets close at once).
+//! limits), per device (so a revoked device's sockets close at once), and per user again with
+//! their queues (so the gateway's one `notify.user.*` subscription reaches each of them).
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -7,9 +8,11 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use parley_schemas::{DeviceId, UserId};
+use tokio::sync::mpsc;
 
-use crate::hub::ConnId;
+use crate::hub::{ConnId, Inbound, Subscriber};
 use crate::stop::{StopReason, Stopper};
+use crate::wire::MembershipNotice;
 
 pub(crate) struct Registry {
     max_per_user: usize,
@@ -23,6 +26,8 @@ struct Inner {
     users: HashMap<UserId, usize>,
     addrs: HashMap<IpAddr, usize>,
     devices: HashMap<DeviceId, HashMap<ConnId, Arc<Stopper>>>,
+    /// The connections membership notices about a user go to.
+    followers: HashMap<UserId, HashMap<ConnId, Subscriber>>,
 }
 
 /// A reserved connection slot of a user; released on drop.
@@ -53,9 +58,10 @@ fn addr_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// A connection listed under its device; unlisted on drop.
+/// A connection listed under its device and its user; unlisted on drop.
 pub(crate) struct Listing {
     registry: Arc<Registry>,
+    user: UserId,
     device: DeviceId,
     conn: ConnId,
 }
@@ -96,21 +102,54 @@ impl Registry {
         })
     }
 
+    /// Lists a connection: revoking `device` stops it, and notices about `user` reach its
+    /// queue from now on.
     pub(crate) fn list(
         self: &Arc<Self>,
+        user: UserId,
         device: DeviceId,
-        conn: ConnId,
-        stopper: Arc<Stopper>,
+        sub: Subscriber,
     ) -> Listing {
-        self.lock()
+        let conn = sub.conn;
+        let mut inner = self.lock();
+        inner
             .devices
             .entry(device)
             .or_default()
-            .insert(conn, stopper);
+            .insert(conn, Arc::clone(&sub.stopper));
+        inner.followers.entry(user).or_default().insert(conn, sub);
         Listing {
             registry: Arc::clone(self),
+            user,
             device,
             conn,
+        }
+    }
+
+    /// Queues a membership notice to each of the user's connections here; returns how many. A
+    /// connection whose queue is full is stopped as a slow consumer, as for a chat event: it
+    /// rereads its memberships when it reconnects.
+    pub(crate) fn notify(&self, user: UserId, notice: MembershipNotice) -> usize {
+        let inner = self.lock();
+        let Some(conns) = inner.followers.get(&user) else {
+            return 0;
+        };
+        for sub in conns.values() {
+            if let Err(mpsc::error::TrySendError::Full(_)) =
+                sub.tx.try_send(Inbound::Membership(notice))
+            {
+                sub.stopper.stop(StopReason::SlowConsumer);
+            }
+        }
+        conns.len()
+    }
+
+    /// Stops every connection (the notice subscription is gone: none would learn of a new chat).
+    pub(crate) fn stop_all(&self, reason: StopReason) {
+        for conns in self.lock().devices.values() {
+            for stopper in conns.values() {
+                stopper.stop(reason);
+            }
         }
     }
 
@@ -167,11 +206,17 @@ impl Drop for AddrSlot {
 impl Drop for Listing {
     fn drop(&mut self) {
         let mut inner = self.registry.lock();
-        if let Some(conns) = inner.devices.get_mut(&self.device) {
-            conns.remove(&self.conn);
-            if conns.is_empty() {
-                inner.devices.remove(&self.device);
-            }
+        unlist(&mut inner.devices, &self.device, self.conn);
+        unlist(&mut inner.followers, &self.user, self.conn);
+    }
+}
+
+/// Removes `conn` under `key`, forgetting keys left with no connection.
+fn unlist<K: Hash + Eq, V>(map: &mut HashMap<K, HashMap<ConnId, V>>, key: &K, conn: ConnId) {
+    if let Some(conns) = map.get_mut(key) {
+        conns.remove(&conn);
+        if conns.is_empty() {
+            map.remove(key);
         }
     }
 }
@@ -231,15 +276,76 @@ mod tests {
     fn revoking_a_device_stops_its_listed_connections_only() {
         let r = Registry::new(5, None);
         let (d1, d2) = (DeviceId::new(), DeviceId::new());
-        let s1 = Arc::new(Stopper::new(CancellationToken::new()));
-        let s2 = Arc::new(Stopper::new(CancellationToken::new()));
-        let _l1 = r.list(d1, 1, Arc::clone(&s1));
-        let l2 = r.list(d2, 2, Arc::clone(&s2));
+        let (s1, _q1) = subscriber(1);
+        let (s2, _q2) = subscriber(2);
+        let u = UserId::new();
+        let _l1 = r.list(u, d1, s1.clone());
+        let l2 = r.list(u, d2, s2.clone());
+        let (s1, s2) = (s1.stopper, s2.stopper);
         assert_eq!(r.revoke(d1), 1);
         assert!(s1.token().is_cancelled());
         assert_eq!(s1.reason(), StopReason::Revoked);
         assert!(!s2.token().is_cancelled());
         drop(l2);
         assert_eq!(r.revoke(d2), 0);
+    }
+
+    fn subscriber(conn: ConnId) -> (Subscriber, mpsc::Receiver<Inbound>) {
+        let (tx, rx) = mpsc::channel(1);
+        let stopper = Arc::new(Stopper::new(CancellationToken::new()));
+        (Subscriber { conn, tx, stopper }, rx)
+    }
+
+    fn notice() -> MembershipNotice {
+        MembershipNotice {
+            chat_id: parley_schemas::ChatId::new(),
+            sequence: 7,
+            change: crate::wire::MembershipChange::Added,
+        }
+    }
+
+    #[test]
+    fn a_notice_reaches_each_listed_connection_of_its_user_and_no_other() {
+        let r = Registry::new(5, None);
+        let (ada, bob) = (UserId::new(), UserId::new());
+        let (phone, mut phone_q) = subscriber(1);
+        let (laptop, mut laptop_q) = subscriber(2);
+        let (bobs, mut bob_q) = subscriber(3);
+        let _p = r.list(ada, DeviceId::new(), phone);
+        let l = r.list(ada, DeviceId::new(), laptop);
+        let _b = r.list(bob, DeviceId::new(), bobs);
+        let n = notice();
+        assert_eq!(r.notify(ada, n), 2);
+        for q in [&mut phone_q, &mut laptop_q] {
+            match q.try_recv() {
+                Ok(Inbound::Membership(got)) => assert_eq!(got.chat_id, n.chat_id),
+                other => panic!("expected the notice, got {other:?}"),
+            }
+        }
+        assert!(
+            bob_q.try_recv().is_err(),
+            "Bob's socket hears nothing of Ada's chats"
+        );
+        drop(l);
+        assert_eq!(
+            r.notify(ada, notice()),
+            1,
+            "an unlisted socket is not followed"
+        );
+        assert_eq!(r.notify(UserId::new(), notice()), 0);
+    }
+
+    #[test]
+    fn a_connection_whose_queue_is_full_is_stopped_as_a_slow_consumer() {
+        let r = Registry::new(5, None);
+        let ada = UserId::new();
+        let (sub, _q) = subscriber(1);
+        let stopper = Arc::clone(&sub.stopper);
+        let _l = r.list(ada, DeviceId::new(), sub);
+        r.notify(ada, notice());
+        assert!(!stopper.token().is_cancelled(), "one notice fits the queue");
+        r.notify(ada, notice());
+        assert!(stopper.token().is_cancelled());
+        assert_eq!(stopper.reason(), StopReason::SlowConsumer);
     }
 }

@@ -7,7 +7,7 @@ use parley_schemas::{ChatId, DeviceId, UserId};
 use serde::{Deserialize, Serialize};
 
 /// `notify.user.<user_id>`: the user joined or left a chat at `sequence`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize)]
 pub(crate) struct MembershipNotice {
     pub chat_id: ChatId,
     pub sequence: u64,
