@@ -171,7 +171,7 @@ impl Ctx {
         let per_run = (rate * self.sizes.phase.as_secs_f64()) as u64;
         let sent = SendTimes::new(per_run as usize * self.runs);
         let floor_sent = SendTimes::new(per_run as usize * self.runs);
-        // Which sends were accepted (201): only those must arrive.
+        // When each accepted (201) send was answered: only those must arrive.
         let ok_sends = SendTimes::new(per_run as usize * self.runs);
         let sender_of = {
             let members = members.clone();
@@ -253,7 +253,7 @@ impl Ctx {
                         // 0: no answer (timeout or connection error).
                         let status = api.send(&user, &chat, &format!("b{i}")).await.unwrap_or(0);
                         if status == 201 {
-                            ok.mark(i, 1);
+                            ok.mark(i, clock.now_us());
                             accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         } else if let Ok(mut s) = statuses.lock() {
                             *s.entry(status).or_insert(0u64) += 1;
@@ -284,7 +284,16 @@ impl Ctx {
             let mut lat = floors::latencies(&snapshot, &sent, range.clone());
             let (p50, p99) = p50_p99_ms(&mut lat);
             let (fp50, fp99) = p50_p99_ms(&mut floor_lat);
-            let mut metrics = Vec::new();
+            // Where the time goes: the HTTP answer alone (send → 201).
+            let mut answered: Vec<f64> = range
+                .clone()
+                .filter_map(|i| Some(ok_sends.get(i)?.saturating_sub(sent.get(i)?) as f64))
+                .collect();
+            let (a50, a99) = p50_p99_ms(&mut answered);
+            let mut metrics = vec![
+                Metric::absolute("p50 send→201 (HTTP answer)", "ms", a50, Goal::Diagnostic),
+                Metric::absolute("p99 send→201 (HTTP answer)", "ms", a99, Goal::Diagnostic),
+            ];
             if !check_order {
                 metrics.push(Metric::relative(
                     "p50 send→frame",

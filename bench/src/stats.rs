@@ -17,6 +17,8 @@ pub enum Goal {
     AtMost(f64),
     /// An absolute minimum of the figure (its unit), no floor.
     AtLeast(f64),
+    /// No goal: a figure printed to explain another (where a latency goes, say).
+    Diagnostic,
 }
 
 impl Goal {
@@ -26,6 +28,7 @@ impl Goal {
             (Goal::RatioAtLeast(x), Some(r)) => r >= x,
             (Goal::AtMost(x), _) => figure <= x,
             (Goal::AtLeast(x), _) => figure >= x,
+            (Goal::Diagnostic, _) => true,
             (_, None) => false,
         }
     }
@@ -36,6 +39,7 @@ impl Goal {
             Goal::RatioAtLeast(x) => format!("≥ {x}× floor"),
             Goal::AtMost(x) => format!("≤ {}", fmt_num(x)),
             Goal::AtLeast(x) => format!("≥ {}", fmt_num(x)),
+            Goal::Diagnostic => "— (diagnostic)".to_owned(),
         }
     }
 }
@@ -235,7 +239,11 @@ pub fn markdown(summaries: &[Summary]) -> String {
             floor,
             ratio,
             s.goal.describe(),
-            if s.met { "met" } else { "**missed**" },
+            match (s.goal, s.met) {
+                (Goal::Diagnostic, _) => "—",
+                (_, true) => "met",
+                (_, false) => "**missed**",
+            },
             s.runs,
             noisy
         );
