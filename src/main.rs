@@ -11,6 +11,12 @@ use parley_command_api::{AttachmentLimits, LimitsConfig};
 use parley_nats::JetStreamSettings;
 use parley_platform::{InfraConfig, Rate};
 
+/// mimalloc instead of glibc's malloc: a gateway's many small per-socket allocations pack
+/// tighter (resident memory per idle socket), and allocation-heavy request paths spend less
+/// time in the allocator. Measured in docs/benchmarks.md ("Session 5").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "parley", version, about = "Parley chat platform")]
 struct Cli {
