@@ -271,6 +271,9 @@ impl Connection {
             if stop.is_cancelled() {
                 return self.stopper.reason();
             }
+            // The rare, large handlers (about 2.3 KiB of state each) are boxed while they run:
+            // inline, every socket's task would hold room for the largest of them for its whole
+            // life, idle or not (docs/benchmarks.md, "Session 5").
             let step = tokio::select! {
                 _ = stop.cancelled() => return self.stopper.reason(),
                 _ = &mut idle => return StopReason::Idle,
@@ -280,11 +283,11 @@ impl Connection {
                 }
                 Some(msg) = feeds.inbound.recv() => match msg {
                     Inbound::Live(msg) => self.on_live(msg).await,
-                    Inbound::Membership(notice) => self.on_notice(notice).await,
+                    Inbound::Membership(notice) => Box::pin(self.on_notice(notice)).await,
                     Inbound::Presence(frame) => self.emit(frame).await,
                 },
-                Some(done) = feeds.fetched.recv() => self.on_fetched(done).await,
-                _ = resync.tick() => self.resync().await,
+                Some(done) = feeds.fetched.recv() => Box::pin(self.on_fetched(done)).await,
+                _ = resync.tick() => Box::pin(self.resync()).await,
             };
             if let Err(reason) = step {
                 return reason;
