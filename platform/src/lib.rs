@@ -7,6 +7,7 @@ pub mod extract;
 pub mod infra;
 pub mod problem;
 pub mod ratelimit;
+pub mod seq;
 pub mod shutdown;
 pub mod telemetry;
 

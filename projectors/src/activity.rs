@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use parley_platform::seq;
 use parley_schemas::{ChatEvent, ReceiptEvent};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -149,7 +150,7 @@ pub async fn apply_receipts(
         if let ReceiptEvent::Delivered(d) = &event.event {
             receipts.0.push(chat_id);
             receipts.1.push(*d.user_id.as_uuid());
-            receipts.2.push(i64::try_from(d.up_to).unwrap_or(i64::MAX));
+            receipts.2.push(seq::to_db(d.up_to));
             receipts.3.push(event.meta.time);
         }
         out.push(Disposition::Ack);

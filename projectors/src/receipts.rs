@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 
 use parley_nats::receipts::{WatermarkMoved, announce};
+use parley_platform::seq;
 use parley_schemas::{ChatId, ReceiptEvent, UserId};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -96,7 +97,7 @@ async fn apply_batch(
 type Highest = BTreeMap<(Uuid, Uuid), i64>;
 
 fn raise(map: &mut Highest, key: (Uuid, Uuid), up_to: u64) {
-    let up_to = i64::try_from(up_to).unwrap_or(i64::MAX);
+    let up_to = seq::to_db(up_to);
     let entry = map.entry(key).or_insert(up_to);
     *entry = (*entry).max(up_to);
 }
@@ -131,22 +132,18 @@ async fn raise_members(
     if ups.is_empty() {
         return Ok(Vec::new());
     }
-    let sql = match which {
-        Watermark::Delivered => {
-            "UPDATE members m SET delivered_up_to = v.up \
-             FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[]) AS v(chat_id, user_id, up) \
-             WHERE m.chat_id = v.chat_id AND m.user_id = v.user_id AND m.delivered_up_to < v.up \
-             RETURNING m.chat_id, m.user_id, m.delivered_up_to"
-        }
-        Watermark::Read => {
-            "UPDATE members m SET read_up_to = v.up \
-             FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[]) AS v(chat_id, user_id, up) \
-             WHERE m.chat_id = v.chat_id AND m.user_id = v.user_id AND m.read_up_to < v.up \
-             RETURNING m.chat_id, m.user_id, m.read_up_to"
-        }
+    let column = match which {
+        Watermark::Delivered => "delivered_up_to",
+        Watermark::Read => "read_up_to",
     };
+    let sql = format!(
+        "UPDATE members m SET {column} = v.up \
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[]) AS v(chat_id, user_id, up) \
+         WHERE m.chat_id = v.chat_id AND m.user_id = v.user_id AND m.{column} < v.up \
+         RETURNING m.chat_id, m.user_id, m.{column}"
+    );
     let (chats, users, up) = columns(ups);
-    sqlx::query_as(sql)
+    sqlx::query_as(&sql)
         .bind(chats)
         .bind(users)
         .bind(up)

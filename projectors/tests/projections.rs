@@ -633,38 +633,33 @@ async fn a_receipt_batch_keeps_the_highest_watermark_per_member_and_announces_ea
         }
     );
     // Nothing after it: a marker published now is the next message on the subject.
-    stack
-        .infra
-        .nats
-        .publish(
-            parley_nats::subjects::live_receipts(chat.id),
-            "marker".into(),
-        )
-        .await
-        .unwrap();
-    let next = tokio::time::timeout(Duration::from_secs(5), notices.next())
-        .await
-        .expect("the marker within 5 s")
-        .unwrap();
-    assert_eq!(&next.payload[..], b"marker");
+    next_is_marker(&stack, chat.id, &mut notices, "marker").await;
 
     // Redelivering the batch moves nothing and announces nothing.
     let again = vec![receipt(chat.id, 1, bob, delivered(phone, bob, 5))];
     receipts::apply(&pg, &stack.infra.nats, again)
         .await
         .unwrap();
+    next_is_marker(&stack, chat.id, &mut notices, "marker 2").await;
+}
+
+/// Publishes `marker` on the chat's receipt subject and asserts it is the next message there:
+/// nothing was announced in between.
+async fn next_is_marker(
+    stack: &TestStack,
+    chat: ChatId,
+    notices: &mut async_nats::Subscriber,
+    marker: &'static str,
+) {
     stack
         .infra
         .nats
-        .publish(
-            parley_nats::subjects::live_receipts(chat.id),
-            "marker 2".into(),
-        )
+        .publish(parley_nats::subjects::live_receipts(chat), marker.into())
         .await
         .unwrap();
     let next = tokio::time::timeout(Duration::from_secs(5), notices.next())
         .await
-        .expect("the second marker within 5 s")
+        .expect("the marker within 5 s")
         .unwrap();
-    assert_eq!(&next.payload[..], b"marker 2");
+    assert_eq!(&next.payload[..], marker.as_bytes());
 }

@@ -89,33 +89,36 @@ impl Gateway {
         self.background
             .get_or_try_init(|| async {
                 let nats = &self.infra.nats;
-                let mut revoked = nats.subscribe(subjects::DEVICE_REVOKED).await?;
+                let revoked = nats.subscribe(subjects::DEVICE_REVOKED).await?;
                 let notices = nats.subscribe(subjects::NOTIFY_USERS).await?;
                 nats.flush().await?;
-                tokio::spawn(route_notices(
-                    notices,
-                    Arc::clone(&self.registry),
-                    self.infra.shutdown.clone(),
-                ));
-                let registry = Arc::clone(&self.registry);
                 let shutdown = self.infra.shutdown.clone();
-                tokio::spawn(async move {
-                    loop {
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            msg = revoked.next() => match msg {
-                                Some(msg) => match serde_json::from_slice::<DeviceRevoked>(&msg.payload) {
-                                    Ok(r) => {
-                                        let closed = registry.revoke(r.device_id);
-                                        tracing::debug!(device = %r.device_id, closed, "device revoked");
-                                    }
-                                    Err(error) => tracing::warn!(%error, "malformed revocation notice"),
-                                },
-                                None => return,
-                            },
+                let registry = Arc::clone(&self.registry);
+                tokio::spawn(listen(
+                    revoked,
+                    shutdown.clone(),
+                    || {},
+                    move |msg| match serde_json::from_slice::<DeviceRevoked>(&msg.payload) {
+                        Ok(r) => {
+                            let closed = registry.revoke(r.device_id);
+                            tracing::debug!(device = %r.device_id, closed, "device revoked");
                         }
-                    }
-                });
+                        Err(error) => tracing::warn!(%error, "malformed revocation notice"),
+                    },
+                ));
+                // The subscription is in effect before any connection is admitted, and a
+                // connection is listed before it reads its memberships, so a chat joined
+                // meanwhile reaches it one way or the other.
+                let registry = Arc::clone(&self.registry);
+                let on_end = {
+                    let registry = Arc::clone(&registry);
+                    // Only a closed client ends a subscription: no connection would hear of a
+                    // new chat.
+                    move || registry.stop_all(StopReason::Unavailable)
+                };
+                tokio::spawn(listen(notices, shutdown, on_end, move |msg| {
+                    route_notice(&registry, &msg);
+                }));
                 tokio::spawn(Arc::clone(&self.acks).run(
                     self.infra.js.clone(),
                     self.config.ack_flush,
@@ -132,41 +135,43 @@ impl Gateway {
     }
 }
 
-/// Routes every `notify.user.<user_id>` notice to that user's connections here. The
-/// subscription is in effect before any connection is admitted, and a connection is listed
-/// before it reads its memberships, so a chat joined meanwhile reaches it one way or the other.
-async fn route_notices(
-    mut notices: async_nats::Subscriber,
-    registry: Arc<Registry>,
+/// Handles each message of a process-wide subscription until shutdown; `on_end` runs if the
+/// subscription itself ends.
+async fn listen(
+    mut sub: async_nats::Subscriber,
     shutdown: tokio_util::sync::CancellationToken,
+    on_end: impl FnOnce(),
+    mut on_msg: impl FnMut(async_nats::Message),
 ) {
     loop {
-        let msg = tokio::select! {
+        tokio::select! {
             _ = shutdown.cancelled() => return,
-            msg = notices.next() => msg,
-        };
-        let Some(msg) = msg else {
-            // Only a closed client ends a subscription: no connection would hear of a new chat.
-            registry.stop_all(StopReason::Unavailable);
-            return;
-        };
-        let user = msg
-            .subject
-            .strip_prefix(subjects::NOTIFY_USER_PREFIX)
-            .and_then(|id| parley_schemas::UserId::parse(id).ok());
-        match (
-            user,
-            serde_json::from_slice::<MembershipNotice>(&msg.payload),
-        ) {
-            (Some(user), Ok(notice)) => {
-                registry.notify(user, notice);
-            }
-            (user, notice) => tracing::warn!(
-                subject = %msg.subject,
-                user_ok = user.is_some(),
-                notice_ok = notice.is_ok(),
-                "malformed membership notice; ignored"
-            ),
+            msg = sub.next() => match msg {
+                Some(msg) => on_msg(msg),
+                None => return on_end(),
+            },
         }
+    }
+}
+
+/// Routes a `notify.user.<user_id>` notice to that user's connections here.
+fn route_notice(registry: &Registry, msg: &async_nats::Message) {
+    let user = msg
+        .subject
+        .strip_prefix(subjects::NOTIFY_USER_PREFIX)
+        .and_then(|id| parley_schemas::UserId::parse(id).ok());
+    match (
+        user,
+        serde_json::from_slice::<MembershipNotice>(&msg.payload),
+    ) {
+        (Some(user), Ok(notice)) => {
+            registry.notify(user, notice);
+        }
+        (user, notice) => tracing::warn!(
+            subject = %msg.subject,
+            user_ok = user.is_some(),
+            notice_ok = notice.is_ok(),
+            "malformed membership notice; ignored"
+        ),
     }
 }

@@ -76,6 +76,17 @@ pub(crate) struct Subscriber {
     pub stopper: Arc<Stopper>,
 }
 
+impl Subscriber {
+    /// Queues an item the connection must not miss. Fan-out never waits: a connection whose
+    /// queue is full is stopped as a slow consumer and catches up from its inbox when it
+    /// reconnects, rather than being buffered for without bound.
+    pub(crate) fn must_send(&self, item: Inbound) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(item) {
+            self.stopper.stop(StopReason::SlowConsumer);
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum FeedState {
     Subscribing,
@@ -261,15 +272,12 @@ fn fan_out(subscribers: &RwLock<Vec<Subscriber>>, chat: ChatId, item: LiveItem) 
         item: Arc::new(item),
     };
     for sub in read(subscribers).iter() {
-        match sub.tx.try_send(Inbound::Live(msg.clone())) {
-            Ok(()) => {}
-            // Typing and receipts are best effort; a missed chat event would need the inbox
-            // anyway, so the client is cut off and replays it on reconnect instead of
-            // buffering without bound.
-            Err(mpsc::error::TrySendError::Full(_)) if is_event => {
-                sub.stopper.stop(StopReason::SlowConsumer);
-            }
-            Err(_) => {}
+        let item = Inbound::Live(msg.clone());
+        if is_event {
+            sub.must_send(item);
+        } else {
+            // Typing and receipts are best effort.
+            let _ = sub.tx.try_send(item);
         }
     }
 }

@@ -8,6 +8,7 @@ use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
 use axum::extract::ws::Utf8Bytes;
 use chrono::{DateTime, Utc};
 use parley_nats::subjects;
+use parley_platform::seq::{from_db as seq, to_db as db_seq};
 use parley_schemas::frames::{AttachmentView, Change, ChatUpdate, MessageView, ServerFrame};
 use parley_schemas::{ChatId, DeviceId, MessageId, UserId};
 use serde::{Deserialize, Serialize};
@@ -369,16 +370,6 @@ fn update_frame(chat: ChatId, sequence: u64, update: serde_json::Value) -> Repla
             }
         }
     }
-}
-
-// Sequences are positive bigints in the read model; clamping keeps a corrupt negative row from
-// turning into a huge u64.
-fn seq(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
-fn db_seq(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

@@ -8,7 +8,6 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use parley_schemas::{DeviceId, UserId};
-use tokio::sync::mpsc;
 
 use crate::hub::{ConnId, Inbound, Subscriber};
 use crate::stop::{StopReason, Stopper};
@@ -135,11 +134,7 @@ impl Registry {
             return 0;
         };
         for sub in conns.values() {
-            if let Err(mpsc::error::TrySendError::Full(_)) =
-                sub.tx.try_send(Inbound::Membership(notice))
-            {
-                sub.stopper.stop(StopReason::SlowConsumer);
-            }
+            sub.must_send(Inbound::Membership(notice));
         }
         conns.len()
     }
@@ -224,6 +219,7 @@ fn unlist<K: Hash + Eq, V>(map: &mut HashMap<K, HashMap<ConnId, V>>, key: &K, co
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::mpsc;
     use tokio_util::sync::CancellationToken;
 
     #[test]

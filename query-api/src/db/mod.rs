@@ -9,17 +9,7 @@ pub(crate) mod users;
 
 use sqlx::{PgPool, Postgres, Transaction};
 
-/// Sequences are `bigint` in PostgreSQL and never negative; a negative one would be a projector
-/// bug, shown as 0 rather than failing the read.
-pub(crate) fn seq(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or_default()
-}
-
-/// A sequence bound from the API (u64) as PostgreSQL's `bigint`; beyond `i64::MAX` nothing
-/// exists, so saturating keeps every comparison right.
-pub(crate) fn bound(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
+pub(crate) use parley_platform::seq::{from_db as seq, to_db as bound};
 
 /// A read-only transaction that sees one snapshot, for answers assembled from several queries
 /// (a chat and its members must describe the same moment).
