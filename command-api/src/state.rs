@@ -1,5 +1,7 @@
-//! The command-api's shared state: cheap handles only.
+//! The command-api's shared state: one `Arc`, so that axum's clone per request (every
+//! `State` and `FromRef` extraction) is one reference count, not a clone of every NATS handle.
 
+use std::ops::Deref;
 use std::sync::Arc;
 
 use parley_nats::{Buckets, EventStore, KeyPool, MessageKeys};
@@ -11,8 +13,13 @@ use crate::error::ApiError;
 use crate::limits::Limits;
 use crate::passwords::Passwords;
 
+/// Cheap to clone: one reference count (measured: cloning and dropping the handles themselves
+/// per request took a fifth of `parley up`'s CPU under `send-throughput`).
 #[derive(Clone)]
-pub struct CommandState {
+pub struct CommandState(Arc<Shared>);
+
+/// What every handler shares.
+pub struct Shared {
     /// Chat aggregates (cached, snapshotted).
     pub chats: EventStore<Chat>,
     /// User aggregates (cached, snapshotted).
@@ -55,7 +62,7 @@ impl CommandState {
         .await?;
         let keys = infra.keys.clone();
         let key_pool = KeyPool::start(keys.clone(), config.message_key_pool, &infra.shutdown);
-        Ok(Self {
+        Ok(Self(Arc::new(Shared {
             chats,
             users,
             buckets: infra.buckets.clone(),
@@ -68,7 +75,15 @@ impl CommandState {
             key_pool,
             passwords: Passwords::default(),
             config: Arc::new(config),
-        })
+        })))
+    }
+}
+
+impl Deref for CommandState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
     }
 }
 

@@ -57,10 +57,11 @@ impl From<AuthError> for Problem {
     }
 }
 
-/// Checks tokens; cheap to clone.
+/// Checks tokens; cheap to clone (two reference counts: every request's `Principal` extraction
+/// clones it).
 #[derive(Clone)]
 pub struct Authenticator {
-    sessions: kv::Store,
+    sessions: Arc<kv::Store>,
     cache: moka::future::Cache<String, Principal>,
 }
 
@@ -72,7 +73,10 @@ impl Authenticator {
             // Belt and braces: even if the watch were to miss a delete, a revoked token dies here.
             .time_to_live(Duration::from_secs(60))
             .build();
-        let auth = Self { sessions, cache };
+        let auth = Self {
+            sessions: Arc::new(sessions),
+            cache,
+        };
         tokio::spawn(Arc::new(auth.clone()).watch_revocations(shutdown));
         auth
     }

@@ -1,5 +1,7 @@
-//! `QueryState`: the cheap handles every query handler shares.
+//! `QueryState`: the handles every query handler shares, behind one `Arc` so that axum's
+//! clone per request is one reference count.
 
+use std::ops::Deref;
 use std::sync::Arc;
 
 use axum::extract::FromRef;
@@ -9,7 +11,9 @@ use sqlx::PgPool;
 use crate::QueryConfig;
 
 #[derive(Clone)]
-pub(crate) struct QueryState {
+pub(crate) struct QueryState(Arc<Shared>);
+
+pub(crate) struct Shared {
     /// The read models; every query is answered from here.
     pub pg: PgPool,
     /// Bearer-token checks; the `Principal` extractor finds it through `FromRef`.
@@ -24,13 +28,21 @@ pub(crate) struct QueryState {
 
 impl QueryState {
     pub fn new(infra: &Infra, config: QueryConfig) -> Self {
-        Self {
+        Self(Arc::new(Shared {
             pg: infra.pg.clone(),
             auth: infra.auth.clone(),
             js: infra.js.clone(),
             buckets: infra.buckets.clone(),
             config: Arc::new(config),
-        }
+        }))
+    }
+}
+
+impl Deref for QueryState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
     }
 }
 
