@@ -134,8 +134,18 @@ pub(crate) async fn history(
     ApiQuery(params): ApiQuery<HistoryParams>,
 ) -> Result<Json<MessagePageView>, ApiError> {
     let (cursor, limit) = params.page(&state.config)?;
-    access::require_member(&state, principal.user_id, chat_id, params.min_sequence).await?;
-    let page = db::messages::page(&state.pg, chat_id, cursor, limit).await?;
+    let me = principal.user_id;
+    // The page query checks membership itself, so the common read is one round trip. The
+    // separate check runs first when there is a `min_sequence` to wait for, and after an empty
+    // page, which is either "nothing there" or "no access" (404).
+    let wait = params.min_sequence.is_some_and(|s| s > 0);
+    if wait {
+        access::require_member(&state, me, chat_id, params.min_sequence).await?;
+    }
+    let page = db::messages::page(&state.pg, chat_id, me, cursor, limit).await?;
+    if page.messages.is_empty() && !wait {
+        access::require_member(&state, me, chat_id, None).await?;
+    }
     Ok(Json(MessagePageView {
         messages: page.messages,
         has_more: page.has_more,

@@ -77,6 +77,11 @@ fn attachments(message_id: MessageId, value: serde_json::Value) -> Vec<Attachmen
     }
 }
 
+/// `$4` is a current member of chat `$1`: uncorrelated, so PostgreSQL evaluates it once per
+/// statement (an InitPlan), not per row.
+const READER_IS_MEMBER: &str = "EXISTS (SELECT 1 FROM members WHERE chat_id = $1 AND user_id = $4 \
+     AND left_seq IS NULL)";
+
 /// Where a history page starts and which way it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Cursor {
@@ -93,10 +98,14 @@ pub(crate) struct Page {
 }
 
 /// Keyset pagination over the primary key `(chat_id, sequence)`: one index range scan, the
-/// page size plus one row to learn `has_more`.
+/// page size plus one row to learn `has_more`. Rows come only while `reader` is a current
+/// member (checked once, in the same statement): a non-empty page is also the access check,
+/// and only an empty one leaves "no access" and "no messages there" for the caller to tell
+/// apart.
 pub(crate) async fn page(
     pg: &PgPool,
     chat: ChatId,
+    reader: UserId,
     cursor: Cursor,
     limit: u32,
 ) -> Result<Page, sqlx::Error> {
@@ -104,14 +113,14 @@ pub(crate) async fn page(
         Cursor::Before(s) => (
             format!(
                 "SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = $1 AND sequence < $2 \
-                 ORDER BY sequence DESC LIMIT $3"
+                 AND {READER_IS_MEMBER} ORDER BY sequence DESC LIMIT $3"
             ),
             bound(s),
         ),
         Cursor::After(s) => (
             format!(
                 "SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = $1 AND sequence > $2 \
-                 ORDER BY sequence ASC LIMIT $3"
+                 AND {READER_IS_MEMBER} ORDER BY sequence ASC LIMIT $3"
             ),
             bound(s),
         ),
@@ -120,6 +129,7 @@ pub(crate) async fn page(
         .bind(chat.as_uuid())
         .bind(bound_seq)
         .bind(i64::from(limit) + 1)
+        .bind(reader.as_uuid())
         .fetch_all(pg)
         .await?;
     let has_more = rows.len() > limit as usize;
