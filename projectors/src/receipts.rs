@@ -5,6 +5,11 @@
 //! `live.receipts.<chat_id>` notice (core NATS) for the gateways' `receipt` frames: one message
 //! per chat and member, never per recipient. A watermark that did not move (a redelivery, an
 //! older ack) announces nothing.
+//!
+//! Channels announce nothing: every member's move shown to every member is N² frames (a
+//! 5,000-member channel whose sockets ack one message makes 25 million), which starved the
+//! whole process in the channel benchmark. Their watermarks are still kept, for the receipts
+//! query. Presence draws the same line (channels make no contacts).
 
 use std::collections::BTreeMap;
 
@@ -82,10 +87,18 @@ async fn apply_batch(
         .await?;
     }
     let mut moved = Moved::new();
-    for (chat, user, up) in raise_members(&mut tx, Watermark::Delivered, &delivered).await? {
+    for (chat, user, up, _) in raise_members(&mut tx, Watermark::Delivered, &delivered)
+        .await?
+        .into_iter()
+        .filter(|r| r.3)
+    {
         moved.entry((chat, user)).or_default().0 = Some(up.max(0) as u64);
     }
-    for (chat, user, up) in raise_members(&mut tx, Watermark::Read, &read).await? {
+    for (chat, user, up, _) in raise_members(&mut tx, Watermark::Read, &read)
+        .await?
+        .into_iter()
+        .filter(|r| r.3)
+    {
         moved.entry((chat, user)).or_default().1 = Some(up.max(0) as u64);
     }
     checkpoint(&mut tx, "receipts", &batch).await?;
@@ -123,12 +136,13 @@ enum Watermark {
 }
 
 /// Raises members' watermarks to the batch's highest; returns those that moved (what the
-/// receipt frames announce), not those already at or above it.
+/// receipt frames announce), not those already at or above it, each with whether its chat
+/// announces moves (not a channel).
 async fn raise_members(
     tx: &mut sqlx::PgConnection,
     which: Watermark,
     ups: &Highest,
-) -> Result<Vec<(Uuid, Uuid, i64)>, sqlx::Error> {
+) -> Result<Vec<(Uuid, Uuid, i64, bool)>, sqlx::Error> {
     if ups.is_empty() {
         return Ok(Vec::new());
     }
@@ -140,7 +154,8 @@ async fn raise_members(
         "UPDATE members m SET {column} = v.up \
          FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[]) AS v(chat_id, user_id, up) \
          WHERE m.chat_id = v.chat_id AND m.user_id = v.user_id AND m.{column} < v.up \
-         RETURNING m.chat_id, m.user_id, m.{column}"
+         RETURNING m.chat_id, m.user_id, m.{column}, \
+           NOT EXISTS (SELECT 1 FROM chats c WHERE c.chat_id = m.chat_id AND c.kind = 'channel')"
     );
     let (chats, users, up) = columns(ups);
     sqlx::query_as(&sql)

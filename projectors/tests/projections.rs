@@ -56,6 +56,9 @@ impl Chat {
         }
     }
     fn created(&mut self, others: &[UserId]) -> Delivered {
+        self.created_as(ChatKind::Group, others)
+    }
+    fn created_as(&mut self, kind: ChatKind, others: &[UserId]) -> Delivered {
         let mut members = vec![MemberRole {
             user_id: self.admin,
             role: Role::Admin,
@@ -66,7 +69,7 @@ impl Chat {
         }));
         self.next(ChatEvent::Created(ChatCreated {
             chat_id: self.id,
-            kind: ChatKind::Group,
+            kind,
             title: Some("t".into()),
             members,
             visibility: Default::default(),
@@ -641,6 +644,60 @@ async fn a_receipt_batch_keeps_the_highest_watermark_per_member_and_announces_ea
         .await
         .unwrap();
     next_is_marker(&stack, chat.id, &mut notices, "marker 2").await;
+}
+
+#[tokio::test]
+async fn a_channel_keeps_its_members_watermarks_but_announces_no_moves() {
+    let (stack, pg, keys) = db().await;
+    let bob = UserId::new();
+    let mut chat = Chat::new();
+    let mut events = vec![chat.created_as(ChatKind::Channel, &[bob])];
+    events.extend((0..3).map(|i| chat.message(&format!("m{i}"))));
+    chats::apply(&pg, &keys, events, DELAY).await.unwrap();
+    let mut notices = stack
+        .infra
+        .nats
+        .subscribe(parley_nats::subjects::live_receipts(chat.id))
+        .await
+        .unwrap();
+    stack.infra.nats.flush().await.unwrap();
+
+    let batch = vec![
+        receipt(
+            chat.id,
+            1,
+            bob,
+            ReceiptEvent::Delivered(DeliveredReceipt {
+                user_id: bob,
+                device_id: DeviceId::new(),
+                up_to: 4,
+            }),
+        ),
+        receipt(
+            chat.id,
+            2,
+            bob,
+            ReceiptEvent::Read(ReadReceipt {
+                user_id: bob,
+                up_to: 3,
+            }),
+        ),
+    ];
+    let out = receipts::apply(&pg, &stack.infra.nats, batch)
+        .await
+        .unwrap();
+    assert_eq!(out, vec![Disposition::Ack; 2]);
+    let watermark: (i64, i64) = sqlx::query_as(
+        "SELECT delivered_up_to, read_up_to FROM members WHERE chat_id = $1 AND user_id = $2",
+    )
+    .bind(chat.id.as_uuid())
+    .bind(bob.as_uuid())
+    .fetch_one(&pg)
+    .await
+    .unwrap();
+    assert_eq!(watermark, (4, 3));
+    // Moved, yet nothing announced: the marker is the first message on the subject.
+    next_is_marker(&stack, chat.id, &mut notices, "marker").await;
 }
 
 /// Publishes `marker` on the chat's receipt subject and asserts it is the next message there:
