@@ -14,6 +14,7 @@ use async_nats::jetstream::{self, consumer::AckPolicy, consumer::pull};
 use axum::extract::ws::{Message as AxMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::response::Response;
+use axum::serve::ListenerExt;
 use futures::StreamExt;
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -348,7 +349,7 @@ impl LiveFloor {
                 prefix: prefix.clone(),
             });
         let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let _ = axum::serve(listener.tap_io(no_delay), app).await;
         });
         Ok(LiveFloor {
             port,
@@ -485,4 +486,10 @@ pub async fn fill_chat(
         }
     }
     Ok(())
+}
+
+/// Nagle off on a floor server's accepted sockets, as `parley` sets it on its own: the floors
+/// must not lose 40 ms to delayed ACKs that Parley does not.
+pub(crate) fn no_delay(tcp: &mut tokio::net::TcpStream) {
+    let _ = tcp.set_nodelay(true);
 }
