@@ -121,8 +121,19 @@ pub async fn connect(url: &str) -> Result<async_nats::Client, async_nats::Connec
         .name("parley")
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(5))
+        .event_callback(|event| async move { log_event(&event) })
         .connect(servers)
         .await
+}
+
+/// The connection's life in the log: without it a disconnect, a reconnect or a subscription
+/// the server or client dropped messages of (a slow consumer) left no trace, and a stall of
+/// every NATS-bound request could not be told from anything else.
+fn log_event(event: &async_nats::Event) {
+    match event {
+        async_nats::Event::Connected => tracing::info!(%event, "nats"),
+        _ => tracing::warn!(%event, "nats"),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
