@@ -123,7 +123,7 @@ impl App {
             let service = self
                 .router
                 .into_make_service_with_connect_info::<std::net::SocketAddr>();
-            axum::serve(listener.tap_io(no_delay), service)
+            axum::serve(listener.tap_io(parley_platform::tcp::no_delay), service)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await?;
         } else {
@@ -132,16 +132,6 @@ impl App {
         self.tracker.close();
         self.tracker.wait().await;
         Ok(())
-    }
-}
-
-/// Turns Nagle's algorithm off on an accepted connection. A WebSocket sends many small frames
-/// in a row; with Nagle on, a frame written while the previous one is unacknowledged waits for
-/// the client's delayed ACK (40 ms on Linux), which showed as a send→frame p99 of exactly
-/// 40 ms in the delivery benchmark.
-fn no_delay(tcp: &mut tokio::net::TcpStream) {
-    if let Err(error) = tcp.set_nodelay(true) {
-        tracing::debug!(%error, "could not set TCP_NODELAY");
     }
 }
 

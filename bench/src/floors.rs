@@ -349,7 +349,7 @@ impl LiveFloor {
                 prefix: prefix.clone(),
             });
         let server = tokio::spawn(async move {
-            let _ = axum::serve(listener.tap_io(no_delay), app).await;
+            let _ = axum::serve(listener.tap_io(parley_platform::tcp::no_delay), app).await;
         });
         Ok(LiveFloor {
             port,
@@ -486,10 +486,4 @@ pub async fn fill_chat(
         }
     }
     Ok(())
-}
-
-/// Nagle off on a floor server's accepted sockets, as `parley` sets it on its own: the floors
-/// must not lose 40 ms to delayed ACKs that Parley does not.
-pub(crate) fn no_delay(tcp: &mut tokio::net::TcpStream) {
-    let _ = tcp.set_nodelay(true);
 }

@@ -993,7 +993,7 @@ async fn raw_broadcast(sockets: usize, messages: usize) -> anyhow::Result<f64> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     let server = tokio::spawn(async move {
-        let _ = axum::serve(listener.tap_io(floors::no_delay), app).await;
+        let _ = axum::serve(listener.tap_io(parley_platform::tcp::no_delay), app).await;
     });
     let url = format!("ws://127.0.0.1:{port}/ws");
     let clients: Vec<_> = stream::iter(0..sockets)

@@ -9,6 +9,7 @@ pub mod problem;
 pub mod ratelimit;
 pub mod seq;
 pub mod shutdown;
+pub mod tcp;
 pub mod telemetry;
 
 pub use auth::{Authenticator, Principal, SessionRecord, token_key};

@@ -87,19 +87,11 @@ async fn apply_batch(
         .await?;
     }
     let mut moved = Moved::new();
-    for (chat, user, up, _) in raise_members(&mut tx, Watermark::Delivered, &delivered)
-        .await?
-        .into_iter()
-        .filter(|r| r.3)
-    {
-        moved.entry((chat, user)).or_default().0 = Some(up.max(0) as u64);
+    for (chat, user, up) in raise_members(&mut tx, Watermark::Delivered, &delivered).await? {
+        moved.entry((chat, user)).or_default().0 = Some(seq::from_db(up));
     }
-    for (chat, user, up, _) in raise_members(&mut tx, Watermark::Read, &read)
-        .await?
-        .into_iter()
-        .filter(|r| r.3)
-    {
-        moved.entry((chat, user)).or_default().1 = Some(up.max(0) as u64);
+    for (chat, user, up) in raise_members(&mut tx, Watermark::Read, &read).await? {
+        moved.entry((chat, user)).or_default().1 = Some(seq::from_db(up));
     }
     checkpoint(&mut tx, "receipts", &batch).await?;
     tx.commit().await?;
@@ -135,14 +127,13 @@ enum Watermark {
     Read,
 }
 
-/// Raises members' watermarks to the batch's highest; returns those that moved (what the
-/// receipt frames announce), not those already at or above it, each with whether its chat
-/// announces moves (not a channel).
+/// Raises members' watermarks to the batch's highest; returns the moves to announce: those
+/// that moved (not those already at or above it), outside channels.
 async fn raise_members(
     tx: &mut sqlx::PgConnection,
     which: Watermark,
     ups: &Highest,
-) -> Result<Vec<(Uuid, Uuid, i64, bool)>, sqlx::Error> {
+) -> Result<Vec<(Uuid, Uuid, i64)>, sqlx::Error> {
     if ups.is_empty() {
         return Ok(Vec::new());
     }
@@ -151,11 +142,13 @@ async fn raise_members(
         Watermark::Read => "read_up_to",
     };
     let sql = format!(
-        "UPDATE members m SET {column} = v.up \
-         FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[]) AS v(chat_id, user_id, up) \
-         WHERE m.chat_id = v.chat_id AND m.user_id = v.user_id AND m.{column} < v.up \
-         RETURNING m.chat_id, m.user_id, m.{column}, \
-           NOT EXISTS (SELECT 1 FROM chats c WHERE c.chat_id = m.chat_id AND c.kind = 'channel')"
+        "WITH moved AS (\
+           UPDATE members m SET {column} = v.up \
+           FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[]) AS v(chat_id, user_id, up) \
+           WHERE m.chat_id = v.chat_id AND m.user_id = v.user_id AND m.{column} < v.up \
+           RETURNING m.chat_id, m.user_id, m.{column}) \
+         SELECT * FROM moved WHERE NOT EXISTS \
+           (SELECT 1 FROM chats c WHERE c.chat_id = moved.chat_id AND c.kind = 'channel')"
     );
     let (chats, users, up) = columns(ups);
     sqlx::query_as(&sql)
