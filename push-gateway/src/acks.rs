@@ -7,11 +7,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream;
+use futures::StreamExt;
 use parley_schemas::events::Delivered;
 use parley_schemas::{ChatId, DeviceId, ReceiptEvent, UserId};
 use tokio_util::sync::CancellationToken;
 
 type Key = (DeviceId, ChatId);
+
+/// Receipts a flush keeps in flight: enough to pipeline, far below the 5,000 publish acks a
+/// JetStream context allows pending (`max_ack_inflight`), which every publisher of the process
+/// shares.
+const IN_FLIGHT: usize = 256;
 
 #[derive(Default)]
 pub(crate) struct AckBatcher {
@@ -48,20 +54,19 @@ impl AckBatcher {
         if batch.is_empty() {
             return;
         }
-        // Publish the whole batch, then wait for the acks: one round trip per flush.
-        let mut in_flight = Vec::with_capacity(batch.len());
-        for (key, value) in batch {
-            match publish(js, key, value).await {
-                Ok(ack) => in_flight.push((key, value, ack)),
-                Err(error) => {
-                    tracing::warn!(%error, "cannot publish delivered receipt; retrying next flush");
-                    self.record(value.0, key.0, key.1, value.1);
-                }
-            }
-        }
-        for (key, value, ack) in in_flight {
-            if let Err(error) = ack.await {
-                tracing::warn!(%error, "delivered receipt not acknowledged; retrying next flush");
+        // A window of publishes, each awaiting its own ack: pipelined, yet never more than
+        // IN_FLIGHT ack permits held. The context's permits are shared by the whole process;
+        // a flush that held one per receipt while asking for the next deadlocked every
+        // publish of the process once a flush passed the limit (a 5,000-member channel).
+        let mut published = futures::stream::iter(batch)
+            .map(|(key, value)| async move {
+                let acked = async { publish(js, key, value).await?.await }.await;
+                (key, value, acked)
+            })
+            .buffer_unordered(IN_FLIGHT);
+        while let Some((key, value, acked)) = published.next().await {
+            if let Err(error) = acked {
+                tracing::warn!(%error, "delivered receipt not stored; retrying next flush");
                 self.record(value.0, key.0, key.1, value.1);
             }
         }
@@ -92,6 +97,7 @@ async fn publish(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -107,5 +113,29 @@ mod tests {
         let map = b.lock();
         assert_eq!(map.get(&(d, c)), Some(&(u, 7)));
         assert_eq!(map.get(&(d, other)), Some(&(u, 1)));
+    }
+
+    /// A 5,000-member channel acked in one interval: one flush holds more receipts than the
+    /// JetStream context lets be in flight (5,000 acks pending, shared by the whole process).
+    /// Holding every ack future while publishing the next once stalled every publish of the
+    /// process for good: commands, sign-ups, key writes.
+    #[tokio::test]
+    async fn a_flush_larger_than_the_in_flight_limit_publishes_everything() {
+        let nats = parley_test_support::NatsServer::start().await;
+        let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+        parley_nats::ensure(&js, &parley_nats::JetStreamSettings::default())
+            .await
+            .unwrap();
+        let b = AckBatcher::default();
+        let (chat, n) = (ChatId::new(), 6_000u64);
+        for up_to in 1..=n {
+            b.record(UserId::new(), DeviceId::new(), chat, up_to);
+        }
+        tokio::time::timeout(Duration::from_secs(60), b.flush(&js))
+            .await
+            .expect("a flush of 6,000 receipts finishes within 60 s");
+        assert!(b.lock().is_empty(), "no receipt was put back for a retry");
+        let mut stream = js.get_stream(parley_nats::streams::RECEIPTS).await.unwrap();
+        assert_eq!(stream.info().await.unwrap().state.messages, n);
     }
 }
