@@ -126,6 +126,10 @@ struct GatewayOpts {
         value_delimiter = ','
     )]
     ws_allowed_origins: Option<Vec<String>>,
+    /// How often a gateway publishes its sockets' acks as delivered receipts (the highest per
+    /// device and chat): longer means fewer `RECEIPTS` writes, later ticks.
+    #[arg(long, global = true, env = "PARLEY_WS_ACK_FLUSH", default_value = "100ms", value_parser = parse_duration)]
+    ws_ack_flush: Duration,
 }
 
 /// A count limit, or none (`off`).
@@ -288,6 +292,7 @@ impl Opts {
         s.command.limits = self.limits.config();
         s.gateway.max_connections_per_user = self.gateway.ws_max_connections_per_user;
         s.gateway.max_connections_per_ip = self.gateway.ws_max_connections_per_ip.0;
+        s.gateway.ack_flush = self.gateway.ws_ack_flush;
         s.gateway.allowed_origins = self.gateway.ws_allowed_origins.as_ref().map(|list| {
             list.iter()
                 .map(|o| o.trim().to_owned())
