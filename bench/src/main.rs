@@ -76,6 +76,7 @@ async fn main() -> anyhow::Result<()> {
     let stack = stack::Stack::start(bin).await?;
     let mut ctx = Ctx::new(stack, sizes, runs)?;
     let mut summaries = Vec::new();
+    let mut failures = Vec::new();
     for name in &names {
         eprintln!("== {name}");
         let t = std::time::Instant::now();
@@ -83,6 +84,12 @@ async fn main() -> anyhow::Result<()> {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("  FAILED: {e:#}");
+                failures.push(format!("- **{name} FAILED**: {e:#}\n"));
+                // A stalled or broken process would fail every later scenario too: they
+                // measure on a fresh `parley up` instead (same NATS, same database).
+                if let Err(e) = ctx.restart("up").await {
+                    anyhow::bail!("cannot restart parley up after {name} failed: {e:#}");
+                }
                 continue;
             }
         };
@@ -111,9 +118,10 @@ async fn main() -> anyhow::Result<()> {
         format!("full mode: phases of {:?}", sizes.phase)
     };
     let table = format!(
-        "{}\n{sizes_note}; {runs} runs; a run is noisy when its floor is > 20 % off the median floor; \
+        "{}\n{}{sizes_note}; {runs} runs; a run is noisy when its floor is > 20 % off the median floor; \
          total {:.0} s\n",
         markdown(&summaries),
+        failures.concat(),
         started.elapsed().as_secs_f64()
     );
     std::io::stdout().write_all(table.as_bytes())?;

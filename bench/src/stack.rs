@@ -7,6 +7,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use futures::StreamExt;
 use parley_test_support::{NatsServer, TestDb, free_port};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -43,6 +44,30 @@ impl Stack {
             parley,
             bin: parley_bin,
         })
+    }
+
+    /// Waits until every durable consumer of every stream has taken and acknowledged all
+    /// there is: the projectors have worked off earlier scenarios' events.
+    pub async fn settle(&self, deadline: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        loop {
+            let mut behind = 0u64;
+            for name in ["CHATS", "USERS", "RECEIPTS"] {
+                let stream = self.js.get_stream(name).await?;
+                let mut consumers = std::pin::pin!(stream.consumers());
+                while let Some(info) = consumers.next().await {
+                    let info = info?;
+                    behind += info.num_pending + info.num_ack_pending as u64;
+                }
+            }
+            if behind == 0 {
+                return Ok(());
+            }
+            if start.elapsed() > deadline {
+                bail!("the projectors are still {behind} events behind after {deadline:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Stops the running Parley and starts `parley <role>` (`up` or `command-api`) instead, on
