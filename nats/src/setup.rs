@@ -107,6 +107,20 @@ pub struct Buckets {
     pub attachments: crate::attachments::Attachments,
 }
 
+/// The JetStream context a Parley process publishes and reads through.
+///
+/// async-nats bounds the publishes whose ack is still pending at 5,000 per context, shared by
+/// every publisher of the process (commands, sign-ups, key writes, receipt flushes). Its
+/// default is to wait for a free permit, with no deadline; here a publish past the bound fails
+/// at once (`MaxAckPending`: commands answer 503, background publishers retry), so overload
+/// sheds load and a leak of permits is loud. The wait had turned one such leak (a receipt flush
+/// that held more pending acks than the bound) into a silent stall of every command.
+pub fn context(client: async_nats::Client) -> jetstream::Context {
+    jetstream::context::ContextBuilder::new()
+        .backpressure_on_inflight(false)
+        .build(client)
+}
+
 /// Connects to `url`, which may list several servers of a cluster separated by commas
 /// (`nats://a:4222,nats://b:4222`); the client fails over between them.
 pub async fn connect(url: &str) -> Result<async_nats::Client, async_nats::ConnectError> {

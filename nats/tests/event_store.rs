@@ -31,7 +31,8 @@ async fn setup(
     server: &NatsServer,
 ) -> (jetstream::Context, EventStore<Counter>, EventStore<Counter>) {
     let client = parley_nats::connect(&server.url()).await.unwrap();
-    let js = jetstream::new(client);
+    // The context every Parley process uses (`parley_nats::context`), bounds included.
+    let js = parley_nats::context(client);
     let buckets = parley_nats::ensure(&js, &JetStreamSettings::default())
         .await
         .unwrap();
@@ -249,4 +250,61 @@ async fn stored_chat_events_are_republished_on_the_live_subject_in_order() {
         let ev: StoredEvent<ChatEvent> = cloudevent::decode(&msg.payload).unwrap();
         assert_eq!(ev.meta.sequence, want);
     }
+}
+
+/// Publishes whose ack is pending are bounded per context (5,000, shared by the process).
+/// Past the bound an append fails at once, and loudly, instead of waiting for a permit with no
+/// deadline: that wait once stalled every command of a process with nothing in the log. Once
+/// the pending acks are settled, appends work again.
+#[tokio::test]
+async fn an_append_past_the_pending_ack_bound_fails_at_once_and_works_once_acks_settle() {
+    let server = NatsServer::start().await;
+    let (js, store, _) = setup(&server).await;
+    js.create_stream(jetstream::stream::Config {
+        name: "HOLD".into(),
+        subjects: vec!["hold.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Publish without awaiting the acks until the context refuses: every permit is held.
+    let mut held = Vec::new();
+    loop {
+        let published =
+            tokio::time::timeout(Duration::from_secs(5), js.publish("hold.x", "x".into()))
+                .await
+                .expect("a publish past the bound is refused at once, not held for a permit");
+        match published {
+            Ok(ack) => held.push(ack),
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::MaxAckPending => break,
+            Err(e) => panic!("unexpected publish error: {e}"),
+        }
+        assert!(
+            held.len() <= 5_000,
+            "the context bounds pending acks at 5,000"
+        );
+    }
+    let (chat, sender) = (ChatId::new(), UserId::new());
+    let send = || async {
+        store
+            .execute(
+                *chat.as_uuid(),
+                &AppendContext::new(sender),
+                move |_: &Counter| Ok::<_, ()>(vec![message(sender, MessageId::new())]),
+            )
+            .await
+    };
+    let refused = tokio::time::timeout(Duration::from_secs(5), send())
+        .await
+        .expect("an append past the bound answers at once, not after a permit frees up");
+    assert!(
+        matches!(refused, Err(ExecuteError::Store(_))),
+        "refused as a store error (503), got {refused:?}"
+    );
+    // Dropped, the pending acks are settled in the background (their acks are in already).
+    drop(held);
+    let outcome = parley_test_support::eventually_result(Duration::from_secs(10), send)
+        .await
+        .expect("appends work again once the pending acks are settled");
+    assert_eq!(outcome.version, 1);
 }

@@ -88,7 +88,7 @@ impl Infra {
                     url: cfg.nats_url.clone(),
                     source,
                 })?;
-        let js = jetstream::new(nats.clone());
+        let js = parley_nats::context(nats.clone());
         let buckets = parley_nats::ensure(&js, &cfg.jetstream).await?;
         let pg = crate::pg_pool(&cfg.database_url, cfg.pg_max_connections).await?;
         MIGRATOR.run(&pg).await?;
