@@ -15,6 +15,10 @@ use crate::floors::{self, LiveFloor, SendTimes, drive_rate, spawn_floor_reader};
 use crate::stack::Stack;
 use crate::stats::{Goal, Metric, p50_p99_ms, quantile};
 
+/// The users of the delivery scenarios (the first of the pool); later scenarios that need
+/// users without chats take theirs after these.
+const DELIVERY_USERS: usize = 50;
+
 /// Sizes of one mode.
 #[derive(Clone, Copy, Debug)]
 pub struct Sizes {
@@ -137,7 +141,7 @@ impl Ctx {
     /// of 10 (each user in 10 chats, one socket each), `rate` messages per second, against the
     /// minimal live path with the same chats and rate.
     async fn delivery(&mut self, rate: f64, check_order: bool) -> anyhow::Result<Vec<Vec<Metric>>> {
-        const USERS: usize = 50;
+        const USERS: usize = DELIVERY_USERS;
         const CHATS: usize = 50;
         let users = self.users(USERS).await?;
         let members: Vec<Vec<usize>> = (0..CHATS)
@@ -615,7 +619,10 @@ impl Ctx {
     /// memory per socket. Users hold 20 sockets each (the gateway's per-user limit).
     async fn idle_connections(&mut self) -> anyhow::Result<Vec<Vec<Metric>>> {
         let n = self.sizes.idle_connections;
-        let users = self.users(n.div_ceil(20)).await?;
+        // Users past the delivery scenarios' own: no chats, so their sockets are idle from the
+        // start (a delivery user's socket would first replay what it never acked).
+        let users = self.users(DELIVERY_USERS + n.div_ceil(20)).await?;
+        let users = &users[DELIVERY_USERS..];
         // The figure is the process's RSS growth while the sockets open, so the process must
         // do nothing else meanwhile: let it work off what earlier scenarios left on the
         // streams, then measure on a fresh `parley up` (nothing left to project either).
@@ -628,11 +635,11 @@ impl Ctx {
         // background tasks, allocator arenas, worker stacks); the marginal cost of the rest is
         // what each further socket costs, the figure the goal is about.
         let warm = (n / 15).max(1);
-        let mut held = self.open_sockets(&users, 0..warm).await;
+        let mut held = self.open_sockets(users, 0..warm).await;
         let opened_warm = held.len();
         tokio::time::sleep(Duration::from_secs(2)).await;
         let before = self.stack.parley.rss_kib()?;
-        held.extend(self.open_sockets(&users, warm..n).await);
+        held.extend(self.open_sockets(users, warm..n).await);
         // Let per-connection buffers and tasks settle before reading RSS.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let after = self.stack.parley.rss_kib()?;
