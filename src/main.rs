@@ -341,7 +341,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             let client = parley_nats::connect(&settings.infra.nats_url)
                 .await
                 .context("connect to NATS")?;
-            let js = async_nats::jetstream::new(client);
+            let js = parley_nats::context(client);
             parley_nats::ensure(&js, &settings.infra.jetstream).await?;
             tracing::info!("streams and buckets are in place");
             return Ok(std::process::ExitCode::SUCCESS);

@@ -141,11 +141,10 @@ impl Ctx {
     /// of 10 (each user in 10 chats, one socket each), `rate` messages per second, against the
     /// minimal live path with the same chats and rate.
     async fn delivery(&mut self, rate: f64, check_order: bool) -> anyhow::Result<Vec<Vec<Metric>>> {
-        const USERS: usize = DELIVERY_USERS;
         const CHATS: usize = 50;
-        let users = self.users(USERS).await?;
+        let users = self.users(DELIVERY_USERS).await?;
         let members: Vec<Vec<usize>> = (0..CHATS)
-            .map(|c| (0..10).map(|j| (c * 7 + j) % USERS).collect())
+            .map(|c| (0..10).map(|j| (c * 7 + j) % DELIVERY_USERS).collect())
             .collect();
         let mut chat_ids = Vec::new();
         for m in &members {
@@ -193,7 +192,7 @@ impl Ctx {
                 LiveFloor::start(&self.stack.client, &self.stack.js, members.clone()).await?;
             let floor_arrivals: Arrivals = Arc::new(Mutex::new(Vec::new()));
             let (fstop_tx, fstop_rx) = watch::channel(false);
-            for u in 0..USERS {
+            for u in 0..DELIVERY_USERS {
                 let ws = live.socket(u).await?;
                 spawn_floor_reader(u, ws, self.clock, floor_arrivals.clone(), fstop_rx.clone());
             }

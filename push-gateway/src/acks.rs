@@ -122,7 +122,7 @@ mod tests {
     #[tokio::test]
     async fn a_flush_larger_than_the_in_flight_limit_publishes_everything() {
         let nats = parley_test_support::NatsServer::start().await;
-        let js = parley_nats::context(async_nats::connect(nats.url()).await.unwrap());
+        let js = parley_nats::context(parley_nats::connect(&nats.url()).await.unwrap());
         parley_nats::ensure(&js, &parley_nats::JetStreamSettings::default())
             .await
             .unwrap();

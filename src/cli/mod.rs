@@ -66,7 +66,7 @@ pub async fn connect_nats(url: &str) -> Result<async_nats::jetstream::Context, C
     .await
     .map_err(|_| anyhow::anyhow!("timed out connecting to NATS at {url}"))?
     .with_context(|| format!("cannot connect to NATS at {url}"))?;
-    Ok(async_nats::jetstream::new(client))
+    Ok(parley_nats::context(client))
 }
 
 /// Connects to PostgreSQL with a small pool (a command needs few connections).
