@@ -90,7 +90,9 @@ async fn eight_concurrent_writers_for_a_thousand_rounds_lose_nothing_and_retry_b
     assert_eq!(stored_ids.len(), total, "an event is stored twice");
     assert_eq!(stored_ids, won_ids, "an acknowledged write is missing");
 
-    // In a round of eight, a writer can lose at most once to each of the other seven.
+    // In a round of eight, a writer can lose once to each of the other seven, plus once more on
+    // its first attempt: its cache is as of its own append in the previous round, and the
+    // writers that appended after it in that round make that attempt lose too.
     let max = conflicts.iter().copied().max().unwrap_or(0);
     let sum: usize = conflicts.iter().sum();
     conflicts.sort_unstable();
@@ -101,7 +103,7 @@ async fn eight_concurrent_writers_for_a_thousand_rounds_lose_nothing_and_retry_b
         sum as f64 / total as f64
     );
     assert!(
-        max < WRITERS,
+        max <= WRITERS,
         "a writer lost {max} times in one round of {WRITERS}"
     );
 }
