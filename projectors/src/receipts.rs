@@ -11,15 +11,19 @@
 //! whole process in the channel benchmark. Their watermarks are still kept, for the receipts
 //! query. Presence draws the same line (channels make no contacts).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use parley_nats::receipts::{WatermarkMoved, announce};
 use parley_platform::seq;
-use parley_schemas::{ChatId, ReceiptEvent, UserId};
+use parley_schemas::{ChatId, ReceiptEvent, StoredEvent, UserId};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::runner::{Delivered, Disposition, checkpoint, decode_all};
+
+/// How long a receipt whose membership is not projected yet waits before it is tried again.
+const MEMBER_NOT_YET_PROJECTED: Duration = Duration::from_millis(100);
 
 /// Watermarks that moved in a batch, per (chat, member): the highest of each.
 type Moved = BTreeMap<(Uuid, Uuid), (Option<u64>, Option<u64>)>;
@@ -47,6 +51,12 @@ async fn apply_batch(
     batch: Vec<Delivered>,
 ) -> Result<(Vec<Disposition>, Moved), sqlx::Error> {
     let events = decode_all::<ReceiptEvent>("receipts", &batch);
+    let mut tx = pg.begin().await?;
+    // A receipt can be here before the chats projection has the membership it moves (the two
+    // projections run independently): applied now it would change nothing, and be lost. It
+    // waits instead, as an event ahead of its predecessor does, so the read model ends as a
+    // rebuild (which applies the streams in stored order) leaves it.
+    let unknown = unknown_members(&mut tx, &events).await?;
     let mut out = Vec::with_capacity(events.len());
     // Watermarks only move up, so the highest of a batch per key is all that applying its
     // events one by one would leave: one statement per table instead of one per event.
@@ -62,6 +72,10 @@ async fn apply_batch(
             out.push(Disposition::Term);
             continue;
         };
+        if unknown.contains(&(chat_id, member_of(&event.event))) {
+            out.push(Disposition::Retry(MEMBER_NOT_YET_PROJECTED));
+            continue;
+        }
         match &event.event {
             ReceiptEvent::Delivered(d) => {
                 raise(&mut cursors, (*d.device_id.as_uuid(), chat_id), d.up_to);
@@ -71,7 +85,6 @@ async fn apply_batch(
         }
         out.push(Disposition::Ack);
     }
-    let mut tx = pg.begin().await?;
     if !cursors.is_empty() {
         let (devices, chats, ups) = columns(&cursors);
         sqlx::query(
@@ -96,6 +109,40 @@ async fn apply_batch(
     checkpoint(&mut tx, "receipts", &batch).await?;
     tx.commit().await?;
     Ok((out, moved))
+}
+
+/// The member a receipt moves.
+fn member_of(event: &ReceiptEvent) -> Uuid {
+    match event {
+        ReceiptEvent::Delivered(d) => *d.user_id.as_uuid(),
+        ReceiptEvent::Read(r) => *r.user_id.as_uuid(),
+    }
+}
+
+/// The (chat, member) pairs of the batch that `members` does not hold yet.
+async fn unknown_members(
+    tx: &mut sqlx::PgConnection,
+    events: &[Option<StoredEvent<ReceiptEvent>>],
+) -> Result<BTreeSet<(Uuid, Uuid)>, sqlx::Error> {
+    let keys: BTreeSet<(Uuid, Uuid)> = events
+        .iter()
+        .flatten()
+        .filter_map(|e| Some((Uuid::parse_str(&e.meta.subject).ok()?, member_of(&e.event))))
+        .collect();
+    if keys.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    let (chats, users): (Vec<Uuid>, Vec<Uuid>) = keys.into_iter().unzip();
+    let missing: Vec<(Uuid, Uuid)> = sqlx::query_as(
+        "SELECT v.chat_id, v.user_id FROM UNNEST($1::uuid[], $2::uuid[]) AS v(chat_id, user_id) \
+         WHERE NOT EXISTS (SELECT 1 FROM members m \
+                           WHERE m.chat_id = v.chat_id AND m.user_id = v.user_id)",
+    )
+    .bind(&chats)
+    .bind(&users)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(missing.into_iter().collect())
 }
 
 /// The highest `up_to` of a batch per key, in key order (the order rows are locked in).

@@ -64,17 +64,23 @@ pub async fn apply(
                 // hold events of that chat from after the device joined, which it must get.
                 // Strictly earlier: times are stored to the microsecond, and an event of the
                 // same microsecond is better sent twice (clients drop repeats) than skipped.
+                // Only cursors past the membership's start are written: a missing row already
+                // means `joined_seq - 1` to every reader. Writing that default too would make
+                // the table depend on which projection ran first (a chat created just after the
+                // device), so a rebuild, which merges the streams by time, could differ from it.
                 sqlx::query(
                     "INSERT INTO device_cursors (device_id, chat_id, acked_up_to) \
-                     SELECT $1, m.chat_id, GREATEST(m.joined_seq - 1, COALESCE(( \
-                         SELECT max(s) FROM ( \
+                     SELECT $1, m.chat_id, before_device.s \
+                     FROM members m, LATERAL ( \
+                         SELECT max(s) AS s FROM ( \
                              (SELECT sequence AS s FROM messages x WHERE x.chat_id = m.chat_id \
                               AND x.sent_at < $3 ORDER BY sequence DESC LIMIT 1) \
                              UNION ALL \
                              (SELECT sequence FROM chat_updates u WHERE u.chat_id = m.chat_id \
                               AND (u.at IS NULL OR u.at < $3) ORDER BY sequence DESC LIMIT 1) \
-                         ) AS before_device), 0)) \
-                     FROM members m WHERE m.user_id = $2 AND m.left_seq IS NULL \
+                         ) AS seen) AS before_device \
+                     WHERE m.user_id = $2 AND m.left_seq IS NULL \
+                       AND before_device.s > m.joined_seq - 1 \
                      ON CONFLICT DO NOTHING",
                 )
                 .bind(d.device_id.as_uuid())

@@ -467,24 +467,56 @@ impl User {
             time,
         )
     }
+    fn registered(handle: &str) -> (Self, Delivered) {
+        let mut user = User {
+            id: UserId::new(),
+            seq: 0,
+        };
+        let event = user.event(
+            parley_schemas::UserEvent::Registered(UserRegistered {
+                user_id: user.id,
+                handle: handle.into(),
+                display_name: handle.into(),
+            }),
+            Utc::now(),
+        );
+        (user, event)
+    }
+}
+
+/// The stored cursor row of `device` in `chat`, if any.
+async fn cursor_row(pg: &PgPool, device: DeviceId, chat: ChatId) -> Option<i64> {
+    sqlx::query_scalar(
+        "SELECT acked_up_to FROM device_cursors WHERE device_id = $1 AND chat_id = $2",
+    )
+    .bind(device.as_uuid())
+    .bind(chat.as_uuid())
+    .fetch_optional(pg)
+    .await
+    .unwrap()
+}
+
+/// The cursor every reader uses: the row, or the membership's start when there is none (as the
+/// gateway's inbox query reads it).
+async fn effective_cursor(pg: &PgPool, device: DeviceId, chat: ChatId) -> i64 {
+    sqlx::query_scalar(
+        "SELECT GREATEST(COALESCE(d.acked_up_to, 0), m.joined_seq - 1) \
+         FROM members m JOIN devices v ON v.user_id = m.user_id AND v.device_id = $1 \
+         LEFT JOIN device_cursors d ON d.device_id = $1 AND d.chat_id = m.chat_id \
+         WHERE m.chat_id = $2",
+    )
+    .bind(device.as_uuid())
+    .bind(chat.as_uuid())
+    .fetch_one(pg)
+    .await
+    .unwrap()
 }
 
 #[tokio::test]
 async fn a_new_devices_cursor_starts_at_the_chat_as_of_its_addition_whichever_projection_runs_first()
  {
     let (_db, pg, keys) = db().await;
-    let mut bob = User {
-        id: UserId::new(),
-        seq: 0,
-    };
-    let registered = bob.event(
-        parley_schemas::UserEvent::Registered(UserRegistered {
-            user_id: bob.id,
-            handle: "bob".into(),
-            display_name: "Bob".into(),
-        }),
-        Utc::now(),
-    );
+    let (mut bob, registered) = User::registered("bob");
     users::apply(&pg, vec![registered], DELAY).await.unwrap();
 
     // Devices added before the chat, between its events, and after them; the users projection
@@ -508,26 +540,59 @@ async fn a_new_devices_cursor_starts_at_the_chat_as_of_its_addition_whichever_pr
         vec![Disposition::Ack; 3]
     );
 
-    let cursor = |device: DeviceId| {
-        let pg = pg.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>(
-                "SELECT acked_up_to FROM device_cursors WHERE device_id = $1 AND chat_id = $2",
-            )
-            .bind(device.as_uuid())
-            .bind(chat.id.as_uuid())
-            .fetch_one(&pg)
-            .await
-            .unwrap()
-        }
-    };
     assert_eq!(
-        cursor(early.0).await,
+        effective_cursor(&pg, early.0, chat.id).await,
         0,
         "added before the chat: gets all of it"
     );
-    assert_eq!(cursor(middle.0).await, 2, "added after message one");
-    assert_eq!(cursor(late.0).await, 3, "added after everything");
+    assert_eq!(
+        cursor_row(&pg, early.0, chat.id).await,
+        None,
+        "the membership's start is the default, not a stored row"
+    );
+    assert_eq!(
+        cursor_row(&pg, middle.0, chat.id).await,
+        Some(2),
+        "added after message one"
+    );
+    assert_eq!(
+        cursor_row(&pg, late.0, chat.id).await,
+        Some(3),
+        "added after everything"
+    );
+}
+
+#[tokio::test]
+async fn a_device_added_just_before_a_chat_leaves_the_same_rows_in_either_projection_order() {
+    let (_db, pg, keys) = db().await;
+    let (mut ann, ann_registered) = User::registered("ann");
+    let (mut bob, bob_registered) = User::registered("bob");
+    users::apply(&pg, vec![ann_registered, bob_registered], DELAY)
+        .await
+        .unwrap();
+    let (ann_phone, bob_phone) = (DeviceId::new(), DeviceId::new());
+    let ann_added = ann.device_added(ann_phone, Utc::now());
+    let bob_added = bob.device_added(bob_phone, Utc::now());
+    let (mut ann_chat, mut bob_chat) = (Chat::new(), Chat::new());
+    let ann_created = ann_chat.created(&[ann.id]);
+    let bob_created = bob_chat.created(&[bob.id]);
+
+    // Ann's device reaches the users projection before her chat reaches the chats projection
+    // (as a rebuild, merging by time, applies them); Bob's arrives after his chat.
+    users::apply(&pg, vec![ann_added], DELAY).await.unwrap();
+    chats::apply(&pg, &keys, vec![ann_created, bob_created], DELAY)
+        .await
+        .unwrap();
+    users::apply(&pg, vec![bob_added], DELAY).await.unwrap();
+
+    assert_eq!(cursor_row(&pg, ann_phone, ann_chat.id).await, None);
+    assert_eq!(
+        cursor_row(&pg, bob_phone, bob_chat.id).await,
+        None,
+        "the order the projections ran in leaves no trace in the table"
+    );
+    assert_eq!(effective_cursor(&pg, ann_phone, ann_chat.id).await, 0);
+    assert_eq!(effective_cursor(&pg, bob_phone, bob_chat.id).await, 0);
 }
 
 /// A receipt on `chat`'s `RECEIPTS` subject, at stream position `stream_seq`.
@@ -719,4 +784,43 @@ async fn next_is_marker(
         .expect("the marker within 5 s")
         .unwrap();
     assert_eq!(&next.payload[..], marker.as_bytes());
+}
+
+#[tokio::test]
+async fn a_receipt_ahead_of_its_membership_waits_for_it_instead_of_being_lost() {
+    let (_stack, pg, keys) = db().await;
+    let bob = UserId::new();
+    let mut chat = Chat::new();
+    let created = chat.created(&[bob]);
+    let message = chat.message("one");
+    let read = || {
+        receipt(
+            chat.id,
+            1,
+            bob,
+            ReceiptEvent::Read(ReadReceipt {
+                user_id: bob,
+                up_to: 2,
+            }),
+        )
+    };
+    // The receipts projection gets there before the chats projection has the chat.
+    let early = receipts::apply_quietly(&pg, vec![read()]).await.unwrap();
+    assert!(
+        matches!(early[..], [Disposition::Retry(_)]),
+        "a receipt for a membership not projected yet waits: {early:?}"
+    );
+    chats::apply(&pg, &keys, vec![created, message], DELAY)
+        .await
+        .unwrap();
+    let again = receipts::apply_quietly(&pg, vec![read()]).await.unwrap();
+    assert_eq!(again, vec![Disposition::Ack]);
+    let read_up_to: i64 =
+        sqlx::query_scalar("SELECT read_up_to FROM members WHERE chat_id = $1 AND user_id = $2")
+            .bind(chat.id.as_uuid())
+            .bind(bob.as_uuid())
+            .fetch_one(&pg)
+            .await
+            .unwrap();
+    assert_eq!(read_up_to, 2, "the read watermark is kept, not lost");
 }
