@@ -3,8 +3,11 @@
 //!
 //! All per-chat state lives in this one task, so the seam needs no locks: live events, replayed
 //! rows and membership notices are all offers to the same [`ChatCursor`], which sends exactly
-//! the next sequence and nothing else. Queries run in spawned tasks and come back as messages,
-//! so a slow query never stops the connection from reading its client.
+//! the next sequence and nothing else. Catch-up queries run in spawned tasks and come back as
+//! messages, so a slow query never stops the connection from reading or writing its client.
+//! The task writes its own socket ([`Outbox`]) between steps; the rare handlers that await a
+//! query inline (membership notices, the 30 s resync) hold writes back for that long, which
+//! costs less than a writer task and channel on every socket (docs/benchmarks.md, "Session 8").
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -18,7 +21,7 @@ use parley_nats::subjects;
 use parley_platform::Principal;
 use parley_schemas::ChatId;
 use parley_schemas::frames::ClientFrame;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 
 use crate::gateway::AppState;
@@ -30,7 +33,7 @@ use crate::stop::{StopReason, Stopper};
 use crate::wire::{
     MembershipChange, MembershipNotice, Typing, error_frame, pong_frame, ready_frame,
 };
-use crate::writer::{self, Closing};
+use crate::writer::{Closing, Outbox};
 
 /// At most one typing indicator per connection and chat in this interval.
 const TYPING_THROTTLE: Duration = Duration::from_secs(3);
@@ -44,6 +47,8 @@ const FETCHES_PER_CONNECTION: usize = 4;
 const REORDER_WINDOW: usize = 256;
 /// Chats whose stream head is read concurrently on connect.
 const HEAD_READS_IN_FLIGHT: usize = 16;
+/// Live items taken in at most before the loop writes or turns to its other sources.
+const ABSORB: usize = 64;
 /// Waiting for the client's close reply, so the socket closes cleanly.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
@@ -53,9 +58,6 @@ pub(crate) async fn run(socket: WebSocket, gw: AppState, me: Principal, chats_st
     let stopper = Arc::new(Stopper::new(gw.infra.shutdown.child_token()));
     let queue = gw.config.queue_frames.max(1);
     let (sink, mut stream) = socket.split();
-    let (out, out_rx) = mpsc::channel(queue);
-    let (close_tx, close_rx) = oneshot::channel();
-    let writer = tokio::spawn(writer::run(sink, out_rx, close_rx));
     let (live_tx, mut live_rx) = mpsc::channel(queue);
     // futures' channel, not tokio's: tokio allocates a 32-slot block per channel up front,
     // about 2.5 KiB resident on every socket, while this queue is empty but for catch-ups.
@@ -77,7 +79,7 @@ pub(crate) async fn run(socket: WebSocket, gw: AppState, me: Principal, chats_st
         me,
         id,
         stopper: Arc::clone(&stopper),
-        out,
+        outbox: Outbox::new(sink),
         live_tx,
         fetched_tx,
         chats: HashMap::new(),
@@ -102,14 +104,20 @@ pub(crate) async fn run(socket: WebSocket, gw: AppState, me: Principal, chats_st
     // Cancels this connection's pending fetches too.
     stopper.stop(reason);
     conn.leave_all();
-    let _ = close_tx.send(Closing {
-        frame: reason.close_frame(),
-        // A client cut off for not reading, or a revoked device, gets nothing more.
-        flush_queued: !matches!(reason, StopReason::SlowConsumer | StopReason::Revoked),
-    });
-    let _ = tokio::time::timeout(CLOSE_LINGER * 2, writer).await;
-    if reason != StopReason::ClientGone {
-        linger(&mut stream).await;
+    conn.outbox
+        .close(Closing {
+            frame: reason.close_frame(),
+            // A client cut off for not reading, or a revoked device, gets nothing more.
+            flush_queued: !matches!(reason, StopReason::SlowConsumer | StopReason::Revoked),
+        })
+        .await;
+    match reason {
+        StopReason::ClientGone => {}
+        // The read half failed inside a frame, and its unread bytes make the kernel reset the
+        // socket when it is dropped; the reset can reach the client before the close frame.
+        // Nothing more can be read to see the client's answer, so it gets the linger time.
+        StopReason::Oversized => tokio::time::sleep(CLOSE_LINGER).await,
+        _ => linger(&mut stream).await,
     }
 }
 
@@ -168,8 +176,8 @@ struct Connection {
     me: Principal,
     id: ConnId,
     stopper: Arc<Stopper>,
-    /// Frames to the writer; bounded, so a client that does not read pushes back.
-    out: mpsc::Sender<Message>,
+    /// Frames for the client, written by this task between its other steps.
+    outbox: Outbox,
     /// This connection's queue for live items (hub), membership notices (registry) and
     /// presence frames; bounded by `queue_frames`.
     live_tx: mpsc::Sender<Inbound>,
@@ -246,8 +254,7 @@ impl Connection {
                 c.cursor.learn(head);
             }
         }
-        self.emit(ready_frame(self.me.user_id, self.me.device_id))
-            .await?;
+        self.emit(ready_frame(self.me.user_id, self.me.device_id))?;
         let chats: Vec<ChatId> = self.chats.keys().copied().collect();
         for chat in chats {
             self.fetch(chat, Duration::ZERO);
@@ -273,27 +280,59 @@ impl Connection {
             if stop.is_cancelled() {
                 return self.stopper.reason();
             }
+            // Live items already waiting are taken in before the next write, so a burst (a
+            // batch of receipts, say) leaves in one write, one syscall, not one per frame.
+            // Bounded, so the client and the catch-ups still get their turn.
+            for _ in 0..ABSORB {
+                if !self.has_room() {
+                    break;
+                }
+                let Ok(msg) = feeds.inbound.try_recv() else {
+                    break;
+                };
+                if let Err(reason) = self.on_inbound(msg).await {
+                    return reason;
+                }
+            }
+            // With `queue_frames` unwritten, only writing goes on: no more client frames (TCP
+            // pushes back on a client that sends without reading), catch-ups or live items.
+            let room = self.has_room();
             // The rare, large handlers (about 2.3 KiB of state each) are boxed while they run:
             // inline, every socket's task would hold room for the largest of them for its whole
             // life, idle or not (docs/benchmarks.md, "Session 5").
             let step = tokio::select! {
                 _ = stop.cancelled() => return self.stopper.reason(),
                 _ = &mut idle => return StopReason::Idle,
-                frame = client.next() => {
+                written = self.outbox.drain(), if self.outbox.busy() => match written {
+                    Ok(()) => Ok(()),
+                    // The socket is gone; its read half says so next, or already has.
+                    Err(_) => Err(StopReason::ClientGone),
+                },
+                frame = client.next(), if room => {
                     idle.as_mut().reset(Instant::now() + idle_timeout);
                     self.on_client(frame).await
                 }
-                Some(msg) = feeds.inbound.recv() => match msg {
-                    Inbound::Live(msg) => self.on_live(msg).await,
-                    Inbound::Membership(notice) => Box::pin(self.on_notice(notice)).await,
-                    Inbound::Presence(frame) => self.emit(frame).await,
-                },
-                Some(done) = feeds.fetched.next() => Box::pin(self.on_fetched(done)).await,
-                _ = resync.tick() => Box::pin(self.resync()).await,
+                Some(msg) = feeds.inbound.recv(), if room => self.on_inbound(msg).await,
+                Some(done) = feeds.fetched.next(), if room => Box::pin(self.on_fetched(done)).await,
+                _ = resync.tick(), if room => Box::pin(self.resync()).await,
             };
             if let Err(reason) = step {
                 return reason;
             }
+        }
+    }
+
+    /// Fewer than `queue_frames` frames wait in the outbox. Without room the connection only
+    /// writes, and its live queue fills up until the hub stops it as a slow consumer.
+    fn has_room(&self) -> bool {
+        self.outbox.len() < self.gw.config.queue_frames.max(1)
+    }
+
+    async fn on_inbound(&mut self, msg: Inbound) -> Step {
+        match msg {
+            Inbound::Live(msg) => self.on_live(msg).await,
+            Inbound::Membership(notice) => Box::pin(self.on_notice(notice)).await,
+            Inbound::Presence(frame) => self.emit(frame),
         }
     }
 
@@ -309,39 +348,35 @@ impl Connection {
                     self.emit(error_frame(
                         "bad_frame",
                         format!("frames are limited to {max} bytes"),
-                    ))
-                    .await?;
+                    ))?;
                     return Err(StopReason::Oversized);
                 }
                 return Err(StopReason::ClientGone);
             }
             Some(Ok(Message::Text(text))) => text,
             Some(Ok(Message::Binary(_))) => {
-                return self
-                    .emit(error_frame("bad_frame", "frames are JSON text, not binary"))
-                    .await;
+                return self.emit(error_frame("bad_frame", "frames are JSON text, not binary"));
             }
             // The protocol layer answers pings itself; both still count as activity.
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Ok(()),
             Some(Ok(Message::Close(_))) => return Err(StopReason::ClientGone),
         };
         match serde_json::from_str::<ClientFrame>(&text) {
-            Ok(ClientFrame::Ping) => self.emit(pong_frame()).await,
-            Ok(ClientFrame::Ack { chat_id, sequence }) => self.on_ack(chat_id, sequence).await,
+            Ok(ClientFrame::Ping) => self.emit(pong_frame()),
+            Ok(ClientFrame::Ack { chat_id, sequence }) => self.on_ack(chat_id, sequence),
             Ok(ClientFrame::Typing { chat_id }) => self.on_typing(chat_id).await,
             Ok(ClientFrame::Auth { .. }) => {
                 self.emit(error_frame("bad_frame", "already authenticated"))
-                    .await
             }
             Err(error) => {
                 // Serde quotes the client's input; keep it short (on a char boundary).
                 let detail: String = error.to_string().chars().take(200).collect();
-                self.emit(error_frame("bad_frame", detail)).await
+                self.emit(error_frame("bad_frame", detail))
             }
         }
     }
 
-    async fn on_ack(&mut self, chat: ChatId, sequence: u64) -> Step {
+    fn on_ack(&mut self, chat: ChatId, sequence: u64) -> Step {
         let highest = self.chats.get(&chat).map(|c| c.cursor.highest_sent());
         match highest {
             Some(highest) if sequence <= highest => {
@@ -357,14 +392,12 @@ impl Connection {
                     "bad_ack",
                     format!("sequence {sequence} of chat {chat} was not delivered here (highest is {highest})"),
                 ))
-                .await
             }
             None => {
                 self.emit(error_frame(
                     "bad_ack",
                     format!("chat {chat} is not delivered on this connection"),
                 ))
-                .await
             }
         }
     }
@@ -375,12 +408,10 @@ impl Connection {
         let now = Instant::now();
         let member = self.chats.get(&chat).is_some_and(|c| c.cursor.is_member());
         if !member {
-            return self
-                .emit(error_frame(
-                    "bad_typing",
-                    format!("chat {chat} is not delivered on this connection"),
-                ))
-                .await;
+            return self.emit(error_frame(
+                "bad_typing",
+                format!("chat {chat} is not delivered on this connection"),
+            ));
         }
         let Some(c) = self.chats.get_mut(&chat) else {
             return Ok(());
@@ -421,7 +452,7 @@ impl Connection {
             LiveItem::Ephemeral { user_id, frame } => {
                 if *user_id != me && c.cursor.is_member() {
                     let frame = frame.clone();
-                    return self.emit(frame).await;
+                    return self.emit(frame);
                 }
                 Ok(())
             }
@@ -607,7 +638,7 @@ impl Connection {
             c.reorder.clear();
         }
         for frame in out {
-            self.emit(frame).await?;
+            self.emit(frame)?;
         }
         if ended {
             self.leave(chat);
@@ -784,14 +815,15 @@ impl Connection {
         }
     }
 
-    /// Queues a frame for the writer, waiting for room: replay goes at the client's pace. While
-    /// it waits, live events pile up in the bounded live queue, whose overflow stops us.
-    async fn emit(&self, frame: Utf8Bytes) -> Step {
-        tokio::select! {
-            biased;
-            _ = self.stopper.token().cancelled() => Err(self.stopper.reason()),
-            sent = self.out.send(Message::Text(frame)) => sent.map_err(|_| StopReason::ClientGone),
+    /// Queues a frame for the client. It never waits: the loop stops taking new work while
+    /// the outbox is full, so replay goes at the client's pace, and live events pile up in the
+    /// bounded live queue meanwhile, whose overflow stops us.
+    fn emit(&mut self, frame: Utf8Bytes) -> Step {
+        if self.stopper.token().is_cancelled() {
+            return Err(self.stopper.reason());
         }
+        self.outbox.push(frame);
+        Ok(())
     }
 }
 

@@ -1,18 +1,26 @@
-//! The socket's write half: drains the connection's bounded frame queue, writing whatever is
-//! queued before one flush (one syscall for a burst, not one per frame), and sends the close
-//! frame when told, dropping whatever is still queued.
+//! The socket's write half, driven by the connection's own task: frames queue in an outbox and
+//! are written in bursts (one flush, so one syscall, for whatever is queued), and the close
+//! frame ends it.
+//!
+//! No writer task and no channel: each would cost every idle socket a task and about 2.5 KiB
+//! (tokio's channel allocates its first block up front), and every frame a wake-up of a second
+//! task (docs/benchmarks.md, "Session 8").
 
+use std::collections::VecDeque;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::SinkExt;
 use futures::stream::SplitSink;
-use tokio::sync::{mpsc, oneshot};
 
 /// How long a close frame may take to leave; a client that does not read never takes it.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Frames written per flush at most, so a steady stream still gets flushed regularly.
+/// Frames written per flush at most, so a long queue still reaches the client in steps.
 const MAX_BURST: usize = 64;
+/// An emptied queue keeps at most this much room, so a socket that once took a burst does not
+/// hold the burst's memory while idle.
+const KEPT_CAPACITY: usize = 16;
 
 /// How the connection ends.
 pub(crate) struct Closing {
@@ -21,66 +29,78 @@ pub(crate) struct Closing {
     pub flush_queued: bool,
 }
 
-pub(crate) async fn run(
-    mut sink: SplitSink<WebSocket, Message>,
-    mut frames: mpsc::Receiver<Message>,
-    mut close: oneshot::Receiver<Closing>,
-) {
-    loop {
-        let first = tokio::select! {
-            biased;
-            closing = &mut close => return finish(&mut sink, &mut frames, closing.ok()).await,
-            next = frames.recv() => match next {
-                Some(m) => m,
-                None => return,
-            },
-        };
-        let written = tokio::select! {
-            biased;
-            // A write blocked by a client that does not read must not delay the close.
-            closing = &mut close => return finish(&mut sink, &mut frames, closing.ok()).await,
-            r = write_burst(&mut sink, first, &mut frames) => r,
-        };
-        if written.is_err() {
-            // The socket is gone; the reader notices on its side.
-            return;
-        }
-    }
+pub(crate) struct Outbox {
+    sink: SplitSink<WebSocket, Message>,
+    queue: VecDeque<Utf8Bytes>,
+    /// Frames handed to the sink since its last completed flush.
+    unflushed: bool,
 }
 
-async fn write_burst(
-    sink: &mut SplitSink<WebSocket, Message>,
-    first: Message,
-    frames: &mut mpsc::Receiver<Message>,
-) -> Result<(), axum::Error> {
-    sink.feed(first).await?;
-    for _ in 1..MAX_BURST {
-        match frames.try_recv() {
-            Ok(m) => sink.feed(m).await?,
-            Err(_) => break,
+impl Outbox {
+    pub(crate) fn new(sink: SplitSink<WebSocket, Message>) -> Self {
+        Self {
+            sink,
+            queue: VecDeque::new(),
+            unflushed: false,
         }
     }
-    sink.flush().await
-}
 
-async fn finish(
-    sink: &mut SplitSink<WebSocket, Message>,
-    frames: &mut mpsc::Receiver<Message>,
-    closing: Option<Closing>,
-) {
-    let Some(closing) = closing else {
-        return;
-    };
-    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
-        if closing.flush_queued {
-            while let Ok(m) = frames.try_recv() {
-                sink.feed(m).await?;
+    pub(crate) fn push(&mut self, frame: Utf8Bytes) {
+        self.queue.push_back(frame);
+    }
+
+    /// Frames queued and not yet handed to the socket.
+    pub(crate) fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Something is queued or not flushed yet: [`Outbox::drain`] has work.
+    pub(crate) fn busy(&self) -> bool {
+        !self.queue.is_empty() || self.unflushed
+    }
+
+    /// Writes and flushes everything queued. Cancel-safe, so it can be one branch of the
+    /// connection's `select!`: a frame leaves the queue only once the socket has taken it, and
+    /// a flush cut short resumes on the next call.
+    pub(crate) async fn drain(&mut self) -> Result<(), axum::Error> {
+        futures::future::poll_fn(|cx| self.poll_drain(cx)).await
+    }
+
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
+        let mut fed = 0;
+        while !self.queue.is_empty() {
+            if fed == MAX_BURST {
+                ready!(self.sink.poll_flush_unpin(cx))?;
+                self.unflushed = false;
+                fed = 0;
+            }
+            ready!(self.sink.poll_ready_unpin(cx))?;
+            if let Some(frame) = self.queue.pop_front() {
+                self.sink.start_send_unpin(Message::Text(frame))?;
+                self.unflushed = true;
+                fed += 1;
             }
         }
-        match closing.frame {
-            Some(frame) => sink.send(Message::Close(Some(frame))).await,
-            None => sink.flush().await,
+        if self.queue.capacity() > KEPT_CAPACITY {
+            self.queue.shrink_to(KEPT_CAPACITY);
         }
-    })
-    .await;
+        ready!(self.sink.poll_flush_unpin(cx))?;
+        self.unflushed = false;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Ends the socket's write half: what is queued (if `flush_queued`), then the close frame,
+    /// within [`CLOSE_WRITE_TIMEOUT`].
+    pub(crate) async fn close(mut self, closing: Closing) {
+        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
+            if closing.flush_queued {
+                self.drain().await?;
+            }
+            match closing.frame {
+                Some(frame) => self.sink.send(Message::Close(Some(frame))).await,
+                None => self.sink.flush().await,
+            }
+        })
+        .await;
+    }
 }

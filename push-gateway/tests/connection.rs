@@ -7,6 +7,7 @@ mod support;
 
 use std::time::Duration;
 
+use futures::SinkExt;
 use parley_push_gateway::GatewayConfig;
 use serde_json::json;
 use support::{Ended, Harness, WAIT};
@@ -306,4 +307,34 @@ async fn a_client_that_never_reads_is_disconnected_as_a_slow_consumer() {
         assert_eq!(u16::from(frame.code), 1008);
         assert_eq!(frame.reason.as_str(), "slow consumer");
     }
+}
+
+#[tokio::test]
+async fn a_client_that_sends_without_reading_stops_being_read_and_is_closed_when_idle() {
+    let h = Harness::with_config(GatewayConfig {
+        queue_frames: 4,
+        idle_timeout: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await;
+    let d = h.login().await;
+    let mut c = h.connect(&d).await;
+    // Every frame is answered with an error frame quoting it, which this client never reads.
+    // Once the socket buffers and the server's outbox are full, the server stops reading the
+    // client too (instead of queueing answers without bound), so the client's writes stall,
+    // no frame resets the idle timer, and the connection is closed; the stalled write fails.
+    let junk = Message::text(format!(r#"{{"type":"{}"}}"#, "x".repeat(190)));
+    let sent = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut sent = 0u64;
+        while c.ws.send(junk.clone()).await.is_ok() {
+            sent += 1;
+        }
+        sent
+    })
+    .await
+    .expect("the server ends a connection that never reads within the deadline");
+    assert!(
+        sent > 4,
+        "the server read frames before it stopped ({sent})"
+    );
 }
