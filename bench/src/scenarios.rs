@@ -10,7 +10,7 @@ use axum::serve::ListenerExt;
 use futures::{StreamExt, stream};
 use tokio::sync::watch;
 
-use crate::client::{Api, Arrivals, Clock, User, spawn_parley_reader};
+use crate::client::{Api, Arrival, Arrivals, Clock, User, spawn_parley_reader};
 use crate::floors::{self, LiveFloor, SendTimes, drive_rate, spawn_floor_reader};
 use crate::stack::Stack;
 use crate::stats::{Goal, Metric, p50_p99_ms, quantile};
@@ -220,7 +220,10 @@ impl Ctx {
                 .await;
             }
             let expected = per_run as usize * 9;
-            wait_for(&floor_arrivals, &range, expected, Duration::from_secs(10)).await;
+            wait_for(&floor_arrivals, expected, Duration::from_secs(10), |a| {
+                range.contains(&a.index)
+            })
+            .await;
             let _ = fstop_tx.send(true);
             let mut floor_lat = {
                 let a = floor_arrivals
@@ -266,7 +269,15 @@ impl Ctx {
                 })
                 .await;
             }
-            wait_for(&arrivals, &range, expected, Duration::from_secs(15)).await;
+            // The frames the figure counts, and only those: the sender's own device gets its
+            // message too, and counting it ended the wait while other members' frames were
+            // still on their way (they then counted as lost).
+            let counted = |a: &Arrival| {
+                range.contains(&a.index)
+                    && a.chat == sender_of(a.index).0 as u64
+                    && a.socket != sender_of(a.index).1
+            };
+            wait_for(&arrivals, expected, Duration::from_secs(15), counted).await;
             if let Ok(s) = statuses.lock()
                 && !s.is_empty()
             {
@@ -281,8 +292,7 @@ impl Ctx {
                 .lock()
                 .map_err(|_| anyhow::anyhow!("poisoned"))?
                 .iter()
-                .filter(|a| range.contains(&a.index) && a.chat == sender_of(a.index).0 as u64)
-                .filter(|a| a.socket != sender_of(a.index).1)
+                .filter(|a| counted(a))
                 .copied()
                 .collect();
             let mut lat = floors::latencies(&snapshot, &sent, range.clone());
@@ -750,7 +760,7 @@ impl Ctx {
                 if s != 201 {
                     bail!("channel send: {s}");
                 }
-                wait_for(&arrivals, &(i..i + 1), m, Duration::from_secs(30)).await;
+                wait_for(&arrivals, m, Duration::from_secs(30), |a| a.index == i).await;
                 let a = arrivals.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
                 let last = a
                     .iter()
@@ -990,12 +1000,12 @@ impl Ctx {
     }
 }
 
-/// Waits until `expected` arrivals with an index in `range` are in, or `deadline` passes.
+/// Waits until `expected` arrivals that `counts` accepts are in, or `deadline` passes.
 async fn wait_for(
     arrivals: &Arrivals,
-    range: &std::ops::Range<u64>,
     expected: usize,
     deadline: Duration,
+    counts: impl Fn(&Arrival) -> bool,
 ) {
     let start = Instant::now();
     while start.elapsed() < deadline {
@@ -1005,7 +1015,7 @@ async fn wait_for(
                 a.iter()
                     .rev()
                     .take(expected * 4 + 1000)
-                    .filter(|a| range.contains(&a.index))
+                    .filter(|a| counts(a))
                     .count()
             })
             .unwrap_or(0);
