@@ -51,15 +51,51 @@ struct ChatProgress {
     last_message_seq: Option<i64>,
 }
 
+/// A batch ready for its transaction: decoded, its sealed bodies opened, its deleted messages'
+/// keys destroyed.
+pub struct Prepared {
+    batch: Vec<Delivered>,
+    events: Vec<Option<StoredEvent<ChatEvent>>>,
+    opened: Vec<Option<String>>,
+}
+
+/// Prepares and applies one batch.
 pub async fn apply(
     pg: &PgPool,
     keys: &MessageKeys,
     batch: Vec<Delivered>,
     out_of_order_delay: Duration,
 ) -> Result<Vec<Disposition>, ApplyError> {
+    let prepared = prepare(keys, batch).await?;
+    apply_prepared(pg, prepared, out_of_order_delay).await
+}
+
+/// The key reads of a batch, which need no transaction: the runner does them for the next
+/// batch while the current one is applied (`Runner::run_staged`). Preparing twice (a
+/// redelivery) is harmless: opening reads, destroying is idempotent, and a body whose key a
+/// later batch destroyed meanwhile is stored as deleted, which its deletion event makes it.
+pub async fn prepare(keys: &MessageKeys, batch: Vec<Delivered>) -> Result<Prepared, KeyError> {
     let events = decode_all::<ChatEvent>("chats", &batch);
     let opened = open_bodies(keys, &events).await?;
     destroy_deleted_keys(keys, &events).await?;
+    Ok(Prepared {
+        batch,
+        events,
+        opened,
+    })
+}
+
+/// The batch's transaction: its effects and its checkpoints, all or nothing.
+pub async fn apply_prepared(
+    pg: &PgPool,
+    prepared: Prepared,
+    out_of_order_delay: Duration,
+) -> Result<Vec<Disposition>, ApplyError> {
+    let Prepared {
+        batch,
+        events,
+        opened,
+    } = prepared;
     let mut tx = pg.begin().await?;
     // Lock the chats of this batch so two projector instances never interleave on one chat.
     let mut versions = Versions::lock(

@@ -122,11 +122,20 @@ pub async fn spawn(
     let pg = infra.pg.clone();
     let delay = config.out_of_order_delay;
     let keys = infra.keys.clone();
-    tracker.spawn(chats.run(move |batch| {
-        let pg = pg.clone();
-        let keys = keys.clone();
-        async move { chats::apply(&pg, &keys, batch, delay).await }
-    }));
+    tracker.spawn(chats.run_staged(
+        move |batch| {
+            let keys = keys.clone();
+            async move {
+                chats::prepare(&keys, batch)
+                    .await
+                    .map_err(chats::ApplyError::from)
+            }
+        },
+        move |prepared| {
+            let pg = pg.clone();
+            async move { chats::apply_prepared(&pg, prepared, delay).await }
+        },
+    ));
     let pg = infra.pg.clone();
     tracker.spawn(users.run(move |batch| {
         let pg = pg.clone();

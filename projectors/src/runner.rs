@@ -1,13 +1,18 @@
 //! The consumer loop every projector shares: pull what is ready (up to a batch), hand it to the
 //! projection, then ack, nak or term each message as the projection says — only after its
-//! transaction committed, so a crash anywhere redelivers and never skips.
+//! transaction committed, so a crash anywhere redelivers and never skips. A projection with
+//! reads to do before its transaction (the chats projection opens message bodies with keys from
+//! NATS) runs in two stages, the next batch's reads overlapping the current one's transaction.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{
-    AckKind,
-    consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
+    self, AckKind,
+    consumer::{
+        AckPolicy, DeliverPolicy, PullConsumer,
+        pull::{self, MessagesError},
+    },
 };
 use futures::StreamExt;
 use parley_platform::Infra;
@@ -34,6 +39,15 @@ pub enum Disposition {
 pub struct Delivered {
     pub stream_seq: u64,
     pub payload: bytes::Bytes,
+}
+
+/// What the fetch stage hands the apply stage.
+enum Fetched<T, E> {
+    /// A batch's messages (for acking) and its preparation.
+    Batch(Vec<jetstream::Message>, Result<T, E>),
+    /// The pull stream ended (a pull failed or expired): start a new one.
+    End,
+    Shutdown,
 }
 
 pub struct Runner {
@@ -89,9 +103,41 @@ impl Runner {
 
     /// Runs until shutdown. Transient failures (PostgreSQL or NATS down) back off and retry;
     /// nothing is acked that was not applied.
-    pub async fn run<F, Fut, E>(self, mut apply: F)
+    pub async fn run<F, Fut, E>(self, apply: F)
     where
         F: FnMut(Vec<Delivered>) -> Fut,
+        Fut: Future<Output = Result<Vec<Disposition>, E>>,
+        E: std::fmt::Display,
+    {
+        // Nothing to prepare, so nothing to overlap: fetching the next batch only after the
+        // transaction lets it gather everything that arrived meanwhile (fewer, larger batches).
+        self.pipeline(|batch| std::future::ready(Ok(batch)), apply, false)
+            .await
+    }
+
+    /// [`run`](Self::run) in two stages: `prepare` (no effects a redelivery could not repeat:
+    /// decoding, reading keys) runs for the next batch while `apply` (the transaction) runs for
+    /// the current one, so a backlog's reads and writes overlap. Batches are prepared in order
+    /// and applied in order, one transaction at a time; each batch is acked as soon as its own
+    /// transaction committed.
+    pub async fn run_staged<P, PFut, T, F, Fut, E>(self, prepare: P, apply: F)
+    where
+        P: FnMut(Vec<Delivered>) -> PFut,
+        PFut: Future<Output = Result<T, E>>,
+        F: FnMut(T) -> Fut,
+        Fut: Future<Output = Result<Vec<Disposition>, E>>,
+        E: std::fmt::Display,
+    {
+        self.pipeline(prepare, apply, true).await
+    }
+
+    /// The loop of both: with `overlap`, the next batch is fetched and prepared during the
+    /// current one's apply; without, after it.
+    async fn pipeline<P, PFut, T, F, Fut, E>(self, mut prepare: P, mut apply: F, overlap: bool)
+    where
+        P: FnMut(Vec<Delivered>) -> PFut,
+        PFut: Future<Output = Result<T, E>>,
+        F: FnMut(T) -> Fut,
         Fut: Future<Output = Result<Vec<Disposition>, E>>,
         E: std::fmt::Display,
     {
@@ -116,56 +162,129 @@ impl Runner {
             // Whatever is ready, up to a batch: one event waits for nobody, a backlog moves in
             // batches.
             let mut chunks = messages.ready_chunks(self.batch);
+            let mut next = self.fetch(&mut chunks, &mut prepare).await;
             loop {
-                let chunk = tokio::select! {
-                    _ = self.shutdown.cancelled() => return,
-                    c = chunks.next() => c,
+                let (msgs, prepared) = match next {
+                    Fetched::Batch(msgs, prepared) => (msgs, prepared),
+                    Fetched::End => continue 'outer,
+                    Fetched::Shutdown => return,
                 };
-                let Some(chunk) = chunk else { continue 'outer };
-                let mut msgs = Vec::with_capacity(chunk.len());
-                for m in chunk {
-                    match m {
-                        Ok(m) => msgs.push(m),
-                        Err(e) => tracing::debug!(projector = self.name, error = %e, "pull status"),
-                    }
-                }
-                if msgs.is_empty() {
-                    continue;
-                }
-                let batch: Vec<Delivered> = msgs
-                    .iter()
-                    .map(|m| Delivered {
-                        stream_seq: m.info().map(|i| i.stream_sequence).unwrap_or(0),
-                        payload: m.payload.clone(),
-                    })
-                    .collect();
-                match apply(batch).await {
-                    Ok(dispositions) => {
-                        backoff = Duration::from_millis(100);
-                        for (m, d) in msgs.iter().zip(dispositions) {
-                            let kind = match d {
-                                Disposition::Ack => AckKind::Ack,
-                                Disposition::Retry(delay) => AckKind::Nak(Some(delay)),
-                                Disposition::Term => AckKind::Term,
-                            };
-                            if let Err(e) = m.ack_with(kind).await {
-                                // Unacked messages come back after ack_wait and are skipped as
-                                // already applied.
-                                tracing::warn!(projector = self.name, error = %e, "ack failed");
-                            }
-                        }
-                    }
+                let started = Instant::now();
+                let prepared = match prepared {
+                    Ok(prepared) => prepared,
                     Err(e) => {
-                        tracing::warn!(projector = self.name, error = %e, "batch failed; redelivering");
-                        for m in &msgs {
-                            let _ = m.ack_with(AckKind::Nak(Some(backoff))).await;
-                        }
+                        self.redeliver(&msgs, &e, backoff).await;
                         if self.pause(&mut backoff).await {
                             return;
                         }
+                        next = self.fetch(&mut chunks, &mut prepare).await;
+                        continue;
                     }
+                };
+                // The transaction of this batch, and meanwhile the next batch's fetch and
+                // preparation; this batch is acked the moment its transaction is done.
+                let applying = apply(prepared);
+                let fetching = self.fetch(&mut chunks, &mut prepare);
+                tokio::pin!(applying, fetching);
+                let mut fetched = None;
+                let result = loop {
+                    tokio::select! {
+                        r = &mut applying => break r,
+                        f = &mut fetching, if overlap && fetched.is_none() => fetched = Some(f),
+                    }
+                };
+                let applied = started.elapsed();
+                let failed = match result {
+                    Ok(dispositions) => {
+                        backoff = Duration::from_millis(100);
+                        self.settle(&msgs, dispositions).await;
+                        tracing::debug!(
+                            projector = self.name,
+                            events = msgs.len(),
+                            apply_us = applied.as_micros() as u64,
+                            "batch applied"
+                        );
+                        false
+                    }
+                    Err(e) => {
+                        self.redeliver(&msgs, &e, backoff).await;
+                        true
+                    }
+                };
+                next = match fetched {
+                    Some(f) => f,
+                    None => fetching.await,
+                };
+                if failed && self.pause(&mut backoff).await {
+                    return;
                 }
             }
+        }
+    }
+
+    /// The next batch from `chunks`, prepared.
+    async fn fetch<S, P, PFut, T, E>(&self, chunks: &mut S, prepare: &mut P) -> Fetched<T, E>
+    where
+        S: futures::Stream<Item = Vec<Result<jetstream::Message, MessagesError>>> + Unpin,
+        P: FnMut(Vec<Delivered>) -> PFut,
+        PFut: Future<Output = Result<T, E>>,
+    {
+        loop {
+            let chunk = tokio::select! {
+                _ = self.shutdown.cancelled() => return Fetched::Shutdown,
+                c = chunks.next() => c,
+            };
+            let Some(chunk) = chunk else {
+                return Fetched::End;
+            };
+            let mut msgs = Vec::with_capacity(chunk.len());
+            for m in chunk {
+                match m {
+                    Ok(m) => msgs.push(m),
+                    Err(e) => tracing::debug!(projector = self.name, error = %e, "pull status"),
+                }
+            }
+            if msgs.is_empty() {
+                continue;
+            }
+            let batch: Vec<Delivered> = msgs
+                .iter()
+                .map(|m| Delivered {
+                    stream_seq: m.info().map(|i| i.stream_sequence).unwrap_or(0),
+                    payload: m.payload.clone(),
+                })
+                .collect();
+            let prepared = prepare(batch).await;
+            return Fetched::Batch(msgs, prepared);
+        }
+    }
+
+    /// Acks, naks or terms each message of an applied batch as its projection decided.
+    async fn settle(&self, msgs: &[jetstream::Message], dispositions: Vec<Disposition>) {
+        for (m, d) in msgs.iter().zip(dispositions) {
+            let kind = match d {
+                Disposition::Ack => AckKind::Ack,
+                Disposition::Retry(delay) => AckKind::Nak(Some(delay)),
+                Disposition::Term => AckKind::Term,
+            };
+            if let Err(e) = m.ack_with(kind).await {
+                // Unacked messages come back after ack_wait and are skipped as already
+                // applied.
+                tracing::warn!(projector = self.name, error = %e, "ack failed");
+            }
+        }
+    }
+
+    /// A batch that could not be prepared or applied: every message comes back after `delay`.
+    async fn redeliver(
+        &self,
+        msgs: &[jetstream::Message],
+        e: &impl std::fmt::Display,
+        delay: Duration,
+    ) {
+        tracing::warn!(projector = self.name, error = %e, "batch failed; redelivering");
+        for m in msgs {
+            let _ = m.ack_with(AckKind::Nak(Some(delay))).await;
         }
     }
 

@@ -1,0 +1,178 @@
+//! The consumer loop every projector shares, against a real JetStream: the next batch is
+//! prepared while the current one is applied, a batch is acked the moment it is applied (not
+//! when the next one arrives), and a batch that failed comes back.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull;
+use parley_nats::{streams, subjects};
+use parley_projectors::ProjectorConfig;
+use parley_projectors::runner::{Delivered, Disposition, Runner};
+use parley_schemas::ChatId;
+use parley_test_support::{TestStack, eventually};
+use tokio::sync::{Notify, mpsc};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Publishes `n` raw messages on one chat's subject (the runner does not decode them).
+async fn publish(stack: &TestStack, n: usize) {
+    let subject = subjects::chat(ChatId::new());
+    for i in 0..n {
+        stack
+            .infra
+            .js
+            .publish(subject.clone(), format!("m{i}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+}
+
+async fn runner(stack: &TestStack, name: &'static str, batch: usize) -> Runner {
+    let config = ProjectorConfig {
+        batch,
+        ..Default::default()
+    };
+    Runner::new(&stack.infra, name, streams::CHATS, &config, true)
+        .await
+        .unwrap()
+}
+
+/// A first stage with nothing to do: the staged loop (fetching ahead) with the plain apply.
+fn prepare_nothing(batch: Vec<Delivered>) -> std::future::Ready<Result<Vec<Delivered>, String>> {
+    std::future::ready(Ok(batch))
+}
+
+/// Waits until the durable `proj-<name>` has nothing pending and nothing unacked.
+async fn all_acked(stack: &TestStack, name: &str, what: &str) {
+    let stream = stack.infra.js.get_stream(streams::CHATS).await.unwrap();
+    eventually(DEADLINE, what, || {
+        let stream = stream.clone();
+        async move {
+            let mut consumer = stream
+                .get_consumer::<pull::Config>(&format!("proj-{name}"))
+                .await
+                .ok()?;
+            let info = consumer.info().await.ok()?;
+            (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_next_batch_is_prepared_while_the_current_one_is_applied() {
+    let stack = TestStack::start().await;
+    publish(&stack, 2).await;
+    let runner = runner(&stack, "staged", 1).await;
+
+    // The first apply holds its "transaction" open until the test sees the second batch
+    // prepared; a runner that prepares only after applying never gets there.
+    let (prepared_tx, mut prepared_rx) = mpsc::unbounded_channel::<(u64, bool)>();
+    let applying = Arc::new(AtomicBool::new(false));
+    let release = Arc::new(Notify::new());
+    let task = tokio::spawn({
+        let (applying_p, applying_a, release) =
+            (applying.clone(), applying.clone(), release.clone());
+        runner.run_staged(
+            move |batch: Vec<Delivered>| {
+                let during_apply = applying_p.load(Ordering::SeqCst);
+                prepared_tx
+                    .send((batch[0].stream_seq, during_apply))
+                    .unwrap();
+                std::future::ready(Ok::<_, String>(batch))
+            },
+            move |batch: Vec<Delivered>| {
+                let (applying, release) = (applying_a.clone(), release.clone());
+                async move {
+                    applying.store(true, Ordering::SeqCst);
+                    if batch[0].stream_seq == 1 {
+                        release.notified().await;
+                    }
+                    applying.store(false, Ordering::SeqCst);
+                    Ok::<_, String>(vec![Disposition::Ack; batch.len()])
+                }
+            },
+        )
+    });
+
+    let first = tokio::time::timeout(DEADLINE, prepared_rx.recv())
+        .await
+        .unwrap();
+    assert_eq!(first, Some((1, false)));
+    let second = tokio::time::timeout(DEADLINE, prepared_rx.recv())
+        .await
+        .expect("the second batch was not prepared while the first was being applied");
+    assert_eq!(
+        second,
+        Some((2, true)),
+        "the second batch is prepared during the first one's apply"
+    );
+    release.notify_one();
+    all_acked(&stack, "staged", "both batches acked").await;
+    stack.infra.shutdown.cancel();
+    tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_batch_is_acked_as_soon_as_it_is_applied_with_no_next_batch_in_sight() {
+    let stack = TestStack::start().await;
+    publish(&stack, 1).await;
+    let runner = runner(&stack, "lone", 500).await;
+    let task = tokio::spawn(
+        runner.run_staged(prepare_nothing, |batch: Vec<Delivered>| async move {
+            Ok::<_, String>(vec![Disposition::Ack; batch.len()])
+        }),
+    );
+    // Nothing else is published: the fetch of a next batch stays pending for good, and the
+    // ack must not wait for it (it would be redelivered after ack_wait, 30 s).
+    all_acked(&stack, "lone", "the lone batch acked").await;
+    stack.infra.shutdown.cancel();
+    tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_batch_whose_apply_failed_is_redelivered_and_applied() {
+    let stack = TestStack::start().await;
+    publish(&stack, 3).await;
+    let runner = runner(&stack, "flaky", 1).await;
+    let (applied_tx, mut applied_rx) = mpsc::unbounded_channel::<(u64, bool)>();
+    let failed_once = Arc::new(AtomicBool::new(false));
+    let task = tokio::spawn(
+        runner.run_staged(prepare_nothing, move |batch: Vec<Delivered>| {
+            let (applied_tx, failed_once) = (applied_tx.clone(), failed_once.clone());
+            async move {
+                let seq = batch[0].stream_seq;
+                // The second message fails once, as a transaction would when PostgreSQL is away.
+                if seq == 2 && !failed_once.swap(true, Ordering::SeqCst) {
+                    applied_tx.send((seq, false)).unwrap();
+                    return Err("PostgreSQL is away".to_owned());
+                }
+                applied_tx.send((seq, true)).unwrap();
+                Ok(vec![Disposition::Ack; batch.len()])
+            }
+        }),
+    );
+    all_acked(&stack, "flaky", "every message acked").await;
+    stack.infra.shutdown.cancel();
+    tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap();
+
+    let mut seen = Vec::new();
+    while let Ok(a) = applied_rx.try_recv() {
+        seen.push(a);
+    }
+    let committed: Vec<u64> = seen.iter().filter(|(_, ok)| *ok).map(|(s, _)| *s).collect();
+    let mut sorted = committed.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        vec![1, 2, 3],
+        "each message applied exactly once: {seen:?}"
+    );
+    assert!(seen.contains(&(2, false)), "the failure happened: {seen:?}");
+}
