@@ -105,7 +105,6 @@ impl Api {
         body["chat_id"].as_str().expect("chat_id").to_owned()
     }
 
-    /// Sends `body` to `chat`; the message id and its chat sequence.
     /// Marks `chat` read by `user` up to `up_to`; panics unless answered 204.
     pub async fn read_up_to(&self, user: &User, chat: &str, up_to: u64) {
         let (s, b) = self
@@ -118,6 +117,7 @@ impl Api {
         assert_eq!(s, 204, "read: {b}");
     }
 
+    /// Sends `body` to `chat`; the message id and its chat sequence.
     pub async fn send_message(&self, user: &User, chat: &str, body: &str) -> (String, u64) {
         let (s, res) = self
             .post(
