@@ -96,6 +96,11 @@ struct Opts {
         default_value_t = 256
     )]
     message_key_pool: usize,
+    /// How long a projector batch that is not full waits for more events after its first:
+    /// the read models lag by up to this much; under steady traffic, one transaction per
+    /// linger instead of one per event or two (0: no wait).
+    #[arg(long, global = true, env = "PARLEY_PROJECTOR_LINGER", default_value = "20ms", value_parser = parse_duration)]
+    projector_linger: Duration,
     #[command(flatten)]
     limits: LimitOpts,
     #[command(flatten)]
@@ -289,6 +294,7 @@ impl Opts {
         s.command.max_group_members = self.max_group_members;
         s.command.max_channel_members = self.max_channel_members;
         s.command.message_key_pool = self.message_key_pool;
+        s.projectors.linger = self.projector_linger;
         s.command.limits = self.limits.config();
         s.gateway.max_connections_per_user = self.gateway.ws_max_connections_per_user;
         s.gateway.max_connections_per_ip = self.gateway.ws_max_connections_per_ip.0;

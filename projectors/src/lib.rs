@@ -24,6 +24,10 @@ pub use runner::ProjectorError;
 pub struct ProjectorConfig {
     /// Most events applied in one transaction.
     pub batch: usize,
+    /// How long a batch that is not full waits for more events after its first
+    /// (`PARLEY_PROJECTOR_LINGER`): the read models lag by up to this much, and a steady stream
+    /// of events costs one transaction per linger instead of one per event or two.
+    pub linger: Duration,
     /// How long an out-of-order event waits before it is redelivered (another instance is
     /// applying the events before it).
     pub out_of_order_delay: Duration,
@@ -33,6 +37,9 @@ impl Default for ProjectorConfig {
     fn default() -> Self {
         Self {
             batch: 500,
+            // Measured (docs/benchmarks.md, session 9): under steady traffic, 20 ms turns
+            // ~5 events per transaction into ~30-100 and frees the CPU the commands need.
+            linger: Duration::from_millis(20),
             out_of_order_delay: Duration::from_millis(100),
         }
     }

@@ -14,7 +14,7 @@ use async_nats::jetstream::{
         pull::{self, MessagesError},
     },
 };
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use parley_platform::Infra;
 use tokio_util::sync::CancellationToken;
 
@@ -54,6 +54,7 @@ pub struct Runner {
     name: &'static str,
     consumer: PullConsumer,
     batch: usize,
+    linger: Duration,
     shutdown: CancellationToken,
 }
 
@@ -97,6 +98,7 @@ impl Runner {
             name,
             consumer,
             batch: config.batch,
+            linger: config.linger,
             shutdown: infra.shutdown.clone(),
         })
     }
@@ -159,9 +161,7 @@ impl Runner {
                     continue;
                 }
             };
-            // Whatever is ready, up to a batch: one event waits for nobody, a backlog moves in
-            // batches.
-            let mut chunks = messages.ready_chunks(self.batch);
+            let mut chunks = messages.fuse();
             let mut next = self.fetch(&mut chunks, &mut prepare).await;
             loop {
                 let (msgs, prepared) = match next {
@@ -222,21 +222,39 @@ impl Runner {
         }
     }
 
-    /// The next batch from `chunks`, prepared.
-    async fn fetch<S, P, PFut, T, E>(&self, chunks: &mut S, prepare: &mut P) -> Fetched<T, E>
+    /// The next batch from the pull stream, prepared. The first message waits for nobody (but
+    /// shutdown); then whatever else is ready joins it, and, with a linger, whatever arrives
+    /// within the linger, up to a batch. So a backlog moves in full batches, and a steady
+    /// stream of single events is applied in one transaction per linger, not one per event.
+    async fn fetch<S, P, PFut, T, E>(&self, messages: &mut S, prepare: &mut P) -> Fetched<T, E>
     where
-        S: futures::Stream<Item = Vec<Result<jetstream::Message, MessagesError>>> + Unpin,
+        S: futures::stream::FusedStream<Item = Result<jetstream::Message, MessagesError>> + Unpin,
         P: FnMut(Vec<Delivered>) -> PFut,
         PFut: Future<Output = Result<T, E>>,
     {
         loop {
-            let chunk = tokio::select! {
+            let first = tokio::select! {
                 _ = self.shutdown.cancelled() => return Fetched::Shutdown,
-                c = chunks.next() => c,
+                m = messages.next() => m,
             };
-            let Some(chunk) = chunk else {
+            let Some(first) = first else {
                 return Fetched::End;
             };
+            let mut chunk = vec![first];
+            let deadline = tokio::time::Instant::now() + self.linger;
+            while chunk.len() < self.batch {
+                let next = match messages.next().now_or_never() {
+                    Some(next) => next,
+                    None if self.linger.is_zero() => break,
+                    None => match tokio::time::timeout_at(deadline, messages.next()).await {
+                        Ok(next) => next,
+                        Err(_) => break,
+                    },
+                };
+                // An ended stream ends this batch; being fused, it reports the end next time.
+                let Some(next) = next else { break };
+                chunk.push(next);
+            }
             let mut msgs = Vec::with_capacity(chunk.len());
             for m in chunk {
                 match m {

@@ -1,6 +1,7 @@
 //! The consumer loop every projector shares, against a real JetStream: the next batch is
 //! prepared while the current one is applied, a batch is acked the moment it is applied (not
-//! when the next one arrives), and a batch that failed comes back.
+//! when the next one arrives), a batch that failed comes back, and a linger gathers what
+//! arrives within it without holding back a full batch.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -34,8 +35,18 @@ async fn publish(stack: &TestStack, n: usize) {
 }
 
 async fn runner(stack: &TestStack, name: &'static str, batch: usize) -> Runner {
+    lingering_runner(stack, name, batch, Duration::ZERO).await
+}
+
+async fn lingering_runner(
+    stack: &TestStack,
+    name: &'static str,
+    batch: usize,
+    linger: Duration,
+) -> Runner {
     let config = ProjectorConfig {
         batch,
+        linger,
         ..Default::default()
     };
     Runner::new(&stack.infra, name, streams::CHATS, &config, true)
@@ -175,4 +186,70 @@ async fn a_batch_whose_apply_failed_is_redelivered_and_applied() {
         "each message applied exactly once: {seen:?}"
     );
     assert!(seen.contains(&(2, false)), "the failure happened: {seen:?}");
+}
+
+/// Waits until the durable `proj-<name>` has delivered everything and `n` messages are unacked.
+async fn delivered_unacked(stack: &TestStack, name: &str, n: usize) {
+    let stream = stack.infra.js.get_stream(streams::CHATS).await.unwrap();
+    eventually(DEADLINE, "the first message delivered", || {
+        let stream = stream.clone();
+        async move {
+            let mut consumer = stream
+                .get_consumer::<pull::Config>(&format!("proj-{name}"))
+                .await
+                .ok()?;
+            let info = consumer.info().await.ok()?;
+            (info.num_pending == 0 && info.num_ack_pending == n).then_some(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn events_arriving_within_the_linger_are_applied_in_one_batch() {
+    let stack = TestStack::start().await;
+    publish(&stack, 1).await;
+    let runner = lingering_runner(&stack, "linger", 500, Duration::from_secs(3)).await;
+    let (batches_tx, mut batches_rx) = mpsc::unbounded_channel::<Vec<u64>>();
+    let task = tokio::spawn(runner.run(move |batch: Vec<Delivered>| {
+        let batches_tx = batches_tx.clone();
+        async move {
+            batches_tx
+                .send(batch.iter().map(|d| d.stream_seq).collect())
+                .unwrap();
+            Ok::<_, String>(vec![Disposition::Ack; batch.len()])
+        }
+    }));
+    // The first message is with the runner and not applied (it lingers); two more arrive.
+    delivered_unacked(&stack, "linger", 1).await;
+    assert!(
+        batches_rx.try_recv().is_err(),
+        "applied before the linger ended"
+    );
+    publish(&stack, 2).await;
+    let first = tokio::time::timeout(DEADLINE, batches_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        first,
+        vec![1, 2, 3],
+        "one batch for everything within the linger"
+    );
+    stack.infra.shutdown.cancel();
+    tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_full_batch_does_not_wait_for_the_linger() {
+    let stack = TestStack::start().await;
+    publish(&stack, 2).await;
+    // A linger far beyond the deadline: only a full batch can be applied in time.
+    let runner = lingering_runner(&stack, "full", 2, Duration::from_secs(600)).await;
+    let task = tokio::spawn(runner.run(|batch: Vec<Delivered>| async move {
+        Ok::<_, String>(vec![Disposition::Ack; batch.len()])
+    }));
+    all_acked(&stack, "full", "the full batch applied at once").await;
+    stack.infra.shutdown.cancel();
+    tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap();
 }
