@@ -161,15 +161,14 @@ impl Runner {
                     continue;
                 }
             };
-            let mut chunks = messages.fuse();
-            let mut next = self.fetch(&mut chunks, &mut prepare).await;
+            let mut messages = messages.fuse();
+            let mut next = self.fetch(&mut messages, &mut prepare).await;
             loop {
                 let (msgs, prepared) = match next {
                     Fetched::Batch(msgs, prepared) => (msgs, prepared),
                     Fetched::End => continue 'outer,
                     Fetched::Shutdown => return,
                 };
-                let started = Instant::now();
                 let prepared = match prepared {
                     Ok(prepared) => prepared,
                     Err(e) => {
@@ -177,14 +176,16 @@ impl Runner {
                         if self.pause(&mut backoff).await {
                             return;
                         }
-                        next = self.fetch(&mut chunks, &mut prepare).await;
+                        next = self.fetch(&mut messages, &mut prepare).await;
                         continue;
                     }
                 };
-                // The transaction of this batch, and meanwhile the next batch's fetch and
-                // preparation; this batch is acked the moment its transaction is done.
+                // The transaction of this batch, and meanwhile (with `overlap`) the next
+                // batch's fetch and preparation; this batch is acked the moment its
+                // transaction is done.
+                let started = Instant::now();
                 let applying = apply(prepared);
-                let fetching = self.fetch(&mut chunks, &mut prepare);
+                let fetching = self.fetch(&mut messages, &mut prepare);
                 tokio::pin!(applying, fetching);
                 let mut fetched = None;
                 let result = loop {

@@ -59,8 +59,9 @@ fn prepare_nothing(batch: Vec<Delivered>) -> std::future::Ready<Result<Vec<Deliv
     std::future::ready(Ok(batch))
 }
 
-/// Waits until the durable `proj-<name>` has nothing pending and nothing unacked.
-async fn all_acked(stack: &TestStack, name: &str, what: &str) {
+/// Waits until the durable `proj-<name>` has delivered everything and exactly `unacked`
+/// messages are delivered but not acked.
+async fn consumer_reaches(stack: &TestStack, name: &str, unacked: usize, what: &str) {
     let stream = stack.infra.js.get_stream(streams::CHATS).await.unwrap();
     eventually(DEADLINE, what, || {
         let stream = stream.clone();
@@ -70,10 +71,26 @@ async fn all_acked(stack: &TestStack, name: &str, what: &str) {
                 .await
                 .ok()?;
             let info = consumer.info().await.ok()?;
-            (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+            (info.num_pending == 0 && info.num_ack_pending == unacked).then_some(())
         }
     })
     .await;
+}
+
+/// Waits until the durable `proj-<name>` has nothing pending and nothing unacked.
+async fn all_acked(stack: &TestStack, name: &str, what: &str) {
+    consumer_reaches(stack, name, 0, what).await;
+}
+
+/// An apply that acks every message of its batch.
+fn ack_all(batch: Vec<Delivered>) -> std::future::Ready<Result<Vec<Disposition>, String>> {
+    std::future::ready(Ok(vec![Disposition::Ack; batch.len()]))
+}
+
+/// Shuts the stack down and waits for the runner's task to return.
+async fn stop(stack: &TestStack, task: tokio::task::JoinHandle<()>) {
+    stack.infra.shutdown.cancel();
+    tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap();
 }
 
 #[tokio::test]
@@ -106,7 +123,7 @@ async fn the_next_batch_is_prepared_while_the_current_one_is_applied() {
                         release.notified().await;
                     }
                     applying.store(false, Ordering::SeqCst);
-                    Ok::<_, String>(vec![Disposition::Ack; batch.len()])
+                    ack_all(batch).await
                 }
             },
         )
@@ -126,8 +143,7 @@ async fn the_next_batch_is_prepared_while_the_current_one_is_applied() {
     );
     release.notify_one();
     all_acked(&stack, "staged", "both batches acked").await;
-    stack.infra.shutdown.cancel();
-    tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap();
+    stop(&stack, task).await;
 }
 
 #[tokio::test]
@@ -135,16 +151,11 @@ async fn a_batch_is_acked_as_soon_as_it_is_applied_with_no_next_batch_in_sight()
     let stack = TestStack::start().await;
     publish(&stack, 1).await;
     let runner = runner(&stack, "lone", 500).await;
-    let task = tokio::spawn(
-        runner.run_staged(prepare_nothing, |batch: Vec<Delivered>| async move {
-            Ok::<_, String>(vec![Disposition::Ack; batch.len()])
-        }),
-    );
+    let task = tokio::spawn(runner.run_staged(prepare_nothing, ack_all));
     // Nothing else is published: the fetch of a next batch stays pending for good, and the
     // ack must not wait for it (it would be redelivered after ack_wait, 30 s).
     all_acked(&stack, "lone", "the lone batch acked").await;
-    stack.infra.shutdown.cancel();
-    tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap();
+    stop(&stack, task).await;
 }
 
 #[tokio::test]
@@ -165,44 +176,25 @@ async fn a_batch_whose_apply_failed_is_redelivered_and_applied() {
                     return Err("PostgreSQL is away".to_owned());
                 }
                 applied_tx.send((seq, true)).unwrap();
-                Ok(vec![Disposition::Ack; batch.len()])
+                ack_all(batch).await
             }
         }),
     );
     all_acked(&stack, "flaky", "every message acked").await;
-    stack.infra.shutdown.cancel();
-    tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap();
+    stop(&stack, task).await;
 
     let mut seen = Vec::new();
     while let Ok(a) = applied_rx.try_recv() {
         seen.push(a);
     }
-    let committed: Vec<u64> = seen.iter().filter(|(_, ok)| *ok).map(|(s, _)| *s).collect();
-    let mut sorted = committed.clone();
-    sorted.sort_unstable();
+    let mut committed: Vec<u64> = seen.iter().filter(|(_, ok)| *ok).map(|(s, _)| *s).collect();
+    committed.sort_unstable();
     assert_eq!(
-        sorted,
+        committed,
         vec![1, 2, 3],
         "each message applied exactly once: {seen:?}"
     );
     assert!(seen.contains(&(2, false)), "the failure happened: {seen:?}");
-}
-
-/// Waits until the durable `proj-<name>` has delivered everything and `n` messages are unacked.
-async fn delivered_unacked(stack: &TestStack, name: &str, n: usize) {
-    let stream = stack.infra.js.get_stream(streams::CHATS).await.unwrap();
-    eventually(DEADLINE, "the first message delivered", || {
-        let stream = stream.clone();
-        async move {
-            let mut consumer = stream
-                .get_consumer::<pull::Config>(&format!("proj-{name}"))
-                .await
-                .ok()?;
-            let info = consumer.info().await.ok()?;
-            (info.num_pending == 0 && info.num_ack_pending == n).then_some(())
-        }
-    })
-    .await;
 }
 
 #[tokio::test]
@@ -217,11 +209,17 @@ async fn events_arriving_within_the_linger_are_applied_in_one_batch() {
             batches_tx
                 .send(batch.iter().map(|d| d.stream_seq).collect())
                 .unwrap();
-            Ok::<_, String>(vec![Disposition::Ack; batch.len()])
+            ack_all(batch).await
         }
     }));
     // The first message is with the runner and not applied (it lingers); two more arrive.
-    delivered_unacked(&stack, "linger", 1).await;
+    consumer_reaches(
+        &stack,
+        "linger",
+        1,
+        "the first message delivered, not acked",
+    )
+    .await;
     assert!(
         batches_rx.try_recv().is_err(),
         "applied before the linger ended"
@@ -236,8 +234,7 @@ async fn events_arriving_within_the_linger_are_applied_in_one_batch() {
         vec![1, 2, 3],
         "one batch for everything within the linger"
     );
-    stack.infra.shutdown.cancel();
-    tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap();
+    stop(&stack, task).await;
 }
 
 #[tokio::test]
@@ -246,10 +243,7 @@ async fn a_full_batch_does_not_wait_for_the_linger() {
     publish(&stack, 2).await;
     // A linger far beyond the deadline: only a full batch can be applied in time.
     let runner = lingering_runner(&stack, "full", 2, Duration::from_secs(600)).await;
-    let task = tokio::spawn(runner.run(|batch: Vec<Delivered>| async move {
-        Ok::<_, String>(vec![Disposition::Ack; batch.len()])
-    }));
+    let task = tokio::spawn(runner.run(ack_all));
     all_acked(&stack, "full", "the full batch applied at once").await;
-    stack.infra.shutdown.cancel();
-    tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap();
+    stop(&stack, task).await;
 }
