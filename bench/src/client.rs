@@ -28,14 +28,21 @@ pub struct User {
 /// connection of its own, driven inside the caller's task. The server gets the same requests
 /// as from [`Api::send`]; the client spends less on each (no pool checkout, no URL parsing, no
 /// hop to a connection task), which matters where the load generator shares two cores with
-/// the system it measures (docs/benchmarks.md, "Session 10").
+/// the system it measures (docs/benchmarks.md, "Session 10"). A connection that breaks is
+/// replaced on the next send, as a pooled client would.
 pub struct Sender {
-    conn: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-    driver: std::pin::Pin<
+    port: u16,
+    host: HeaderValue,
+    conn: Option<Conn>,
+}
+
+/// A connection's request handle and the future that drives it.
+type Conn = (
+    hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    std::pin::Pin<
         Box<hyper::client::conn::http1::Connection<TokioIo<tokio::net::TcpStream>, Full<Bytes>>>,
     >,
-    host: HeaderValue,
-}
+);
 
 impl Sender {
     /// sendMessage; the status code (201 when accepted), after reading the answer.
@@ -47,7 +54,10 @@ impl Sender {
             .body(Full::new(Bytes::from(serde_json::to_vec(
                 &json!({ "body": body }),
             )?)))?;
-        let conn = &mut self.conn;
+        let (conn, driver) = match &mut self.conn {
+            Some(c) => c,
+            None => self.conn.insert(connect(self.port).await?),
+        };
         let exchange = async move {
             conn.ready().await?;
             let res = conn.send_request(req).await?;
@@ -56,11 +66,24 @@ impl Sender {
             res.into_body().collect().await?;
             Ok::<_, hyper::Error>(status)
         };
-        tokio::select! {
-            r = exchange => Ok(r?),
-            r = &mut self.driver => bail!("connection closed: {r:?}"),
+        let answered = tokio::select! {
+            r = exchange => r.map_err(anyhow::Error::from),
+            r = driver => Err(anyhow::anyhow!("connection closed: {r:?}")),
+        };
+        if answered.is_err() {
+            self.conn = None;
         }
+        answered
     }
+}
+
+/// A keep-alive HTTP/1.1 connection to Parley on `port`.
+async fn connect(port: u16) -> anyhow::Result<Conn> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    // As reqwest (and any serious client) does: no Nagle delay on small requests.
+    tcp.set_nodelay(true)?;
+    let (conn, driver) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    Ok((conn, Box::pin(driver)))
 }
 
 /// A keep-alive HTTP client on one Parley.
@@ -195,16 +218,12 @@ impl Api {
         Ok(status)
     }
 
-    /// A [`Sender`] on a connection of its own.
+    /// A [`Sender`] on a connection of its own, made now.
     pub async fn sender(&self) -> anyhow::Result<Sender> {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await?;
-        // As reqwest (and any serious client) does: no Nagle delay on small requests.
-        tcp.set_nodelay(true)?;
-        let (conn, driver) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
         Ok(Sender {
-            conn,
-            driver: Box::pin(driver),
+            port: self.port,
             host: HeaderValue::from_str(&format!("127.0.0.1:{}", self.port))?,
+            conn: Some(connect(self.port).await?),
         })
     }
 

@@ -244,16 +244,16 @@ impl Runner {
             let mut chunk = vec![first];
             let deadline = tokio::time::Instant::now() + self.linger;
             while chunk.len() < self.batch {
-                let next = match messages.next().now_or_never() {
-                    Some(next) => next,
-                    None if self.linger.is_zero() => break,
-                    None => match tokio::time::timeout_at(deadline, messages.next()).await {
-                        Ok(next) => next,
-                        Err(_) => break,
-                    },
+                // `None` outside: nothing more in time; inside: the stream ended, which ends
+                // this batch (being fused, the stream reports the end again next time).
+                let next = if self.linger.is_zero() {
+                    messages.next().now_or_never()
+                } else {
+                    tokio::time::timeout_at(deadline, messages.next())
+                        .await
+                        .ok()
                 };
-                // An ended stream ends this batch; being fused, it reports the end next time.
-                let Some(next) = next else { break };
+                let Some(Some(next)) = next else { break };
                 chunk.push(next);
             }
             let mut msgs = Vec::with_capacity(chunk.len());
