@@ -300,7 +300,7 @@ async fn a_deleted_body_is_in_neither_the_raw_stream_the_read_models_nor_a_rebui
 async fn reactions_are_idempotent_bounded_live_and_in_history() {
     let app = spawn_app().await;
     let (ada, bob, eve, chat, mut ada_ws, _bob_ws) = group_of_ada_and_bob(&app).await;
-    let (msg, _) = app.send_message(&ada, &chat, "react to me").await;
+    let (msg, msg_seq) = app.send_message(&ada, &chat, "react to me").await;
 
     let thumbs = reaction_path(&chat, &msg, "👍");
     let (s, res) = app.call(Method::PUT, &thumbs, Some(&bob.token), None).await;
@@ -336,6 +336,11 @@ async fn reactions_are_idempotent_bounded_live_and_in_history() {
         m["reactions"],
         json!({"👍": [bob.user_id, ada.user_id], "👍🏽": [ada.user_id]})
     );
+    // A socket opened now replays the unacked message from the read model, reactions included.
+    let mut replay = app.socket(&bob.token).await;
+    let f = replay.event_at(msg_seq, WAIT).await;
+    assert_eq!(f["type"], "newMessage", "{f}");
+    assert_eq!(f["message"]["reactions"], m["reactions"], "{f}");
 
     // Strangers 404; things that are not one emoji 422 — with nothing appended.
     let (s, _) = app.call(Method::PUT, &thumbs, Some(&eve.token), None).await;
@@ -364,6 +369,12 @@ async fn reactions_are_idempotent_bounded_live_and_in_history() {
         .call(Method::DELETE, &thumbs, Some(&bob.token), None)
         .await;
     assert_eq!((s, again["sequence"].as_u64()), (200, Some(removed)));
+    let m = find(&history(&app, &bob, &chat, removed).await, &msg).clone();
+    assert_eq!(
+        m["reactions"],
+        json!({"👍": [ada.user_id], "👍🏽": [ada.user_id]}),
+        "history drops the removed reactor"
+    );
 
     // At most 20 distinct emoji per message (2 are on it): an 21st is refused, joining one is not.
     let faces: Vec<String> = (0..18)

@@ -68,7 +68,7 @@ pub(crate) async fn deleted(
         .execute(&mut *tx)
         .await?;
     sqlx::query(
-        "UPDATE messages SET body = NULL, deleted = true, attachments = '[]' \
+        "UPDATE messages SET body = NULL, deleted = true, attachments = '[]', reactions = NULL \
          WHERE chat_id = $1 AND message_id = $2",
     )
     .bind(chat_id)
@@ -97,11 +97,12 @@ pub(crate) async fn reaction_added(
     .bind(seq)
     .execute(&mut *tx)
     .await?;
-    Ok(())
+    summarize_reactions(tx, chat_id, r).await
 }
 
 pub(crate) async fn reaction_removed(
     tx: &mut sqlx::PgConnection,
+    chat_id: Uuid,
     r: &Reaction,
 ) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM reactions WHERE message_id = $1 AND emoji = $2 AND user_id = $3")
@@ -110,5 +111,27 @@ pub(crate) async fn reaction_removed(
         .bind(r.user_id.as_uuid())
         .execute(&mut *tx)
         .await?;
+    summarize_reactions(tx, chat_id, r).await
+}
+
+/// Rewrites the message's `reactions` summary from its `reactions` rows, which stay the
+/// record (decisions read them): reactions are rare next to reads of history, so the
+/// aggregation runs once per change here instead of once per message on every page.
+async fn summarize_reactions(
+    tx: &mut sqlx::PgConnection,
+    chat_id: Uuid,
+    r: &Reaction,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE messages SET reactions = \
+           (SELECT jsonb_object_agg(emoji, users) FROM \
+              (SELECT emoji, jsonb_agg(user_id ORDER BY sequence) AS users FROM reactions \
+               WHERE message_id = $2 GROUP BY emoji) per_emoji) \
+         WHERE chat_id = $1 AND message_id = $2 AND NOT deleted",
+    )
+    .bind(chat_id)
+    .bind(r.message_id.as_uuid())
+    .execute(&mut *tx)
+    .await?;
     Ok(())
 }

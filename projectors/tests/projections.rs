@@ -421,6 +421,16 @@ async fn sealed_messages_open_edit_react_and_a_deletion_in_the_same_batch_leaves
         .await
         .unwrap();
     assert_eq!(reactions, vec![(*kept.as_uuid(),)]);
+    // History reads each message's summary: the kept message's reactor, none on the deleted.
+    let summaries: Vec<(Option<serde_json::Value>,)> =
+        sqlx::query_as("SELECT reactions FROM messages ORDER BY sequence")
+            .fetch_all(&pg)
+            .await
+            .unwrap();
+    assert_eq!(
+        summaries,
+        vec![(Some(serde_json::json!({ "👍": [chat.admin] })),), (None,)]
+    );
     let traces: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM message_edits) + \
                 (SELECT count(*) FROM chat_updates u WHERE u::text LIKE '%secret%')",

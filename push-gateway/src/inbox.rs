@@ -218,11 +218,7 @@ pub(crate) async fn events(
         SELECT * FROM (
             (SELECT sequence, message_id, sender_id, body, reply_to, attachments,
                     sent_at, edited_at, deleted, thread_root, thread_reply_count,
-                    last_reply_at, mentions, NULL::jsonb AS "update",
-                    (SELECT jsonb_object_agg(emoji, users) FROM
-                        (SELECT emoji, jsonb_agg(user_id ORDER BY sequence) AS users
-                         FROM reactions r WHERE r.message_id = messages.message_id
-                         GROUP BY emoji) x) AS reactions
+                    last_reply_at, mentions, NULL::jsonb AS "update", reactions
              FROM messages
              WHERE chat_id = $1 AND sequence BETWEEN $2 AND $3
              ORDER BY sequence LIMIT $4)

@@ -11,14 +11,12 @@ use uuid::Uuid;
 
 use super::{bound, seq};
 
-/// The columns every message read selects, in `MessageRow` order. `reactions` is
-/// `{emoji: [user_id]}` with reactors in the order they reacted (NULL when none).
+/// The columns every message read selects, in `MessageRow` order. `reactions` is the
+/// projection's summary, `{emoji: [user_id]}` with reactors in the order they reacted (NULL
+/// when none).
 pub(crate) const MESSAGE_COLUMNS: &str = "message_id, sequence, sender_id, body, reply_to, \
      attachments, sent_at, edited_at, deleted, thread_root, thread_reply_count, last_reply_at, \
-     mentions, \
-     (SELECT jsonb_object_agg(emoji, users) FROM \
-        (SELECT emoji, jsonb_agg(user_id ORDER BY sequence) AS users FROM reactions r \
-         WHERE r.message_id = messages.message_id GROUP BY emoji) x) AS reactions";
+     mentions, reactions";
 
 #[derive(FromRow)]
 pub(crate) struct MessageRow {
