@@ -139,3 +139,91 @@ async fn a_key_stored_under_the_pre_pool_name_is_still_read_kept_for_edits_and_d
             .is_none()
     );
 }
+
+/// Opens every sealed body with the keys `reader` gets (its cache, else the bucket); the
+/// message at `destroyed` must have no key.
+async fn assert_bodies_open(
+    reader: &MessageKeys,
+    messages: &[(ChatId, MessageId)],
+    sealed: &[parley_schemas::events::SealedBody],
+    destroyed: Option<usize>,
+) {
+    for (i, ((chat, message), sealed)) in messages.iter().zip(sealed).enumerate() {
+        let key = reader.get(*chat, *message).await.unwrap();
+        if Some(i) == destroyed {
+            assert!(key.is_none(), "message {i}: its key was destroyed");
+        } else {
+            let key = key.unwrap_or_else(|| panic!("message {i}: no key"));
+            assert_eq!(
+                open(&key, *chat, *message, sealed),
+                Some(format!("body {i}")),
+                "message {i}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_backlog_of_keys_is_read_in_one_scan_and_a_small_batch_is_not_scanned() {
+    let server = NatsServer::start().await;
+    let (js, bucket) = setup(&server).await;
+    let writer = MessageKeys::new(bucket.clone(), js.clone());
+    let chat = ChatId::new();
+    // 100 messages' keys, in the order their ids were minted, with keys of other messages
+    // (other chats, pooled keys never used) between them.
+    let (mut messages, mut sealed) = (Vec::new(), Vec::new());
+    for i in 0..100 {
+        let message = MessageId::new();
+        let key = writer.create(chat, message).await.unwrap();
+        sealed.push(seal(&key, chat, message, &format!("body {i}")));
+        messages.push((chat, message));
+        if i % 10 == 0 {
+            writer
+                .create(ChatId::new(), MessageId::new())
+                .await
+                .unwrap();
+        }
+    }
+    // The oldest message is deleted: the scan starts at the next one's key.
+    writer.destroy(chat, messages[0].1).await.unwrap();
+
+    let reader = MessageKeys::new(bucket.clone(), js.clone());
+    assert_eq!(
+        reader.prefetch(&messages[1..20]).await,
+        0,
+        "too few to scan"
+    );
+    assert_eq!(
+        reader.prefetch(&messages).await,
+        99,
+        "all but the destroyed"
+    );
+    assert_eq!(
+        reader.prefetch(&messages).await,
+        0,
+        "the scan filled the cache: nothing left to read"
+    );
+    assert_bodies_open(&reader, &messages, &sealed, Some(0)).await;
+}
+
+#[tokio::test]
+async fn keys_stored_out_of_id_order_are_still_read_one_by_one() {
+    let server = NatsServer::start().await;
+    let (js, bucket) = setup(&server).await;
+    let writer = MessageKeys::new(bucket.clone(), js.clone());
+    let chat = ChatId::new();
+    let messages: Vec<(ChatId, MessageId)> = (0..40).map(|_| (chat, MessageId::new())).collect();
+    // Stored newest first: the oldest id's key is the last in the bucket, so a scan from it
+    // finds that one key alone.
+    let mut sealed = Vec::new();
+    for (i, (chat, message)) in messages.iter().enumerate().rev() {
+        let key = writer.create(*chat, *message).await.unwrap();
+        sealed.push((i, seal(&key, *chat, *message, &format!("body {i}"))));
+    }
+    sealed.sort_by_key(|(i, _)| *i);
+    let sealed: Vec<_> = sealed.into_iter().map(|(_, s)| s).collect();
+
+    let reader = MessageKeys::new(bucket.clone(), js.clone());
+    assert_eq!(reader.prefetch(&messages).await, 1);
+    assert_bodies_open(&reader, &messages, &sealed, None).await;
+}

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use parley_nats::{KeyError, MessageKeys};
 use parley_schemas::frames::{self, AttachmentView, ChatItem};
-use parley_schemas::{ChatEvent, ChatId, StoredEvent};
+use parley_schemas::{ChatEvent, ChatId, MessageId, StoredEvent};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -145,6 +145,16 @@ async fn open_bodies(
     keys: &MessageKeys,
     events: &[Option<StoredEvent<ChatEvent>>],
 ) -> Result<Vec<Option<String>>, KeyError> {
+    // A backlog's batch reads the keys of its new messages in one scan; what that misses, a
+    // small batch's keys, and edits' keys (made when their message was sent, so far back in
+    // the bucket) are read one by one below, from the cache where the scan found them.
+    let wanted: Vec<(ChatId, MessageId)> = events
+        .iter()
+        .flatten()
+        .filter(|e| matches!(e.event, ChatEvent::MessageSentV2(_)))
+        .filter_map(|e| Some((chat_of(e)?, e.event.message_id()?)))
+        .collect();
+    keys.prefetch(&wanted).await;
     // Futures built up front (not in a `map` closure held across awaits), which keeps the
     // batch future `Send` for the runner's task.
     let fetches: Vec<_> = events.iter().map(|e| open_one(keys, e)).collect();
@@ -248,7 +258,7 @@ async fn apply_one(
         }
         ChatEvent::ReactionRemoved(r) => {
             flush_messages(tx, messages).await?;
-            crate::message_changes::reaction_removed(tx, r).await?;
+            crate::message_changes::reaction_removed(tx, chat_id, r).await?;
         }
         ChatEvent::Created(c) => {
             sqlx::query(

@@ -446,6 +446,51 @@ async fn sealed_messages_open_edit_react_and_a_deletion_in_the_same_batch_leaves
     assert!(keys.get(chat.id, kept).await.unwrap().is_some());
 }
 
+#[tokio::test]
+async fn a_backlog_batch_opens_every_body_with_keys_this_process_never_held() {
+    use parley_nats::message_keys::seal;
+    use parley_schemas::events::MessageSentV2;
+
+    let (stack, pg, _) = db().await;
+    // The keys were made by another process (the command-api): this projector's cache is
+    // empty, so the batch reads them from the bucket, in one scan (more than
+    // `BULK_READ_MIN` of them).
+    let sender = MessageKeys::new(
+        stack.infra.buckets.message_keys.clone(),
+        stack.infra.js.clone(),
+    );
+    let mut chat = Chat::new();
+    let mut batch = vec![chat.created(&[])];
+    let n = parley_nats::message_keys::BULK_READ_MIN * 2;
+    for i in 0..n {
+        let message_id = MessageId::new();
+        let key = sender.create(chat.id, message_id).await.unwrap();
+        batch.push(chat.next(ChatEvent::MessageSentV2(MessageSentV2 {
+            message_id,
+            sender_id: chat.admin,
+            sealed_body: seal(&key, chat.id, message_id, &format!("body {i}")),
+            reply_to: None,
+            attachments: vec![],
+            thread_root: None,
+            mentions: vec![],
+            attachment_details: vec![],
+        })));
+    }
+    let projector = MessageKeys::new(
+        stack.infra.buckets.message_keys.clone(),
+        stack.infra.js.clone(),
+    );
+    let out = chats::apply(&pg, &projector, batch, DELAY).await.unwrap();
+    assert_eq!(out, vec![Disposition::Ack; n + 1]);
+    let bodies: Vec<(Option<String>,)> =
+        sqlx::query_as("SELECT body FROM messages ORDER BY sequence")
+            .fetch_all(&pg)
+            .await
+            .unwrap();
+    let expected: Vec<(Option<String>,)> = (0..n).map(|i| (Some(format!("body {i}")),)).collect();
+    assert_eq!(bodies, expected);
+}
+
 /// The events of one user, with the times the test gives them.
 struct User {
     id: UserId,
