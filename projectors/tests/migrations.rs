@@ -1,0 +1,92 @@
+//! Migrations that change what the projections keep, checked on rows written before them: a
+//! database at the previous migration gets rows, then the migration runs, as on an upgrade.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use parley_platform::MIGRATOR;
+use parley_test_support::TestDb;
+use serde_json::json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// A fresh database with every migration before `version` applied, in order.
+async fn at_migration_before(version: i64) -> (TestDb, PgPool) {
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    for m in MIGRATOR.iter().filter(|m| m.version < version) {
+        sqlx::raw_sql(&m.sql).execute(&pool).await.unwrap();
+    }
+    (db, pool)
+}
+
+async fn apply(pool: &PgPool, version: i64) {
+    let m = MIGRATOR
+        .iter()
+        .find(|m| m.version == version)
+        .expect("the migration under test exists");
+    sqlx::raw_sql(&m.sql).execute(pool).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_reactions_summary_is_backfilled_from_the_reactions_rows() {
+    const SUMMARY: i64 = 20261122001001;
+    let (_db, pg) = at_migration_before(SUMMARY).await;
+    let chat = Uuid::now_v7();
+    let (reacted, plain, deleted) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let (ada, bob) = (Uuid::now_v7(), Uuid::now_v7());
+    for (seq, message, is_deleted) in [
+        (2_i64, reacted, false),
+        (3, plain, false),
+        (4, deleted, true),
+    ] {
+        sqlx::query(
+            "INSERT INTO messages (chat_id, sequence, message_id, sender_id, body, sent_at, deleted) \
+             VALUES ($1, $2, $3, $4, 'x', now(), $5)",
+        )
+        .bind(chat)
+        .bind(seq)
+        .bind(message)
+        .bind(ada)
+        .bind(is_deleted)
+        .execute(&pg)
+        .await
+        .unwrap();
+    }
+    // Bob reacted before Ada (sequence 5 < 6), whatever the rows' physical order.
+    for (message, emoji, user, seq) in [
+        (reacted, "👍", ada, 6_i64),
+        (reacted, "👍", bob, 5),
+        (reacted, "🎉", ada, 7),
+        // A leftover on a deleted message (the projection drops these) shows nowhere.
+        (deleted, "👍", bob, 8),
+    ] {
+        sqlx::query(
+            "INSERT INTO reactions (message_id, emoji, user_id, chat_id, sequence) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(message)
+        .bind(emoji)
+        .bind(user)
+        .bind(chat)
+        .bind(seq)
+        .execute(&pg)
+        .await
+        .unwrap();
+    }
+
+    apply(&pg, SUMMARY).await;
+
+    let rows: Vec<(Uuid, Option<serde_json::Value>)> =
+        sqlx::query_as("SELECT message_id, reactions FROM messages ORDER BY sequence")
+            .fetch_all(&pg)
+            .await
+            .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            (reacted, Some(json!({ "👍": [bob, ada], "🎉": [ada] }))),
+            (plain, None),
+            (deleted, None),
+        ]
+    );
+}
