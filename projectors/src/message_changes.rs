@@ -3,6 +3,7 @@
 //! reactions. Each runs inside the batch transaction of `chats::apply`.
 
 use chrono::{DateTime, Utc};
+use parley_schemas::MessageId;
 use parley_schemas::events::{MessageDeleted, MessageEdited, Reaction};
 use uuid::Uuid;
 
@@ -97,7 +98,7 @@ pub(crate) async fn reaction_added(
     .bind(seq)
     .execute(&mut *tx)
     .await?;
-    summarize_reactions(tx, chat_id, r).await
+    summarize_reactions(tx, chat_id, r.message_id).await
 }
 
 pub(crate) async fn reaction_removed(
@@ -111,7 +112,7 @@ pub(crate) async fn reaction_removed(
         .bind(r.user_id.as_uuid())
         .execute(&mut *tx)
         .await?;
-    summarize_reactions(tx, chat_id, r).await
+    summarize_reactions(tx, chat_id, r.message_id).await
 }
 
 /// Rewrites the message's `reactions` summary from its `reactions` rows, which stay the
@@ -120,7 +121,7 @@ pub(crate) async fn reaction_removed(
 async fn summarize_reactions(
     tx: &mut sqlx::PgConnection,
     chat_id: Uuid,
-    r: &Reaction,
+    message_id: MessageId,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE messages SET reactions = \
@@ -130,7 +131,7 @@ async fn summarize_reactions(
          WHERE chat_id = $1 AND message_id = $2 AND NOT deleted",
     )
     .bind(chat_id)
-    .bind(r.message_id.as_uuid())
+    .bind(message_id.as_uuid())
     .execute(&mut *tx)
     .await?;
     Ok(())

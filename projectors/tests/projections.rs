@@ -453,8 +453,9 @@ async fn a_backlog_batch_opens_every_body_with_keys_this_process_never_held() {
 
     let (stack, pg, _) = db().await;
     // The keys were made by another process (the command-api): this projector's cache is
-    // empty, so the batch reads them from the bucket, in one scan (more than
-    // `BULK_READ_MIN` of them).
+    // empty, so the batch reads them from the bucket, more than `BULK_READ_MIN` of them, which
+    // takes the scan. Whether the scan or the reads one by one find a key, every body must
+    // open; that the scan itself finds them is `nats/tests/message_keys.rs`'s to show.
     let sender = MessageKeys::new(
         stack.infra.buckets.message_keys.clone(),
         stack.infra.js.clone(),
