@@ -85,6 +85,21 @@ pub async fn prepare(keys: &MessageKeys, batch: Vec<Delivered>) -> Result<Prepar
     })
 }
 
+/// The live projector's apply: the batch's transaction, then the membership notices of the
+/// events it holds (`fanout`), before the runner acks the batch. A rebuild applies without
+/// them (`apply`): history is no news to a gateway.
+pub async fn apply_and_announce(
+    pg: &PgPool,
+    nats: &async_nats::Client,
+    prepared: Prepared,
+    out_of_order_delay: Duration,
+) -> Result<Vec<Disposition>, ApplyError> {
+    let notices = crate::fanout::notices(&prepared.events);
+    let applied = apply_prepared(pg, prepared, out_of_order_delay).await?;
+    crate::fanout::publish(nats, notices, &applied).await;
+    Ok(applied)
+}
+
 /// The batch's transaction: its effects and its checkpoints, all or nothing.
 pub async fn apply_prepared(
     pg: &PgPool,

@@ -1,51 +1,40 @@
-//! The fan-out projector: tells gateways, per user, when that user joined or left a chat
+//! Membership notices: tells gateways, per user, when that user joined or left a chat
 //! (`notify.user.<user_id>`), so they start or stop following the chat's live subject. Chat
 //! events themselves reach gateways by JetStream republish, one message per event, whatever
 //! the number of members.
 //!
-//! A notice goes out only once the chats projection holds the event: a gateway reads a
-//! connecting device's chats from PostgreSQL after subscribing to its notices, so a notice sent
-//! earlier could reach neither that read nor the subscription, and the device would miss the
-//! chat until its next membership resync.
-
-use std::collections::HashSet;
-use std::time::Duration;
+//! The chats projector publishes them right after the commit of the batch that holds their
+//! events, and before it acks that batch. A gateway reads a connecting device's chats from
+//! PostgreSQL after subscribing to its notices, so a notice sent before the read model held its
+//! event could reach neither that read nor the subscription; after the commit it reaches one of
+//! them. A crash between the commit and the acks redelivers the batch, whose events are then
+//! already applied (`Disposition::Ack` without a change) and announced again: at least once,
+//! and a repeated notice only makes a gateway follow a chat it already follows.
+//!
+//! It used to be a projector of its own (`proj-fanout`): a third consumer of every chat event,
+//! acting on few of them and waiting for the chats projection before each (ADR 3, addendum).
 
 use parley_nats::subjects;
-use parley_schemas::{ChatEvent, UserId};
+use parley_schemas::{ChatEvent, StoredEvent, UserId};
 use serde_json::json;
-use sqlx::PgPool;
-use uuid::Uuid;
 
-use crate::runner::{Delivered, Disposition, decode_all};
+use crate::runner::Disposition;
 
-pub async fn apply(
-    pg: &PgPool,
-    nats: &async_nats::Client,
-    batch: Vec<Delivered>,
-    not_projected_yet: Duration,
-) -> Result<Vec<Disposition>, sqlx::Error> {
-    let events = decode_all::<ChatEvent>("fanout", &batch);
-    let projected = projected_versions(pg, &events).await?;
-    // Chats with a deferred notice: their later notices wait too, so they keep their order.
-    let mut deferred: HashSet<Uuid> = HashSet::new();
-    let mut out = Vec::with_capacity(events.len());
-    for event in &events {
-        let Some(event) = event else {
-            out.push(Disposition::Term);
-            continue;
-        };
-        if changes_membership(&event.event)
-            && let Ok(chat) = Uuid::parse_str(&event.meta.subject)
-        {
-            let version = projected.iter().find(|(c, _)| *c == chat).map(|(_, v)| *v);
-            if deferred.contains(&chat) || version.unwrap_or(0) < event.meta.sequence as i64 {
-                deferred.insert(chat);
-                out.push(Disposition::Retry(not_projected_yet));
-                continue;
-            }
-        }
-        let changes: Vec<(UserId, &str)> = match &event.event {
+/// One user's membership change, at the position of its event in the batch.
+pub struct Notice {
+    at: usize,
+    user: UserId,
+    chat_id: String,
+    sequence: u64,
+    change: &'static str,
+}
+
+/// The notices a batch's events would announce, each with its event's index in the batch.
+pub fn notices(events: &[Option<StoredEvent<ChatEvent>>]) -> Vec<Notice> {
+    let mut out = Vec::new();
+    for (at, event) in events.iter().enumerate() {
+        let Some(event) = event else { continue };
+        let changes: Vec<(UserId, &'static str)> = match &event.event {
             ChatEvent::Created(c) => c.members.iter().map(|m| (m.user_id, "added")).collect(),
             ChatEvent::ParticipantsModified(p) => p
                 .added
@@ -60,54 +49,43 @@ pub async fn apply(
             | ChatEvent::ReactionAdded(_)
             | ChatEvent::ReactionRemoved(_)
             | ChatEvent::TitleChanged(_)
-            | ChatEvent::RoleChanged(_) => Vec::new(),
+            | ChatEvent::RoleChanged(_) => continue,
         };
-        for (user, change) in changes {
-            let body = json!({
-                "chat_id": event.meta.subject,
-                "sequence": event.meta.sequence,
-                "change": change,
-            });
-            // Core NATS is best effort; a gateway that misses this still learns the chat on
-            // the user's next connect (membership is read from PostgreSQL then).
-            if let Err(e) = nats
-                .publish(subjects::notify_user(user), body.to_string().into())
-                .await
-            {
-                tracing::warn!(error = %e, "notify publish failed");
-            }
-        }
-        out.push(Disposition::Ack);
+        out.extend(changes.into_iter().map(|(user, change)| Notice {
+            at,
+            user,
+            chat_id: event.meta.subject.clone(),
+            sequence: event.meta.sequence,
+            change,
+        }));
     }
-    if let Err(e) = nats.flush().await {
+    out
+}
+
+/// Publishes the notices whose events the committed batch holds: those acked (applied now or
+/// before). An event left to retry or terminated announces nothing.
+pub async fn publish(nats: &async_nats::Client, notices: Vec<Notice>, applied: &[Disposition]) {
+    let mut sent = false;
+    for n in notices {
+        if applied.get(n.at) != Some(&Disposition::Ack) {
+            continue;
+        }
+        let body = json!({
+            "chat_id": n.chat_id,
+            "sequence": n.sequence,
+            "change": n.change,
+        });
+        // Core NATS is best effort; a gateway that misses this still learns the chat on the
+        // user's next connect or its 30 s membership resync (read from PostgreSQL then).
+        if let Err(e) = nats
+            .publish(subjects::notify_user(n.user), body.to_string().into())
+            .await
+        {
+            tracing::warn!(error = %e, "notify publish failed");
+        }
+        sent = true;
+    }
+    if sent && let Err(e) = nats.flush().await {
         tracing::warn!(error = %e, "notify flush failed");
     }
-    Ok(out)
-}
-
-fn changes_membership(event: &ChatEvent) -> bool {
-    matches!(
-        event,
-        ChatEvent::Created(_) | ChatEvent::ParticipantsModified(_)
-    )
-}
-
-/// The chats projection's version of every chat whose membership the batch changes.
-async fn projected_versions(
-    pg: &PgPool,
-    events: &[Option<parley_schemas::StoredEvent<ChatEvent>>],
-) -> Result<Vec<(Uuid, i64)>, sqlx::Error> {
-    let chats: Vec<Uuid> = events
-        .iter()
-        .flatten()
-        .filter(|e| changes_membership(&e.event))
-        .filter_map(|e| Uuid::parse_str(&e.meta.subject).ok())
-        .collect();
-    if chats.is_empty() {
-        return Ok(Vec::new());
-    }
-    sqlx::query_as("SELECT chat_id, last_sequence FROM chats WHERE chat_id = ANY($1)")
-        .bind(&chats)
-        .fetch_all(pg)
-        .await
 }

@@ -1,6 +1,6 @@
 //! projectors: durable JetStream pull consumers that apply events to the PostgreSQL read models
-//! (one transaction per batch, idempotent per aggregate) and fan membership changes out to the
-//! gateways.
+//! (one transaction per batch, idempotent per aggregate); the chats projector also announces
+//! membership changes to the gateways once they are committed.
 
 pub mod activity;
 pub mod chats;
@@ -51,8 +51,6 @@ impl Default for ProjectorConfig {
 pub struct Projector {
     pub name: &'static str,
     pub stream: &'static str,
-    /// False for projectors that write no PostgreSQL (fan-out): no checkpoint row.
-    pub checkpointed: bool,
 }
 
 /// Every projector `spawn` starts.
@@ -60,32 +58,22 @@ pub const PROJECTORS: &[Projector] = &[
     Projector {
         name: "chats",
         stream: parley_nats::streams::CHATS,
-        checkpointed: true,
     },
     Projector {
         name: "users",
         stream: parley_nats::streams::USERS,
-        checkpointed: true,
     },
     Projector {
         name: "receipts",
         stream: parley_nats::streams::RECEIPTS,
-        checkpointed: true,
-    },
-    Projector {
-        name: "fanout",
-        stream: parley_nats::streams::CHATS,
-        checkpointed: false,
     },
     Projector {
         name: activity::CHATS_READER,
         stream: parley_nats::streams::CHATS,
-        checkpointed: true,
     },
     Projector {
         name: activity::RECEIPTS_READER,
         stream: parley_nats::streams::RECEIPTS,
-        checkpointed: true,
     },
 ];
 
@@ -107,9 +95,6 @@ pub async fn spawn(
         true,
     )
     .await?;
-    // Live notifications only matter from now on: gateways replay from PostgreSQL on connect.
-    let fanout =
-        runner::Runner::new(infra, "fanout", parley_nats::streams::CHATS, &config, false).await?;
     let activity_chats = runner::Runner::new(
         infra,
         activity::CHATS_READER,
@@ -126,7 +111,9 @@ pub async fn spawn(
         true,
     )
     .await?;
+    retire_fanout_consumer(infra).await;
     let pg = infra.pg.clone();
+    let nats = infra.nats.clone();
     let delay = config.out_of_order_delay;
     let keys = infra.keys.clone();
     tracker.spawn(chats.run_staged(
@@ -139,8 +126,8 @@ pub async fn spawn(
             }
         },
         move |prepared| {
-            let pg = pg.clone();
-            async move { chats::apply_prepared(&pg, prepared, delay).await }
+            let (pg, nats) = (pg.clone(), nats.clone());
+            async move { chats::apply_and_announce(&pg, &nats, prepared, delay).await }
         },
     ));
     let pg = infra.pg.clone();
@@ -165,11 +152,18 @@ pub async fn spawn(
         let pg = pg.clone();
         async move { activity::apply_receipts(&pg, batch).await }
     }));
-    let pg = infra.pg.clone();
-    let nats = infra.nats.clone();
-    tracker.spawn(fanout.run(move |batch| {
-        let (pg, nats) = (pg.clone(), nats.clone());
-        async move { fanout::apply(&pg, &nats, batch, delay).await }
-    }));
     Ok(())
+}
+
+/// Deletes the durable consumer of the former fan-out projector, if a deployment still has one:
+/// nothing reads it any more, and it would keep the state of every chat event it never acks.
+async fn retire_fanout_consumer(infra: &Infra) {
+    let Ok(stream) = infra.js.get_stream(parley_nats::streams::CHATS).await else {
+        return;
+    };
+    if stream.delete_consumer("proj-fanout").await.is_ok() {
+        tracing::info!(
+            "deleted the retired consumer proj-fanout (membership notices now come from the chats projector)"
+        );
+    }
 }

@@ -15,8 +15,8 @@ pub struct ProjectorStatus {
     /// The durable consumer (`proj-<name>`); `None` in `consumer_exists` until it first ran.
     pub consumer: String,
     pub consumer_exists: bool,
-    /// Highest stream sequence applied, from `projector_checkpoints` (none for fan-out).
-    pub checkpoint: Option<u64>,
+    /// Highest stream sequence applied, from `projector_checkpoints` (0 before the first batch).
+    pub checkpoint: u64,
     /// Everything up to here is acknowledged by the projector.
     pub acked: Option<u64>,
     /// The stream's last sequence.
@@ -65,7 +65,7 @@ pub async fn status(
             .iter()
             .find(|(name, _)| name == p.name)
             .map(|(_, seq)| u64::try_from(*seq).unwrap_or(0))
-            .or(p.checkpointed.then_some(0));
+            .unwrap_or(0);
         let consumer = format!("proj-{}", p.name);
         let info = stream.consumer_info(&consumer).await.ok();
         let (acked, lag_events) = match &info {
@@ -73,16 +73,13 @@ pub async fn status(
                 Some(i.ack_floor.stream_sequence),
                 i.num_pending + i.num_ack_pending as u64,
             ),
-            None => (
-                None,
-                state.last_sequence.saturating_sub(checkpoint.unwrap_or(0)),
-            ),
+            None => (None, state.last_sequence.saturating_sub(checkpoint)),
         };
         let lag_seconds = if lag_events == 0 {
             0.0
         } else {
             // The oldest event not yet acknowledged; if it has expired, the oldest one held.
-            let next = acked.or(checkpoint).unwrap_or(0) + 1;
+            let next = acked.unwrap_or(checkpoint) + 1;
             let at = match stream.get_raw_message(next.max(state.first_sequence)).await {
                 Ok(m) => from_nats_time(m.time.unix_timestamp_nanos()),
                 Err(_) => from_nats_time(state.first_timestamp.unix_timestamp_nanos()),

@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use parley_nats::MessageKeys;
 use parley_nats::receipts::WatermarkMoved;
+use parley_nats::subjects::{live_receipts, notify_user};
 use parley_projectors::runner::{Delivered, Disposition};
 use parley_projectors::{chats, receipts, users};
 use parley_schemas::cloudevent::{EventMeta, encode};
@@ -683,7 +684,7 @@ async fn a_receipt_batch_keeps_the_highest_watermark_per_member_and_announces_ea
     let mut notices = stack
         .infra
         .nats
-        .subscribe(parley_nats::subjects::live_receipts(chat.id))
+        .subscribe(live_receipts(chat.id))
         .await
         .unwrap();
     stack.infra.nats.flush().await.unwrap();
@@ -757,14 +758,14 @@ async fn a_receipt_batch_keeps_the_highest_watermark_per_member_and_announces_ea
         }
     );
     // Nothing after it: a marker published now is the next message on the subject.
-    next_is_marker(&stack, chat.id, &mut notices, "marker").await;
+    next_is_marker(&stack, live_receipts(chat.id), &mut notices, "marker").await;
 
     // Redelivering the batch moves nothing and announces nothing.
     let again = vec![receipt(chat.id, 1, bob, delivered(phone, bob, 5))];
     receipts::apply(&pg, &stack.infra.nats, again)
         .await
         .unwrap();
-    next_is_marker(&stack, chat.id, &mut notices, "marker 2").await;
+    next_is_marker(&stack, live_receipts(chat.id), &mut notices, "marker 2").await;
 }
 
 #[tokio::test]
@@ -778,7 +779,7 @@ async fn a_channel_keeps_its_members_watermarks_but_announces_no_moves() {
     let mut notices = stack
         .infra
         .nats
-        .subscribe(parley_nats::subjects::live_receipts(chat.id))
+        .subscribe(live_receipts(chat.id))
         .await
         .unwrap();
     stack.infra.nats.flush().await.unwrap();
@@ -818,21 +819,21 @@ async fn a_channel_keeps_its_members_watermarks_but_announces_no_moves() {
     .unwrap();
     assert_eq!(watermark, (4, 3));
     // Moved, yet nothing announced: the marker is the first message on the subject.
-    next_is_marker(&stack, chat.id, &mut notices, "marker").await;
+    next_is_marker(&stack, live_receipts(chat.id), &mut notices, "marker").await;
 }
 
-/// Publishes `marker` on the chat's receipt subject and asserts it is the next message there:
-/// nothing was announced in between.
+/// Publishes `marker` on `subject` and asserts it is the next message there: nothing was
+/// announced in between.
 async fn next_is_marker(
     stack: &TestStack,
-    chat: ChatId,
+    subject: String,
     notices: &mut async_nats::Subscriber,
     marker: &'static str,
 ) {
     stack
         .infra
         .nats
-        .publish(parley_nats::subjects::live_receipts(chat), marker.into())
+        .publish(subject, marker.into())
         .await
         .unwrap();
     let next = tokio::time::timeout(Duration::from_secs(5), notices.next())
@@ -879,4 +880,72 @@ async fn a_receipt_ahead_of_its_membership_waits_for_it_instead_of_being_lost() 
             .await
             .unwrap();
     assert_eq!(read_up_to, 2, "the read watermark is kept, not lost");
+}
+
+/// The next message on a user's notice subject within 5 s, as JSON.
+async fn next_notice(notices: &mut async_nats::Subscriber) -> serde_json::Value {
+    let next = tokio::time::timeout(Duration::from_secs(5), notices.next())
+        .await
+        .expect("a notice within 5 s")
+        .unwrap();
+    serde_json::from_slice(&next.payload).unwrap()
+}
+
+#[tokio::test]
+async fn membership_notices_follow_the_commit_repeat_on_redelivery_and_wait_with_their_event() {
+    let (stack, pg, keys) = db().await;
+    let nats = &stack.infra.nats;
+    let bob = UserId::new();
+    let mut bobs = nats.subscribe(notify_user(bob)).await.unwrap();
+    nats.flush().await.unwrap();
+    let apply = |batch: Vec<Delivered>| {
+        let (pg, keys, nats) = (pg.clone(), keys.clone(), nats.clone());
+        async move {
+            let prepared = chats::prepare(&keys, batch).await.unwrap();
+            chats::apply_and_announce(&pg, &nats, prepared, DELAY)
+                .await
+                .unwrap()
+        }
+    };
+    let mut chat = Chat::new();
+    let created = chat.created(&[bob]);
+    let hello = chat.message("hello");
+    let removed = chat.next(ChatEvent::ParticipantsModified(ParticipantsModified {
+        added: vec![],
+        removed: vec![bob],
+        promoted: vec![],
+    }));
+    let chat_id = chat.id.to_string();
+
+    assert_eq!(apply(vec![copy(&created)]).await, vec![Disposition::Ack]);
+    let notice = next_notice(&mut bobs).await;
+    assert_eq!(
+        notice,
+        serde_json::json!({"chat_id": chat_id, "sequence": 1, "change": "added"})
+    );
+    // Published after the commit: the read model a connecting gateway reads already holds it.
+    let (_, chats_rows, _) = snapshot(&pg).await;
+    assert_eq!(chats_rows, vec![(1,)]);
+
+    // A redelivery (a crash between the commit and the acks) announces the change again.
+    assert_eq!(apply(vec![copy(&created)]).await, vec![Disposition::Ack]);
+    assert_eq!(next_notice(&mut bobs).await["sequence"], 1);
+
+    // The removal ahead of the missing message waits, and so does its notice.
+    assert_eq!(
+        apply(vec![copy(&removed)]).await,
+        vec![Disposition::Retry(DELAY)]
+    );
+    // Nothing was announced before the marker.
+    next_is_marker(&stack, notify_user(bob), &mut bobs, "marker").await;
+
+    // Once applied, the message announces nothing and the removal is announced.
+    assert_eq!(
+        apply(vec![hello, removed]).await,
+        vec![Disposition::Ack, Disposition::Ack]
+    );
+    assert_eq!(
+        next_notice(&mut bobs).await,
+        serde_json::json!({"chat_id": chat_id, "sequence": 3, "change": "removed"})
+    );
 }

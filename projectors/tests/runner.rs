@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull;
+use futures::StreamExt;
 use parley_nats::{streams, subjects};
 use parley_projectors::ProjectorConfig;
 use parley_projectors::runner::{Delivered, Disposition, Runner};
@@ -246,4 +247,36 @@ async fn a_full_batch_does_not_wait_for_the_linger() {
     let task = tokio::spawn(runner.run(ack_all));
     all_acked(&stack, "full", "the full batch applied at once").await;
     stop(&stack, task).await;
+}
+
+#[tokio::test]
+async fn starting_the_projectors_retires_the_former_fanout_consumer() {
+    let stack = TestStack::start().await;
+    let chats = stack.infra.js.get_stream(streams::CHATS).await.unwrap();
+    chats
+        .create_consumer(pull::Config {
+            durable_name: Some("proj-fanout".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let tracker = tokio_util::task::TaskTracker::new();
+    parley_projectors::spawn(&stack.infra, ProjectorConfig::default(), &tracker)
+        .await
+        .unwrap();
+    let names: Vec<String> = chats
+        .consumer_names()
+        .map(|n| n.unwrap())
+        .collect::<Vec<_>>()
+        .await;
+    assert!(
+        !names.iter().any(|n| n == "proj-fanout"),
+        "still there: {names:?}"
+    );
+    assert!(names.iter().any(|n| n == "proj-chats"), "{names:?}");
+    stack.infra.shutdown.cancel();
+    tracker.close();
+    tokio::time::timeout(DEADLINE, tracker.wait())
+        .await
+        .unwrap();
 }

@@ -93,7 +93,7 @@ pub fn status_table(rows: &[ProjectorStatus]) -> String {
             "{:<18} {:<9} {:>10} {:>10} {:>11} {:>10} {:>11.1}\n",
             r.projector,
             r.stream,
-            opt(r.checkpoint),
+            r.checkpoint,
             opt(r.acked),
             r.stream_last,
             r.lag_events,
