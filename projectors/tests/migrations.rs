@@ -90,3 +90,70 @@ async fn the_reactions_summary_is_backfilled_from_the_reactions_rows() {
         ]
     );
 }
+
+#[tokio::test]
+async fn the_download_check_reads_only_the_messages_that_carry_attachments() {
+    const PARTIAL: i64 = 20261122002001;
+    let (_db, pg) = at_migration_before(PARTIAL).await;
+    let (chat, ada, eve) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let attachment = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO members (chat_id, user_id, role, joined_seq) VALUES ($1, $2, 'admin', 1)",
+    )
+    .bind(chat)
+    .bind(ada)
+    .execute(&pg)
+    .await
+    .unwrap();
+    // A chat of 20,000 plain messages and one that carries the attachment: scanning the chat's
+    // messages is what the check must not do.
+    sqlx::query(
+        "INSERT INTO messages (chat_id, sequence, message_id, sender_id, body, sent_at, attachments) \
+         SELECT $1, g, gen_random_uuid(), $2, 'm' || g, now(), \
+                CASE WHEN g = 10000 THEN jsonb_build_array(jsonb_build_object('attachment_id', $3::text)) \
+                     ELSE '[]'::jsonb END \
+         FROM generate_series(1, 20000) g",
+    )
+    .bind(chat)
+    .bind(ada)
+    .bind(attachment.to_string())
+    .execute(&pg)
+    .await
+    .unwrap();
+    apply(&pg, PARTIAL).await;
+    sqlx::query("ANALYZE messages").execute(&pg).await.unwrap();
+
+    let indexed: i64 = sqlx::query_scalar(
+        "SELECT reltuples::bigint FROM pg_class WHERE relname = 'messages_by_attachment'",
+    )
+    .fetch_one(&pg)
+    .await
+    .unwrap();
+    assert!(
+        indexed <= 1,
+        "the index holds {indexed} rows, not only the one with an attachment"
+    );
+    let plan: Vec<String> = sqlx::query_scalar(&format!(
+        "EXPLAIN {}",
+        parley_platform::attachments::VISIBLE_THROUGH_CHATS
+    ))
+    .bind(ada)
+    .bind(attachment.to_string())
+    .fetch_all(&pg)
+    .await
+    .unwrap();
+    assert!(
+        plan.iter().any(|l| l.contains("messages_by_attachment")),
+        "the check does not use the index: {plan:#?}"
+    );
+    for (user, visible) in [(ada, true), (eve, false)] {
+        let seen = parley_platform::attachments::visible_through_chats(
+            &pg,
+            parley_schemas::UserId::from_uuid(user),
+            parley_schemas::AttachmentId::from_uuid(attachment),
+        )
+        .await
+        .unwrap();
+        assert_eq!(seen, visible);
+    }
+}
