@@ -428,7 +428,10 @@ async fn insert_messages(
     // Thread summaries on the roots. The roots are inserted before their replies (a root is
     // checked to exist before a reply is accepted, and the statement above already inserted
     // this batch), and each reply is applied exactly once (per-chat checkpoint), so counting
-    // here is exact.
+    // here is exact. Most batches hold no reply: they skip the statement and its round trip.
+    if root.iter().all(Option::is_none) {
+        return Ok(());
+    }
     sqlx::query(
         "UPDATE messages m SET thread_reply_count = m.thread_reply_count + v.n, \
                 last_reply_at = GREATEST(m.last_reply_at, v.at) \
