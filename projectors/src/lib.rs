@@ -157,11 +157,14 @@ pub async fn spawn(
 
 /// Deletes the durable consumer of the former fan-out projector, if a deployment still has one:
 /// nothing reads it any more, and it would keep the state of every chat event it never acks.
+/// One request: the deletion itself (its error, no such consumer, is the usual answer).
 async fn retire_fanout_consumer(infra: &Infra) {
-    let Ok(stream) = infra.js.get_stream(parley_nats::streams::CHATS).await else {
-        return;
-    };
-    if stream.delete_consumer("proj-fanout").await.is_ok() {
+    if infra
+        .js
+        .delete_consumer_from_stream("proj-fanout", parley_nats::streams::CHATS)
+        .await
+        .is_ok()
+    {
         tracing::info!(
             "deleted the retired consumer proj-fanout (membership notices now come from the chats projector)"
         );

@@ -892,7 +892,7 @@ async fn next_notice(notices: &mut async_nats::Subscriber) -> serde_json::Value 
 }
 
 #[tokio::test]
-async fn membership_notices_follow_the_commit_repeat_on_redelivery_and_wait_with_their_event() {
+async fn membership_notices_go_out_for_applied_events_again_on_redelivery_and_not_while_waiting() {
     let (stack, pg, keys) = db().await;
     let nats = &stack.infra.nats;
     let bob = UserId::new();
@@ -923,7 +923,8 @@ async fn membership_notices_follow_the_commit_repeat_on_redelivery_and_wait_with
         notice,
         serde_json::json!({"chat_id": chat_id, "sequence": 1, "change": "added"})
     );
-    // Published after the commit: the read model a connecting gateway reads already holds it.
+    // The batch is applied. (That the notice follows the commit is by construction:
+    // `apply_and_announce` publishes after `apply_prepared` returned; this cannot observe it.)
     let (_, chats_rows, _) = snapshot(&pg).await;
     assert_eq!(chats_rows, vec![(1,)]);
 
