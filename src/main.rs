@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use parley::cli::{CliError, projections::ProjectionsCmd, replay::ReplayArgs, stats::StatsArgs};
 use parley::{App, Role, Settings, parse_duration, parse_size};
-use parley_command_api::{AttachmentLimits, LimitsConfig};
+use parley_command_api::{AttachmentLimits, HashCost, LimitsConfig};
 use parley_nats::JetStreamSettings;
 use parley_platform::{InfraConfig, Rate};
 
@@ -96,6 +96,15 @@ struct Opts {
         default_value_t = 256
     )]
     message_key_pool: usize,
+    /// argon2id cost of new password hashes, `m=<KiB>,t=<passes>,p=<lanes>`. Stored hashes keep
+    /// their own. Lower only for tests and benchmarks.
+    #[arg(
+        long,
+        global = true,
+        env = "PARLEY_ARGON2_PARAMS",
+        default_value = "m=19456,t=2,p=1"
+    )]
+    argon2_params: HashCost,
     /// How long a projector batch that is not full waits for more events after its first:
     /// the read models lag by up to this much; under steady traffic, one transaction per
     /// linger instead of one per event or two (0: no wait).
@@ -294,6 +303,7 @@ impl Opts {
         s.command.max_group_members = self.max_group_members;
         s.command.max_channel_members = self.max_channel_members;
         s.command.message_key_pool = self.message_key_pool;
+        s.command.password_cost = self.argon2_params.clone();
         s.projectors.linger = self.projector_linger;
         s.command.limits = self.limits.config();
         s.gateway.max_connections_per_user = self.gateway.ws_max_connections_per_user;

@@ -99,7 +99,7 @@ impl Stack {
             ("DATABASE_URL", db_url.as_str()),
             ("RUST_LOG", "warn"),
         ];
-        env.extend(parley_test_support::LIMITS_OFF);
+        env.extend(parley_test_support::LOAD_TEST_SETTINGS);
         let bin = env!("CARGO_BIN_EXE_parley");
         let mut stack = Stack {
             logs: logs.to_owned(),

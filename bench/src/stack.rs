@@ -117,7 +117,7 @@ impl Parley {
                 std::env::var("PARLEY_BENCH_LOG").unwrap_or("warn".into()),
             )
             // Every client of a run comes from 127.0.0.1: the per-address limits would bite.
-            .envs(parley_test_support::LIMITS_OFF)
+            .envs(parley_test_support::LOAD_TEST_SETTINGS)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .kill_on_drop(true)

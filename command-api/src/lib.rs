@@ -16,6 +16,7 @@ pub use error::ApiError;
 pub use http::attachments::AttachmentLimits;
 pub use http::openapi;
 pub use limits::LimitsConfig;
+pub use passwords::HashCost;
 pub use state::CommandState;
 
 /// Limits and tuning of command-api (`PARLEY_*` settings; see README).
@@ -37,6 +38,8 @@ pub struct CommandConfig {
     pub limits: LimitsConfig,
     /// Largest upload per kind of attachment.
     pub attachment_limits: AttachmentLimits,
+    /// argon2id cost of new password hashes.
+    pub password_cost: HashCost,
 }
 
 impl Default for CommandConfig {
@@ -51,6 +54,7 @@ impl Default for CommandConfig {
             max_body_bytes: 64 * 1024,
             limits: LimitsConfig::default(),
             attachment_limits: AttachmentLimits::default(),
+            password_cost: HashCost::default(),
         }
     }
 }

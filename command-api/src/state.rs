@@ -60,6 +60,13 @@ impl CommandState {
             config.snapshot_interval,
         )
         .await?;
+        if config.password_cost.below_recommended() {
+            tracing::warn!(
+                cost = %config.password_cost,
+                "password hashes are cheaper than the recommended m=19456,t=2,p=1: fine for tests \
+                 and benchmarks, weak against offline guessing in production"
+            );
+        }
         let keys = infra.keys.clone();
         let key_pool = KeyPool::start(keys.clone(), config.message_key_pool, &infra.shutdown);
         Ok(Self(Arc::new(Shared {
@@ -73,7 +80,7 @@ impl CommandState {
             limits: Limits::new(&config.limits, &infra.shutdown),
             keys,
             key_pool,
-            passwords: Passwords::default(),
+            passwords: Passwords::new(config.password_cost.clone()),
             config: Arc::new(config),
         })))
     }
