@@ -70,6 +70,11 @@ impl Stack {
         }
     }
 
+    /// The `parley` binary the bench runs.
+    pub fn bin(&self) -> &std::path::Path {
+        &self.bin
+    }
+
     /// Stops the running Parley and starts `parley <role>` (`up` or `command-api`) instead, on
     /// the same NATS and database.
     pub async fn restart_parley(&mut self, role: &str) -> anyhow::Result<()> {
@@ -88,7 +93,8 @@ pub struct Parley {
 }
 
 impl Parley {
-    async fn spawn(
+    /// Starts `parley <role>` on `nats_url` and `db_url` and waits for its `/healthz`.
+    pub async fn spawn(
         bin: &std::path::Path,
         nats_url: &str,
         db_url: &str,

@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,33 @@ impl NatsServer {
     /// Starts a fresh server on a free loopback port; panics loudly if it cannot.
     pub async fn start() -> NatsServer {
         let store = tempfile::tempdir().expect("temporary JetStream store");
+        Self::start_on(store).await
+    }
+
+    /// Starts a server on a copy of another's store (`image`, from [`NatsServer::store`] after
+    /// [`NatsServer::kill`]): the same streams, messages and consumers, as often as needed.
+    pub async fn start_from(image: &Path) -> NatsServer {
+        let store = tempfile::tempdir().expect("temporary JetStream store");
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(image.join("."))
+            .arg(store.path())
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run cp: {e}"));
+        assert!(
+            copied.success(),
+            "cp of {} failed: {copied}",
+            image.display()
+        );
+        Self::start_on(store).await
+    }
+
+    /// The server's JetStream store directory.
+    pub fn store(&self) -> &Path {
+        self.store.path()
+    }
+
+    async fn start_on(store: tempfile::TempDir) -> NatsServer {
         let port = free_port();
         let child = spawn_nats(port, store.path().to_path_buf());
         let server = NatsServer { child, port, store };
@@ -244,6 +271,16 @@ pub struct TestDb {
 impl TestDb {
     /// Creates `parley_test_<uuid>` on the server named by `DATABASE_URL`.
     pub async fn create() -> TestDb {
+        Self::create_with(None).await
+    }
+
+    /// A copy of `template` (PostgreSQL's `CREATE DATABASE … TEMPLATE`), which nobody may be
+    /// connected to meanwhile.
+    pub async fn create_from(template: &TestDb) -> TestDb {
+        Self::create_with(Some(&template.name)).await
+    }
+
+    async fn create_with(template: Option<&str>) -> TestDb {
         let base = std::env::var("DATABASE_URL").unwrap_or_else(|_| {
             panic!("DATABASE_URL is not set: run the tests with ./dev test (see README)")
         });
@@ -255,7 +292,8 @@ impl TestDb {
             .connect()
             .await
             .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL at {base}: {e}"));
-        sqlx::query(&format!("CREATE DATABASE {name}"))
+        let template = template.map_or(String::new(), |t| format!(" TEMPLATE {t}"));
+        sqlx::query(&format!("CREATE DATABASE {name}{template}"))
             .execute(&mut conn)
             .await
             .unwrap_or_else(|e| panic!("cannot create test database {name}: {e}"));
