@@ -33,7 +33,14 @@ async fn a_server_started_from_an_image_holds_its_messages_and_copies_do_not_sha
         .await
         .unwrap();
     let count = |js: async_nats::jetstream::Context| async move {
-        js.get_stream("IMG").await.unwrap().info().await.unwrap().state.messages
+        js.get_stream("IMG")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .messages
     };
     assert_eq!(count(js_a).await, 4);
     assert_eq!(count(js_b).await, 3, "a copy shares nothing with another");
