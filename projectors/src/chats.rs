@@ -71,9 +71,10 @@ pub async fn apply(
 }
 
 /// The key reads of a batch, which need no transaction: the runner does them for the next
-/// batch while the current one is applied (`Runner::run_staged`). Preparing twice (a
-/// redelivery) is harmless: opening reads, destroying is idempotent, and a body whose key a
-/// later batch destroyed meanwhile is stored as deleted, which its deletion event makes it.
+/// batches, concurrently, while the current one is applied (`Runner::run_staged`). Preparing
+/// twice (a redelivery) is harmless: opening reads, destroying is idempotent, and a body whose
+/// key a later batch destroyed meanwhile is stored as deleted, which its deletion event makes
+/// it.
 pub async fn prepare(keys: &MessageKeys, batch: Vec<Delivered>) -> Result<Prepared, KeyError> {
     let events = decode_all::<ChatEvent>("chats", &batch);
     let opened = open_bodies(keys, &events).await?;

@@ -2,7 +2,7 @@
 //! projection, then ack, nak or term each message as the projection says — only after its
 //! transaction committed, so a crash anywhere redelivers and never skips. A projection with
 //! reads to do before its transaction (the chats projection opens message bodies with keys from
-//! NATS) runs in two stages, the next batch's reads overlapping the current one's transaction.
+//! NATS) runs in two stages, the next batches' reads overlapping the current one's transaction.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -41,10 +41,23 @@ pub struct Delivered {
     pub payload: bytes::Bytes,
 }
 
-/// What the fetch stage hands the apply stage.
-enum Fetched<T, E> {
-    /// A batch's messages (for acking) and its preparation.
-    Batch(Vec<jetstream::Message>, Result<T, E>),
+/// Batches a staged projector fetches and prepares ahead of the one it applies. Two: in a
+/// backlog a batch's preparation (key reads, opening 500 bodies) takes longer than its
+/// transaction, so with one ahead the transactions waited for it (docs/benchmarks.md,
+/// "Session 13"). Each batch ahead holds up to a batch of unacked messages, within the
+/// consumer's `max_ack_pending` of four batches.
+const PREPARED_AHEAD: usize = 2;
+
+/// What the fetch stage hands the prepare stage.
+enum Fetched {
+    /// A batch's messages (for acking) and their payloads.
+    Batch(Vec<jetstream::Message>, Vec<Delivered>),
+    Stopped(Stopped),
+}
+
+/// Why fetching stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopped {
     /// The pull stream ended (a pull failed or expired): start a new one.
     End,
     Shutdown,
@@ -118,10 +131,10 @@ impl Runner {
     }
 
     /// [`run`](Self::run) in two stages: `prepare` (no effects a redelivery could not repeat:
-    /// decoding, reading keys) runs for the next batch while `apply` (the transaction) runs for
-    /// the current one, so a backlog's reads and writes overlap. Batches are prepared in order
-    /// and applied in order, one transaction at a time; each batch is acked as soon as its own
-    /// transaction committed.
+    /// decoding, reading keys) runs for the next [`PREPARED_AHEAD`] batches, concurrently,
+    /// while `apply` (the transaction) runs for the current one, so a backlog's reads and
+    /// writes overlap. Batches are applied in the order they were fetched, one transaction at a
+    /// time; each batch is acked as soon as its own transaction committed.
     pub async fn run_staged<P, PFut, T, F, Fut, E>(self, prepare: P, apply: F)
     where
         P: FnMut(Vec<Delivered>) -> PFut,
@@ -133,8 +146,10 @@ impl Runner {
         self.pipeline(prepare, apply, true).await
     }
 
-    /// The loop of both: with `overlap`, the next batch is fetched and prepared during the
-    /// current one's apply; without, after it.
+    /// The loop of both. With `overlap`, up to [`PREPARED_AHEAD`] further batches are fetched
+    /// and prepared, concurrently, during the current one's apply; without, the next batch is
+    /// fetched only after it. Batches are applied in the order they were fetched, one
+    /// transaction at a time.
     async fn pipeline<P, PFut, T, F, Fut, E>(self, mut prepare: P, mut apply: F, overlap: bool)
     where
         P: FnMut(Vec<Delivered>) -> PFut,
@@ -143,6 +158,8 @@ impl Runner {
         Fut: Future<Output = Result<Vec<Disposition>, E>>,
         E: std::fmt::Display,
     {
+        let ahead = if overlap { PREPARED_AHEAD } else { 0 };
+        let this = &self;
         let mut backoff = Duration::from_millis(100);
         'outer: loop {
             let messages = match self
@@ -161,85 +178,120 @@ impl Runner {
                     continue;
                 }
             };
-            let mut messages = messages.fuse();
-            let mut next = self.fetch(&mut messages, &mut prepare).await;
+            // Lent to the fetch in progress, which hands it back with its batch.
+            let mut messages = Some(messages.fuse());
+            // Batches in preparation, in fetch order; a finished one waits in `ready` until
+            // every batch before it is applied.
+            let mut preparing = futures::stream::FuturesOrdered::new();
+            let mut ready: std::collections::VecDeque<(Vec<jetstream::Message>, Result<T, E>)> =
+                std::collections::VecDeque::new();
+            let mut applying: Option<(Vec<jetstream::Message>, std::pin::Pin<Box<Fut>>, Instant)> =
+                None;
+            let mut fetching = None;
+            // Why fetching stopped: the pull stream ended, or shutdown.
+            let mut stopped = None;
             loop {
-                let (msgs, prepared) = match next {
-                    Fetched::Batch(msgs, prepared) => (msgs, prepared),
-                    Fetched::End => continue 'outer,
-                    Fetched::Shutdown => return,
-                };
-                let prepared = match prepared {
-                    Ok(prepared) => prepared,
-                    Err(e) => {
-                        self.redeliver(&msgs, &e, backoff).await;
-                        if self.pause(&mut backoff).await {
-                            return;
+                if applying.is_none() {
+                    if stopped == Some(Stopped::Shutdown) {
+                        return;
+                    }
+                    if let Some((msgs, prepared)) = ready.pop_front() {
+                        match prepared {
+                            Ok(prepared) => {
+                                applying = Some((msgs, Box::pin(apply(prepared)), Instant::now()));
+                            }
+                            Err(e) => {
+                                self.redeliver(&msgs, &e, backoff).await;
+                                if self.pause(&mut backoff).await {
+                                    return;
+                                }
+                            }
                         }
-                        next = self.fetch(&mut messages, &mut prepare).await;
                         continue;
                     }
-                };
-                // The transaction of this batch, and meanwhile (with `overlap`) the next
-                // batch's fetch and preparation; this batch is acked the moment its
-                // transaction is done.
-                let started = Instant::now();
-                let applying = apply(prepared);
-                let fetching = self.fetch(&mut messages, &mut prepare);
-                tokio::pin!(applying, fetching);
-                let mut fetched = None;
-                let result = loop {
-                    tokio::select! {
-                        r = &mut applying => break r,
-                        f = &mut fetching, if overlap && fetched.is_none() => fetched = Some(f),
+                    if stopped == Some(Stopped::End) && preparing.is_empty() {
+                        continue 'outer;
                     }
-                };
-                let applied = started.elapsed();
-                let failed = match result {
-                    Ok(dispositions) => {
-                        backoff = Duration::from_millis(100);
-                        self.settle(&msgs, dispositions).await;
-                        tracing::debug!(
-                            projector = self.name,
-                            events = msgs.len(),
-                            apply_us = applied.as_micros() as u64,
-                            "batch applied"
-                        );
-                        false
+                }
+                let in_flight = ready.len() + preparing.len() + usize::from(applying.is_some());
+                if stopped.is_none()
+                    && in_flight <= ahead
+                    && let Some(mut lent) = messages.take()
+                {
+                    fetching = Some(Box::pin(async move {
+                        let fetched = this.fetch(&mut lent).await;
+                        (lent, fetched)
+                    }));
+                }
+                tokio::select! {
+                    Some(result) = async { Some((&mut applying.as_mut()?.1).await) }, if applying.is_some() => {
+                        let Some((msgs, _, started)) = applying.take() else { continue };
+                        if self.settle_applied(&msgs, result, started.elapsed(), &mut backoff).await
+                            && self.pause(&mut backoff).await
+                        {
+                            return;
+                        }
                     }
-                    Err(e) => {
-                        self.redeliver(&msgs, &e, backoff).await;
-                        true
+                    Some((lent, fetched)) = async { Some(fetching.as_mut()?.await) }, if fetching.is_some() => {
+                        fetching = None;
+                        messages = Some(lent);
+                        match fetched {
+                            Fetched::Batch(msgs, batch) => {
+                                let prepared = prepare(batch);
+                                preparing.push_back(async move { (msgs, prepared.await) });
+                            }
+                            Fetched::Stopped(why) => stopped = Some(why),
+                        }
                     }
-                };
-                next = match fetched {
-                    Some(f) => f,
-                    None => fetching.await,
-                };
-                if failed && self.pause(&mut backoff).await {
-                    return;
+                    Some(done) = preparing.next(), if !preparing.is_empty() => ready.push_back(done),
                 }
             }
         }
     }
 
-    /// The next batch from the pull stream, prepared. The first message waits for nobody (but
+    /// Acks an applied batch as its projection decided, or has a failed one redelivered; true
+    /// when it failed (the caller backs off).
+    async fn settle_applied<E: std::fmt::Display>(
+        &self,
+        msgs: &[jetstream::Message],
+        result: Result<Vec<Disposition>, E>,
+        applied: Duration,
+        backoff: &mut Duration,
+    ) -> bool {
+        match result {
+            Ok(dispositions) => {
+                *backoff = Duration::from_millis(100);
+                self.settle(msgs, dispositions).await;
+                tracing::debug!(
+                    projector = self.name,
+                    events = msgs.len(),
+                    apply_us = applied.as_micros() as u64,
+                    "batch applied"
+                );
+                false
+            }
+            Err(e) => {
+                self.redeliver(msgs, &e, *backoff).await;
+                true
+            }
+        }
+    }
+
+    /// The next batch from the pull stream. The first message waits for nobody (but
     /// shutdown); then whatever else is ready joins it, and, with a linger, whatever arrives
     /// within the linger, up to a batch. So a backlog moves in full batches, and a steady
     /// stream of single events is applied in one transaction per linger, not one per event.
-    async fn fetch<S, P, PFut, T, E>(&self, messages: &mut S, prepare: &mut P) -> Fetched<T, E>
+    async fn fetch<S>(&self, messages: &mut S) -> Fetched
     where
         S: futures::stream::FusedStream<Item = Result<jetstream::Message, MessagesError>> + Unpin,
-        P: FnMut(Vec<Delivered>) -> PFut,
-        PFut: Future<Output = Result<T, E>>,
     {
         loop {
             let first = tokio::select! {
-                _ = self.shutdown.cancelled() => return Fetched::Shutdown,
+                _ = self.shutdown.cancelled() => return Fetched::Stopped(Stopped::Shutdown),
                 m = messages.next() => m,
             };
             let Some(first) = first else {
-                return Fetched::End;
+                return Fetched::Stopped(Stopped::End);
             };
             let mut chunk = vec![first];
             let deadline = tokio::time::Instant::now() + self.linger;
@@ -273,8 +325,7 @@ impl Runner {
                     payload: m.payload.clone(),
                 })
                 .collect();
-            let prepared = prepare(batch).await;
-            return Fetched::Batch(msgs, prepared);
+            return Fetched::Batch(msgs, batch);
         }
     }
 

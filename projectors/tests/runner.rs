@@ -1,7 +1,7 @@
-//! The consumer loop every projector shares, against a real JetStream: the next batch is
-//! prepared while the current one is applied, a batch is acked the moment it is applied (not
-//! when the next one arrives), a batch that failed comes back, and a linger gathers what
-//! arrives within it without holding back a full batch.
+//! The consumer loop every projector shares, against a real JetStream: the next batches are
+//! prepared (two at once, no more) while the current one is applied, a batch is acked the
+//! moment it is applied (not when the next one arrives), a batch that failed comes back, and a
+//! linger gathers what arrives within it without holding back a full batch.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -144,6 +144,113 @@ async fn the_next_batch_is_prepared_while_the_current_one_is_applied() {
     );
     release.notify_one();
     all_acked(&stack, "staged", "both batches acked").await;
+    stop(&stack, task).await;
+}
+
+#[tokio::test]
+async fn two_batches_are_prepared_at_once_ahead_of_the_one_applied_and_no_third() {
+    let stack = TestStack::start().await;
+    publish(&stack, 5).await;
+    let runner = runner(&stack, "ahead", 1).await;
+
+    // Batch 1's apply and batch 2's preparation hold until released. Each preparation
+    // records whether batch 2's was still running and whether batch 1 was applied yet.
+    let (called_tx, mut called_rx) = mpsc::unbounded_channel::<(u64, bool, bool)>();
+    let (applied_tx, mut applied_rx) = mpsc::unbounded_channel::<u64>();
+    let first_applied = Arc::new(AtomicBool::new(false));
+    let second_preparing = Arc::new(AtomicBool::new(false));
+    let release_apply = Arc::new(Notify::new());
+    let release_prepare = Arc::new(Notify::new());
+    let task = tokio::spawn({
+        let (first_applied_p, first_applied_a) = (first_applied.clone(), first_applied.clone());
+        let (second_preparing, release_apply, release_prepare) = (
+            second_preparing.clone(),
+            release_apply.clone(),
+            release_prepare.clone(),
+        );
+        runner.run_staged(
+            move |batch: Vec<Delivered>| {
+                let seq = batch[0].stream_seq;
+                if seq == 2 {
+                    second_preparing.store(true, Ordering::SeqCst);
+                }
+                called_tx
+                    .send((
+                        seq,
+                        second_preparing.load(Ordering::SeqCst),
+                        first_applied_p.load(Ordering::SeqCst),
+                    ))
+                    .unwrap();
+                let (second_preparing, release) =
+                    (second_preparing.clone(), release_prepare.clone());
+                async move {
+                    if seq == 2 {
+                        release.notified().await;
+                        second_preparing.store(false, Ordering::SeqCst);
+                    }
+                    Ok::<_, String>(batch)
+                }
+            },
+            move |batch: Vec<Delivered>| {
+                let (first_applied, release, applied_tx) = (
+                    first_applied_a.clone(),
+                    release_apply.clone(),
+                    applied_tx.clone(),
+                );
+                async move {
+                    let seq = batch[0].stream_seq;
+                    if seq == 1 {
+                        release.notified().await;
+                        first_applied.store(true, Ordering::SeqCst);
+                    }
+                    applied_tx.send(seq).unwrap();
+                    ack_all(batch).await
+                }
+            },
+        )
+    });
+
+    async fn next_call<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
+        tokio::time::timeout(DEADLINE, rx.recv())
+            .await
+            .expect("a batch was not prepared")
+            .unwrap()
+    }
+    assert_eq!(next_call(&mut called_rx).await, (1, false, false));
+    assert_eq!(
+        next_call(&mut called_rx).await,
+        (2, true, false),
+        "batch 2 before batch 1 is applied"
+    );
+    assert_eq!(
+        next_call(&mut called_rx).await,
+        (3, true, false),
+        "batch 3 while batch 2 is still being prepared and batch 1 applied"
+    );
+    // Batch 4 is in the stream and would be fetched within milliseconds by a runner allowed a
+    // third batch ahead (measured so); a second is a wide margin for absence.
+    let third_ahead = tokio::time::timeout(Duration::from_secs(1), called_rx.recv()).await;
+    assert!(
+        third_ahead.is_err(),
+        "no third batch is prepared ahead: {third_ahead:?}"
+    );
+    release_apply.notify_one();
+    assert_eq!(
+        next_call(&mut called_rx).await,
+        (4, true, true),
+        "batch 4 once batch 1 is applied"
+    );
+    release_prepare.notify_one();
+    let mut order = Vec::new();
+    while order.len() < 5 {
+        let seq = tokio::time::timeout(DEADLINE, applied_rx.recv())
+            .await
+            .expect("a batch was not applied")
+            .unwrap();
+        order.push(seq);
+    }
+    assert_eq!(order, [1, 2, 3, 4, 5], "applied in the order fetched");
+    all_acked(&stack, "ahead", "every batch acked").await;
     stop(&stack, task).await;
 }
 
