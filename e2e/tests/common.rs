@@ -52,8 +52,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     settings.infra.pg_max_connections = 16;
     settings.command.max_group_members = 5;
     settings.command.limits = parley_command_api::LimitsConfig::off();
-    // Sign-ups are setup here; the hash cost has its own tests.
-    settings.command.password_cost = "m=8,t=1,p=1".parse().unwrap();
+    settings.command.password_cost = parley_test_support::CHEAP_PASSWORD_HASHES.parse().unwrap();
     adjust(&mut settings);
     let shutdown = CancellationToken::new();
     let app = App::build(

@@ -159,6 +159,7 @@ impl Runner {
         E: std::fmt::Display,
     {
         let ahead = if overlap { PREPARED_AHEAD } else { 0 };
+        // The fetch future is `async move` (it owns the lent stream) and borrows the runner.
         let this = &self;
         let mut backoff = Duration::from_millis(100);
         'outer: loop {

@@ -88,6 +88,14 @@ fn ack_all(batch: Vec<Delivered>) -> std::future::Ready<Result<Vec<Disposition>,
     std::future::ready(Ok(vec![Disposition::Ack; batch.len()]))
 }
 
+/// The next value on `rx`, within the deadline; `what` names what failed to arrive.
+async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
+    tokio::time::timeout(DEADLINE, rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("{what} within {DEADLINE:?}"))
+        .unwrap()
+}
+
 /// Shuts the stack down and waits for the runner's task to return.
 async fn stop(stack: &TestStack, task: tokio::task::JoinHandle<()>) {
     stack.infra.shutdown.cancel();
@@ -210,20 +218,17 @@ async fn two_batches_are_prepared_at_once_ahead_of_the_one_applied_and_no_third(
         )
     });
 
-    async fn next_call<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
-        tokio::time::timeout(DEADLINE, rx.recv())
-            .await
-            .expect("a batch was not prepared")
-            .unwrap()
-    }
-    assert_eq!(next_call(&mut called_rx).await, (1, false, false));
     assert_eq!(
-        next_call(&mut called_rx).await,
+        next(&mut called_rx, "a batch was not prepared").await,
+        (1, false, false)
+    );
+    assert_eq!(
+        next(&mut called_rx, "a batch was not prepared").await,
         (2, true, false),
         "batch 2 before batch 1 is applied"
     );
     assert_eq!(
-        next_call(&mut called_rx).await,
+        next(&mut called_rx, "a batch was not prepared").await,
         (3, true, false),
         "batch 3 while batch 2 is still being prepared and batch 1 applied"
     );
@@ -236,18 +241,14 @@ async fn two_batches_are_prepared_at_once_ahead_of_the_one_applied_and_no_third(
     );
     release_apply.notify_one();
     assert_eq!(
-        next_call(&mut called_rx).await,
+        next(&mut called_rx, "a batch was not prepared").await,
         (4, true, true),
         "batch 4 once batch 1 is applied"
     );
     release_prepare.notify_one();
     let mut order = Vec::new();
     while order.len() < 5 {
-        let seq = tokio::time::timeout(DEADLINE, applied_rx.recv())
-            .await
-            .expect("a batch was not applied")
-            .unwrap();
-        order.push(seq);
+        order.push(next(&mut applied_rx, "a batch was not applied").await);
     }
     assert_eq!(order, [1, 2, 3, 4, 5], "applied in the order fetched");
     all_acked(&stack, "ahead", "every batch acked").await;

@@ -18,7 +18,10 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 pub mod api;
 pub mod process;
 pub use api::{Api, User};
-pub use process::{LOAD_TEST_SETTINGS, ParleyChild, PrivatePostgres, Watched, proc_status_kib};
+pub use process::{
+    CHEAP_PASSWORD_HASHES, LOAD_TEST_SETTINGS, ParleyChild, PrivatePostgres, Watched,
+    proc_status_kib,
+};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
 /// A `nats-server` child process with JetStream, killed (and its store removed) on drop.

@@ -8,6 +8,10 @@ use std::time::Duration;
 
 use crate::{eventually_result, free_port};
 
+/// The argon2id cost every test Parley hashes passwords at (`PARLEY_ARGON2_PARAMS`; the
+/// cheapest argon2 allows): sign-ups are a test's setup, and the cost has its own tests.
+pub const CHEAP_PASSWORD_HASHES: &str = "m=8,t=1,p=1";
+
 /// Settings for a `parley` child process driven by a load test: command-api's abuse limits
 /// off, and the cheapest password hashes argon2 allows, since sign-ups are the setup of such a
 /// test, not what it measures (the limits and the hash cost have their own tests).
@@ -19,7 +23,7 @@ pub const LOAD_TEST_SETTINGS: [(&str, &str); 8] = [
     ("PARLEY_RATE_LOGIN_PER_HANDLE", "off"),
     ("PARLEY_FLOOD_MAX_CHATS", "1000000"),
     ("PARLEY_WS_MAX_CONNECTIONS_PER_IP", "off"),
-    ("PARLEY_ARGON2_PARAMS", "m=8,t=1,p=1"),
+    ("PARLEY_ARGON2_PARAMS", CHEAP_PASSWORD_HASHES),
 ];
 
 /// A program run under `sh`: closing the watchdog's stdin sends `signal` to the program.

@@ -46,8 +46,7 @@ pub async fn spawn_app() -> TestApp {
     settings.infra.pg_max_connections = 16;
     // Tests send in bursts; the limits have their own tests.
     settings.command.limits = parley_command_api::LimitsConfig::off();
-    // Sign-ups are setup here; the hash cost has its own tests.
-    settings.command.password_cost = "m=8,t=1,p=1".parse().unwrap();
+    settings.command.password_cost = parley_test_support::CHEAP_PASSWORD_HASHES.parse().unwrap();
     let shutdown = CancellationToken::new();
     let app = App::build(
         settings,
