@@ -97,7 +97,11 @@ impl Stack {
         let mut env = vec![
             ("NATS_URL", nats_url.as_str()),
             ("DATABASE_URL", db_url.as_str()),
-            ("RUST_LOG", "warn"),
+            // Start-up milestones (connected, listening) too: a slow start shows where it was.
+            (
+                "RUST_LOG",
+                "warn,parley=info,parley_nats=info,parley_projectors=info",
+            ),
         ];
         env.extend(parley_test_support::LOAD_TEST_SETTINGS);
         let bin = env!("CARGO_BIN_EXE_parley");

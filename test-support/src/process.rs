@@ -68,8 +68,13 @@ impl Watched {
 
     fn spawn(&mut self) {
         // "$0" "$@" runs the program with its arguments unquoted by nobody: no shell injection.
+        // The watchdog reads stdin in the background (through fd 3: a background job's own
+        // stdin is /dev/null) and the shell waits for the program, so the shell exits when the
+        // program does and `exited` sees it. With the read in the foreground, a program that
+        // gave up on its own left its shell waiting, and no supervisor ever restarted it.
         let script = format!(
-            "\"$0\" \"$@\" & pid=$!; read _; kill -{} $pid; wait $pid",
+            "exec 3<&0; \"$0\" \"$@\" & pid=$!; \
+             {{ read _ <&3; kill -{} $pid 2>/dev/null; }} & wait $pid",
             self.signal
         );
         let (out, err) = match &self.log {
