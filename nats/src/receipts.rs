@@ -5,7 +5,8 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishAckFuture, context::PublishError};
 use chrono::Utc;
 use parley_schemas::cloudevent::{CONTENT_TYPE, encode};
-use parley_schemas::{ChatId, EventId, EventMeta, ReceiptEvent};
+use parley_schemas::events::Delivered;
+use parley_schemas::{ChatId, DeviceId, EventId, EventMeta, ReceiptEvent};
 
 use crate::setup::subjects;
 
@@ -20,31 +21,24 @@ pub async fn publish_acked(
 }
 
 /// Publishes one receipt; await the returned future for JetStream's ack. The CloudEvent's
-/// `sequence` is the chat sequence the watermark reaches; the same watermark published twice
-/// (a retry after a lost ack) is stored once.
+/// `sequence` is the highest chat sequence a watermark of it reaches; the same watermarks
+/// published twice (a retry after a lost ack) are stored once.
 pub async fn publish(
     js: &jetstream::Context,
     chat: ChatId,
     event: &ReceiptEvent,
 ) -> Result<PublishAckFuture, PublishError> {
-    let (actor, up_to, msg_id) = match event {
-        ReceiptEvent::Delivered(d) => (
-            d.user_id,
-            d.up_to,
-            format!("{}:{chat}:{}", d.device_id, d.up_to),
-        ),
-        ReceiptEvent::Read(r) => (
-            r.user_id,
-            r.up_to,
-            format!("read:{}:{chat}:{}", r.user_id, r.up_to),
-        ),
+    let msg_id = match event {
+        ReceiptEvent::Delivered(d) => format!("{}:{chat}:{}", d.device_id, d.up_to),
+        ReceiptEvent::DeliveredBatch(b) => batch_msg_id(chat, &b.receipts),
+        ReceiptEvent::Read(r) => format!("read:{}:{chat}:{}", r.user_id, r.up_to),
     };
     let meta = EventMeta {
         id: EventId::new(),
         subject: chat.to_string(),
         time: Utc::now(),
-        sequence: up_to,
-        actor,
+        sequence: event.up_to(),
+        actor: event.actor(),
     };
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", msg_id.as_str());
@@ -55,6 +49,20 @@ pub async fn publish(
         encode(&meta, event).into(),
     )
     .await
+}
+
+/// A batch's deduplication id: a digest of its (device, watermark) pairs in device order, so
+/// the same watermarks published again are one message whatever order they were collected in.
+fn batch_msg_id(chat: ChatId, receipts: &[Delivered]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut pairs: Vec<(DeviceId, u64)> = receipts.iter().map(|d| (d.device_id, d.up_to)).collect();
+    pairs.sort_unstable();
+    let mut digest = Sha256::new();
+    for (device, up_to) in pairs {
+        digest.update(device.as_uuid().as_bytes());
+        digest.update(up_to.to_be_bytes());
+    }
+    format!("batch:{chat}:{}", hex::encode(&digest.finalize()[..16]))
 }
 
 /// `live.receipts.<chat_id>` (core NATS): a member's watermark moved in the read model. The
@@ -82,4 +90,30 @@ pub async fn announce(
     let payload = serde_json::to_vec(moved).unwrap_or_default();
     nats.publish(subjects::live_receipts(moved.chat_id), payload.into())
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parley_schemas::UserId;
+
+    #[test]
+    fn a_batch_has_the_same_dedup_id_in_any_order_and_another_for_other_watermarks() {
+        let chat = ChatId::new();
+        let entry = |up_to| Delivered {
+            user_id: UserId::new(),
+            device_id: DeviceId::new(),
+            up_to,
+        };
+        let (a, b) = (entry(3), entry(4));
+        let id = batch_msg_id(chat, &[a.clone(), b.clone()]);
+        assert_eq!(id, batch_msg_id(chat, &[b.clone(), a.clone()]));
+        assert!(id.starts_with(&format!("batch:{chat}:")));
+        let moved = Delivered {
+            up_to: 5,
+            ..b.clone()
+        };
+        assert_ne!(id, batch_msg_id(chat, &[a.clone(), moved]));
+        assert_ne!(id, batch_msg_id(ChatId::new(), &[a, b]));
+    }
 }

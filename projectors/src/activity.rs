@@ -115,7 +115,7 @@ pub async fn apply_receipts(
     let chats: BTreeSet<Uuid> = events
         .iter()
         .flatten()
-        .filter(|e| matches!(e.event, ReceiptEvent::Delivered(_)))
+        .filter(|e| !e.event.delivered().is_empty())
         .filter_map(|e| Uuid::parse_str(&e.meta.subject).ok())
         .collect();
     let chats: Vec<Uuid> = chats.into_iter().collect();
@@ -147,7 +147,7 @@ pub async fn apply_receipts(
             out.push(Disposition::Term);
             continue;
         };
-        if let ReceiptEvent::Delivered(d) = &event.event {
+        for d in event.event.delivered() {
             receipts.0.push(chat_id);
             receipts.1.push(*d.user_id.as_uuid());
             receipts.2.push(seq::to_db(d.up_to));

@@ -72,16 +72,18 @@ async fn apply_batch(
             out.push(Disposition::Term);
             continue;
         };
-        if unknown.contains(&(chat_id, member_of(&event.event))) {
+        // A batch waits whole while one of its members is unknown: reapplying the others
+        // then is harmless, as watermarks only move up.
+        if members_of(&event.event).any(|m| unknown.contains(&(chat_id, m))) {
             out.push(Disposition::Retry(MEMBER_NOT_YET_PROJECTED));
             continue;
         }
-        match &event.event {
-            ReceiptEvent::Delivered(d) => {
-                raise(&mut cursors, (*d.device_id.as_uuid(), chat_id), d.up_to);
-                raise(&mut delivered, (chat_id, *d.user_id.as_uuid()), d.up_to);
-            }
-            ReceiptEvent::Read(r) => raise(&mut read, (chat_id, *r.user_id.as_uuid()), r.up_to),
+        for d in event.event.delivered() {
+            raise(&mut cursors, (*d.device_id.as_uuid(), chat_id), d.up_to);
+            raise(&mut delivered, (chat_id, *d.user_id.as_uuid()), d.up_to);
+        }
+        if let ReceiptEvent::Read(r) = &event.event {
+            raise(&mut read, (chat_id, *r.user_id.as_uuid()), r.up_to);
         }
         out.push(Disposition::Ack);
     }
@@ -111,12 +113,17 @@ async fn apply_batch(
     Ok((out, moved))
 }
 
-/// The member a receipt moves.
-fn member_of(event: &ReceiptEvent) -> Uuid {
-    match event {
-        ReceiptEvent::Delivered(d) => *d.user_id.as_uuid(),
-        ReceiptEvent::Read(r) => *r.user_id.as_uuid(),
-    }
+/// The members a receipt moves.
+fn members_of(event: &ReceiptEvent) -> impl Iterator<Item = Uuid> + '_ {
+    let read = match event {
+        ReceiptEvent::Read(r) => Some(*r.user_id.as_uuid()),
+        _ => None,
+    };
+    event
+        .delivered()
+        .iter()
+        .map(|d| *d.user_id.as_uuid())
+        .chain(read)
 }
 
 /// The (chat, member) pairs of the batch that `members` does not hold yet.
@@ -127,7 +134,8 @@ async fn unknown_members(
     let keys: BTreeSet<(Uuid, Uuid)> = events
         .iter()
         .flatten()
-        .filter_map(|e| Some((Uuid::parse_str(&e.meta.subject).ok()?, member_of(&e.event))))
+        .filter_map(|e| Some((Uuid::parse_str(&e.meta.subject).ok()?, &e.event)))
+        .flat_map(|(chat, event)| members_of(event).map(move |m| (chat, m)))
         .collect();
     if keys.is_empty() {
         return Ok(BTreeSet::new());

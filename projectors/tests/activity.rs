@@ -10,7 +10,9 @@ use parley_platform::MIGRATOR;
 use parley_projectors::activity;
 use parley_projectors::runner::{Delivered, Disposition};
 use parley_schemas::cloudevent::{EventMeta, encode};
-use parley_schemas::events::{ChatCreated, Delivered as DeliveredEvent, MemberRole, MessageSent};
+use parley_schemas::events::{
+    ChatCreated, Delivered as DeliveredEvent, DeliveredBatch, MemberRole, MessageSent,
+};
 use parley_schemas::{
     ChatEvent, ChatId, ChatKind, DeviceId, EventId, MessageId, ReceiptEvent, Role, UserId,
 };
@@ -25,6 +27,8 @@ fn at(secs: i64) -> DateTime<Utc> {
 
 struct Scenario {
     chat: ChatId,
+    ada: UserId,
+    bob: UserId,
     chats: Vec<Delivered>,
     receipts: Vec<Delivered>,
 }
@@ -100,6 +104,8 @@ fn scenario() -> Scenario {
     ];
     Scenario {
         chat,
+        ada,
+        bob,
         chats,
         receipts,
     }
@@ -155,6 +161,44 @@ async fn messages_then_receipts_stamp_each_message_with_its_first_delivery_to_so
         .await
         .unwrap();
     assert_eq!(delivered_at(&pg, s.chat).await, expected());
+}
+
+/// The scenario's last two receipts (Bob up to 5, Ada up to 5) as one gateway batch at 20 s:
+/// each entry stamps what it would stamp alone, with the batch's time.
+#[tokio::test]
+async fn a_delivered_batch_stamps_what_its_entries_would_one_by_one() {
+    let (_db, pg) = db().await;
+    let s = scenario();
+    activity::apply_chats(&pg, copy(&s.chats), DELAY)
+        .await
+        .unwrap();
+    activity::apply_receipts(&pg, copy(&s.receipts[..1]))
+        .await
+        .unwrap();
+    let (ada, bob) = (s.ada, s.bob);
+    let entry = |user_id, up_to| DeliveredEvent {
+        user_id,
+        device_id: DeviceId::new(),
+        up_to,
+    };
+    let batch = delivered(
+        2,
+        EventMeta {
+            id: EventId::new(),
+            subject: s.chat.to_string(),
+            time: at(20),
+            sequence: 5,
+            actor: parley_schemas::events::SYSTEM_ACTOR,
+        },
+        &ReceiptEvent::DeliveredBatch(DeliveredBatch {
+            receipts: vec![entry(bob, 5), entry(ada, 5)],
+        }),
+    );
+    activity::apply_receipts(&pg, vec![batch]).await.unwrap();
+    let mut want = expected();
+    // Ada's entry now comes at 20 s, not 30 s.
+    want[3].1 = Some(at(20));
+    assert_eq!(delivered_at(&pg, s.chat).await, want);
 }
 
 #[tokio::test]

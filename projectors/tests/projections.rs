@@ -14,8 +14,9 @@ use parley_projectors::runner::{Delivered, Disposition};
 use parley_projectors::{chats, receipts, users};
 use parley_schemas::cloudevent::{EventMeta, encode};
 use parley_schemas::events::{
-    ChatCreated, Delivered as DeliveredReceipt, DeviceAdded, MemberRole, MessageSent,
-    ParticipantsModified, Read as ReadReceipt, RoleChanged, TitleChanged, UserRegistered,
+    ChatCreated, Delivered as DeliveredReceipt, DeliveredBatch, DeviceAdded, MemberRole,
+    MessageSent, ParticipantsModified, Read as ReadReceipt, RoleChanged, TitleChanged,
+    UserRegistered,
 };
 use parley_schemas::{
     ChatEvent, ChatId, ChatKind, DeviceId, EventId, MessageId, ReceiptEvent, Role, UserId,
@@ -880,6 +881,150 @@ async fn a_receipt_ahead_of_its_membership_waits_for_it_instead_of_being_lost() 
             .await
             .unwrap();
     assert_eq!(read_up_to, 2, "the read watermark is kept, not lost");
+}
+
+/// A gateway flush's one event for the chat: every device in it moves its cursor and its
+/// member's watermark, and each member that moved is announced once.
+#[tokio::test]
+async fn a_delivered_batch_moves_every_device_and_member_it_holds() {
+    let (stack, pg, keys) = db().await;
+    let (bob, cy, dee) = (UserId::new(), UserId::new(), UserId::new());
+    let mut chat = Chat::new();
+    let mut events = vec![chat.created(&[bob, cy, dee])];
+    events.extend((0..4).map(|i| chat.message(&format!("m{i}"))));
+    chats::apply(&pg, &keys, events, DELAY).await.unwrap();
+    let mut notices = stack
+        .infra
+        .nats
+        .subscribe(live_receipts(chat.id))
+        .await
+        .unwrap();
+    stack.infra.nats.flush().await.unwrap();
+
+    let (bob_phone, bob_laptop, cy_phone) = (DeviceId::new(), DeviceId::new(), DeviceId::new());
+    let entry = |user_id, device_id, up_to| DeliveredReceipt {
+        user_id,
+        device_id,
+        up_to,
+    };
+    let batch = ReceiptEvent::DeliveredBatch(DeliveredBatch {
+        receipts: vec![
+            entry(bob, bob_phone, 5),
+            entry(bob, bob_laptop, 3),
+            entry(cy, cy_phone, 4),
+        ],
+    });
+    let out = receipts::apply(
+        &pg,
+        &stack.infra.nats,
+        vec![receipt(
+            chat.id,
+            1,
+            parley_schemas::events::SYSTEM_ACTOR,
+            batch,
+        )],
+    )
+    .await
+    .unwrap();
+    assert_eq!(out, vec![Disposition::Ack]);
+
+    let mut cursors: Vec<(uuid::Uuid, i64)> =
+        sqlx::query_as("SELECT device_id, acked_up_to FROM device_cursors WHERE chat_id = $1")
+            .bind(chat.id.as_uuid())
+            .fetch_all(&pg)
+            .await
+            .unwrap();
+    cursors.sort();
+    let mut want = vec![
+        (*bob_phone.as_uuid(), 5),
+        (*bob_laptop.as_uuid(), 3),
+        (*cy_phone.as_uuid(), 4),
+    ];
+    want.sort();
+    assert_eq!(cursors, want);
+    let delivered = |user: UserId| {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT delivered_up_to FROM members WHERE chat_id = $1 AND user_id = $2",
+        )
+        .bind(*chat.id.as_uuid())
+        .bind(*user.as_uuid())
+        .fetch_one(&pg)
+    };
+    assert_eq!(delivered(bob).await.unwrap(), 5, "a user's highest device");
+    assert_eq!(delivered(cy).await.unwrap(), 4);
+    assert_eq!(delivered(dee).await.unwrap(), 0, "not in the batch");
+
+    // One notice per member that moved (in member order), none for Dee.
+    let mut moved = Vec::new();
+    for _ in 0..2 {
+        let notice = tokio::time::timeout(Duration::from_secs(5), notices.next())
+            .await
+            .expect("a receipt notice within 5 s")
+            .unwrap();
+        let m: WatermarkMoved = serde_json::from_slice(&notice.payload).unwrap();
+        moved.push((m.user_id, m.delivered_up_to, m.read_up_to));
+    }
+    moved.sort();
+    let mut want = vec![(bob, Some(5), None), (cy, Some(4), None)];
+    want.sort();
+    assert_eq!(moved, want);
+    next_is_marker(&stack, live_receipts(chat.id), &mut notices, "marker").await;
+}
+
+#[tokio::test]
+async fn a_delivered_batch_with_a_member_not_projected_yet_waits_whole() {
+    let (_stack, pg, keys) = db().await;
+    let (bob, cy) = (UserId::new(), UserId::new());
+    let mut chat = Chat::new();
+    let mut events = vec![chat.created(&[bob])];
+    events.push(chat.message("one"));
+    chats::apply(&pg, &keys, events, DELAY).await.unwrap();
+    let chat_id = chat.id;
+    let batch = || {
+        receipt(
+            chat_id,
+            1,
+            parley_schemas::events::SYSTEM_ACTOR,
+            ReceiptEvent::DeliveredBatch(DeliveredBatch {
+                receipts: vec![
+                    DeliveredReceipt {
+                        user_id: bob,
+                        device_id: DeviceId::new(),
+                        up_to: 2,
+                    },
+                    DeliveredReceipt {
+                        user_id: cy,
+                        device_id: DeviceId::new(),
+                        up_to: 2,
+                    },
+                ],
+            }),
+        )
+    };
+    // Cy's membership is not projected yet.
+    let early = receipts::apply_quietly(&pg, vec![batch()]).await.unwrap();
+    assert!(matches!(early[..], [Disposition::Retry(_)]), "{early:?}");
+    let added = chat.next(ChatEvent::ParticipantsModified(ParticipantsModified {
+        added: vec![cy],
+        removed: vec![],
+        promoted: vec![],
+    }));
+    chats::apply(&pg, &keys, vec![added], DELAY).await.unwrap();
+    let again = receipts::apply_quietly(&pg, vec![batch()]).await.unwrap();
+    assert_eq!(again, vec![Disposition::Ack]);
+    let up_to: Vec<i64> = sqlx::query_scalar(
+        "SELECT delivered_up_to FROM members WHERE chat_id = $1 AND user_id = ANY($2) ORDER BY 1",
+    )
+    .bind(chat.id.as_uuid())
+    .bind(vec![*bob.as_uuid(), *cy.as_uuid()])
+    .fetch_all(&pg)
+    .await
+    .unwrap();
+    assert_eq!(
+        up_to,
+        vec![2, 2],
+        "both members' watermarks, once both are members"
+    );
 }
 
 /// The next message on a user's notice subject within 5 s, as JSON.

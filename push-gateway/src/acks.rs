@@ -1,14 +1,15 @@
-//! Device acks become cumulative `parley.receipt.delivered.v1` events on the `RECEIPTS` stream,
-//! batched: per (device, chat) only the highest ack of a flush interval is published, so a
-//! client acking every frame costs one stream write per interval, not one per frame.
+//! Device acks become cumulative delivered watermarks on the `RECEIPTS` stream, batched: per
+//! (device, chat) only the highest ack of a flush interval counts, and a flush writes one event
+//! per chat (`parley.receipt.delivered_batch.v1`, or `parley.receipt.delivered.v1` when one
+//! device moved), so a chat costs one stream write per interval, not one per device or frame.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream;
 use futures::StreamExt;
-use parley_schemas::events::Delivered;
+use parley_schemas::events::{Delivered, DeliveredBatch};
 use parley_schemas::{ChatId, DeviceId, ReceiptEvent, UserId};
 use tokio_util::sync::CancellationToken;
 
@@ -18,6 +19,10 @@ type Key = (DeviceId, ChatId);
 /// JetStream context allows pending (`max_ack_inflight`), which every publisher of the process
 /// shares.
 const IN_FLIGHT: usize = 256;
+
+/// Devices one event carries at most: a 5,000-member channel acked in one interval is ten
+/// events of about 50 KB, well inside NATS's 1 MiB message limit.
+const PER_EVENT: usize = 500;
 
 #[derive(Default)]
 pub(crate) struct AckBatcher {
@@ -50,24 +55,32 @@ impl AckBatcher {
     }
 
     async fn flush(&self, js: &jetstream::Context) {
-        let batch: Vec<(Key, (UserId, u64))> = self.lock().drain().collect();
-        if batch.is_empty() {
+        let pending: Vec<(Key, (UserId, u64))> = self.lock().drain().collect();
+        if pending.is_empty() {
             return;
         }
         // A window of publishes, each awaiting its own ack: pipelined, yet never more than
         // IN_FLIGHT ack permits held. The context's permits are shared by the whole process;
-        // a flush that held one per receipt while asking for the next deadlocked every
-        // publish of the process once a flush passed the limit (a 5,000-member channel).
-        let mut published = futures::stream::iter(batch)
-            .map(|(key, value)| async move {
-                let acked = async { publish(js, key, value).await?.await }.await;
-                (key, value, acked)
+        // a flush that held one per event while asking for the next deadlocked every publish
+        // of the process once a flush passed the limit (when every device was an event of its
+        // own, a 5,000-member channel did; now 5,000 chats acked in one interval would).
+        let mut published = futures::stream::iter(events(pending))
+            .map(|(chat, event)| async move {
+                let acked = async {
+                    parley_nats::receipts::publish(js, chat, &event)
+                        .await?
+                        .await
+                }
+                .await;
+                (chat, event, acked)
             })
             .buffer_unordered(IN_FLIGHT);
-        while let Some((key, value, acked)) = published.next().await {
+        while let Some((chat, event, acked)) = published.next().await {
             if let Err(error) = acked {
-                tracing::warn!(%error, "delivered receipt not stored; retrying next flush");
-                self.record(value.0, key.0, key.1, value.1);
+                tracing::warn!(%error, "delivered receipts not stored; retrying next flush");
+                for d in event.delivered() {
+                    self.record(d.user_id, d.device_id, chat, d.up_to);
+                }
             }
         }
     }
@@ -83,17 +96,30 @@ fn merge(map: &mut HashMap<Key, (UserId, u64)>, key: Key, value: (UserId, u64)) 
     entry.1 = entry.1.max(value.1);
 }
 
-async fn publish(
-    js: &jetstream::Context,
-    (device_id, chat): Key,
-    (user_id, up_to): (UserId, u64),
-) -> Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError> {
-    let event = ReceiptEvent::Delivered(Delivered {
-        user_id,
-        device_id,
-        up_to,
-    });
-    parley_nats::receipts::publish(js, chat, &event).await
+/// A flush's watermarks as events: per chat, at most [`PER_EVENT`] devices each; a lone
+/// device is a plain delivered receipt.
+fn events(pending: Vec<(Key, (UserId, u64))>) -> Vec<(ChatId, ReceiptEvent)> {
+    let mut per_chat: BTreeMap<ChatId, Vec<Delivered>> = BTreeMap::new();
+    for ((device_id, chat), (user_id, up_to)) in pending {
+        per_chat.entry(chat).or_default().push(Delivered {
+            user_id,
+            device_id,
+            up_to,
+        });
+    }
+    let mut out = Vec::new();
+    for (chat, receipts) in per_chat {
+        for chunk in receipts.chunks(PER_EVENT) {
+            let event = match chunk {
+                [one] => ReceiptEvent::Delivered(one.clone()),
+                many => ReceiptEvent::DeliveredBatch(DeliveredBatch {
+                    receipts: many.to_vec(),
+                }),
+            };
+            out.push((chat, event));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -115,10 +141,47 @@ mod tests {
         assert_eq!(map.get(&(d, other)), Some(&(u, 1)));
     }
 
-    /// A 5,000-member channel acked in one interval: one flush holds more receipts than the
-    /// JetStream context lets be in flight (5,000 acks pending, shared by the whole process).
-    /// Holding every ack future while publishing the next once stalled every publish of the
-    /// process for good: commands, sign-ups, key writes.
+    #[test]
+    fn a_flush_writes_one_event_per_chat_and_splits_only_what_one_event_cannot_hold() {
+        let (group, dm, channel) = (ChatId::new(), ChatId::new(), ChatId::new());
+        let mut pending = Vec::new();
+        let mut add = |chat: ChatId, n: usize| {
+            for i in 0..n {
+                pending.push(((DeviceId::new(), chat), (UserId::new(), i as u64 + 1)));
+            }
+        };
+        add(group, 9);
+        add(dm, 1);
+        add(channel, 2 * PER_EVENT + 1);
+        let events = events(pending);
+        let of = |chat: ChatId| -> Vec<&ReceiptEvent> {
+            events
+                .iter()
+                .filter(|(c, _)| *c == chat)
+                .map(|(_, e)| e)
+                .collect()
+        };
+        let group_events = of(group);
+        assert_eq!(group_events.len(), 1);
+        assert!(
+            matches!(group_events[0], ReceiptEvent::DeliveredBatch(b) if b.receipts.len() == 9)
+        );
+        assert_eq!(group_events[0].up_to(), 9);
+        assert!(matches!(of(dm)[..], [ReceiptEvent::Delivered(_)]));
+        let sizes: Vec<usize> = of(channel).iter().map(|e| e.delivered().len()).collect();
+        assert_eq!(sizes, [PER_EVENT, PER_EVENT, 1]);
+        // Every device of the flush is in exactly one event.
+        let devices: std::collections::HashSet<DeviceId> = events
+            .iter()
+            .flat_map(|(_, e)| e.delivered().iter().map(|d| d.device_id))
+            .collect();
+        assert_eq!(devices.len(), 9 + 1 + 2 * PER_EVENT + 1);
+    }
+
+    /// More chats acked in one interval than the JetStream context lets publishes be in flight
+    /// (5,000 acks pending, shared by the whole process). Holding every ack future while
+    /// publishing the next once stalled every publish of the process for good: commands,
+    /// sign-ups, key writes.
     #[tokio::test]
     async fn a_flush_larger_than_the_in_flight_limit_publishes_everything() {
         let nats = parley_test_support::NatsServer::start().await;
@@ -127,13 +190,13 @@ mod tests {
             .await
             .unwrap();
         let b = AckBatcher::default();
-        let (chat, n) = (ChatId::new(), 6_000u64);
+        let n = 6_000u64;
         for up_to in 1..=n {
-            b.record(UserId::new(), DeviceId::new(), chat, up_to);
+            b.record(UserId::new(), DeviceId::new(), ChatId::new(), up_to);
         }
         tokio::time::timeout(Duration::from_secs(60), b.flush(&js))
             .await
-            .expect("a flush of 6,000 receipts finishes within 60 s");
+            .expect("a flush of 6,000 chats' receipts finishes within 60 s");
         assert!(b.lock().is_empty(), "no receipt was put back for a retry");
         let mut stream = js.get_stream(parley_nats::streams::RECEIPTS).await.unwrap();
         assert_eq!(stream.info().await.unwrap().state.messages, n);

@@ -9,6 +9,7 @@ mod support;
 use std::time::Duration;
 
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
+use parley_push_gateway::GatewayConfig;
 use parley_schemas::cloudevent::decode;
 use parley_schemas::{ReceiptEvent, UserId};
 use parley_test_support::eventually;
@@ -166,6 +167,62 @@ async fn acks_become_delivered_receipts_and_acked_events_are_not_resent_after_re
     h.publish(&chat.message(5, bob, "m")).await;
     let mut c = h.connect(&alice).await;
     assert_eq!(c.sequences(&chat, 2).await, vec![4, 5]);
+}
+
+/// Two members' devices that ack within one flush interval make one event for the chat: a
+/// `parley.receipt.delivered_batch.v1` holding both, whose actor is no single user.
+#[tokio::test]
+async fn acks_of_several_devices_in_one_interval_are_one_batch_event_for_the_chat() {
+    let h = Harness::with_config(GatewayConfig {
+        // No flush but the one at shutdown: both acks are surely in the same interval.
+        ack_flush: Duration::from_secs(3600),
+        ..GatewayConfig::default()
+    })
+    .await;
+    let (alice, bob) = (h.login().await, h.login().await);
+    let chat = h.create_chat(alice.user, &[bob.user]).await;
+    h.publish(&chat.message(2, bob.user, "m")).await;
+    let mut a = h.connect(&alice).await;
+    let mut b = h.connect(&bob).await;
+    assert_eq!(a.sequences(&chat, 2).await, vec![1, 2]);
+    assert_eq!(b.sequences(&chat, 2).await, vec![1, 2]);
+    a.send_json(json!({"type": "ack", "chat_id": chat.id, "sequence": 2}))
+        .await;
+    b.send_json(json!({"type": "ack", "chat_id": chat.id, "sequence": 1}))
+        .await;
+    // A connection handles its frames in order: after the pong, its ack is recorded.
+    a.until_pong().await;
+    b.until_pong().await;
+    h.stack.infra.shutdown.cancel();
+
+    let stream = h.stack.infra.js.get_stream("RECEIPTS").await.unwrap();
+    let subject = format!("receipts.{}", chat.id);
+    let msg = eventually(Duration::from_secs(10), "the flush at shutdown", || {
+        let stream = stream.clone();
+        let subject = subject.clone();
+        async move { stream.get_last_raw_message_by_subject(&subject).await.ok() }
+    })
+    .await;
+    let event = decode::<ReceiptEvent>(&msg.payload).unwrap();
+    let ReceiptEvent::DeliveredBatch(batch) = &event.event else {
+        panic!("expected one batch event, got {:?}", event.event);
+    };
+    let mut got: Vec<_> = batch
+        .receipts
+        .iter()
+        .map(|d| (d.user_id, d.device_id, d.up_to))
+        .collect();
+    got.sort();
+    let mut want = vec![(alice.user, alice.device, 2), (bob.user, bob.device, 1)];
+    want.sort();
+    assert_eq!(got, want);
+    assert_eq!(event.meta.sequence, 2, "the highest watermark of the batch");
+    assert_eq!(event.meta.actor, parley_schemas::events::SYSTEM_ACTOR);
+    let msg_id = msg.headers.get("Nats-Msg-Id").unwrap().as_str().to_owned();
+    assert!(
+        msg_id.starts_with(&format!("batch:{}:", chat.id)),
+        "{msg_id}"
+    );
 }
 
 #[tokio::test]

@@ -442,26 +442,78 @@ pub struct Read {
     pub up_to: u64,
 }
 
+/// The `actor` of an event that no single user caused (a delivered batch holding several
+/// users' devices): the nil UUID, which no user id is (they are UUIDv7).
+pub const SYSTEM_ACTOR: UserId = UserId::from_uuid(uuid::Uuid::nil());
+
+/// `parley.receipt.delivered_batch.v1`: the delivered watermarks of several devices in one
+/// chat, as one push-gateway flush collected them (each entry means what a
+/// `parley.receipt.delivered.v1` means). One event instead of one per device keeps the
+/// `RECEIPTS` stream, and everything that reads it, from growing with the chat's size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DeliveredBatch {
+    /// At least two entries, each device at most once.
+    pub receipts: Vec<Delivered>,
+}
+
 /// Events on `receipts.<chat_id>` in the `RECEIPTS` stream: cumulative watermarks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum ReceiptEvent {
     Delivered(Delivered),
+    DeliveredBatch(DeliveredBatch),
     Read(Read),
 }
 
 impl ReceiptEvent {
     pub const DELIVERED_V1: &'static str = "parley.receipt.delivered.v1";
+    pub const DELIVERED_BATCH_V1: &'static str = "parley.receipt.delivered_batch.v1";
     pub const READ_V1: &'static str = "parley.receipt.read.v1";
+
+    /// The delivered watermarks the event carries: one, several, or none (a read receipt).
+    pub fn delivered(&self) -> &[Delivered] {
+        match self {
+            ReceiptEvent::Delivered(d) => std::slice::from_ref(d),
+            ReceiptEvent::DeliveredBatch(b) => &b.receipts,
+            ReceiptEvent::Read(_) => &[],
+        }
+    }
+
+    /// The CloudEvent `actor`: the user whose device or reading moved the watermark; for a
+    /// batch holding more than one user's devices, [`SYSTEM_ACTOR`].
+    pub fn actor(&self) -> UserId {
+        match self {
+            ReceiptEvent::Read(r) => r.user_id,
+            _ => {
+                let mut users = self.delivered().iter().map(|d| d.user_id);
+                let first = users.next().unwrap_or(SYSTEM_ACTOR);
+                if users.all(|u| u == first) {
+                    first
+                } else {
+                    SYSTEM_ACTOR
+                }
+            }
+        }
+    }
+
+    /// The CloudEvent `sequence`: the highest chat sequence a watermark of the event reaches.
+    pub fn up_to(&self) -> u64 {
+        match self {
+            ReceiptEvent::Read(r) => r.up_to,
+            _ => self.delivered().iter().map(|d| d.up_to).max().unwrap_or(0),
+        }
+    }
 }
 
 impl DomainEvent for ReceiptEvent {
     const SOURCE: &'static str = "/parley/receipts";
-    const TYPES: &'static [&'static str] = &[Self::DELIVERED_V1, Self::READ_V1];
+    const TYPES: &'static [&'static str] =
+        &[Self::DELIVERED_V1, Self::DELIVERED_BATCH_V1, Self::READ_V1];
 
     fn event_type(&self) -> &'static str {
         match self {
             ReceiptEvent::Delivered(_) => Self::DELIVERED_V1,
+            ReceiptEvent::DeliveredBatch(_) => Self::DELIVERED_BATCH_V1,
             ReceiptEvent::Read(_) => Self::READ_V1,
         }
     }
@@ -470,6 +522,7 @@ impl DomainEvent for ReceiptEvent {
         let d = data.get();
         Ok(match event_type {
             Self::DELIVERED_V1 => ReceiptEvent::Delivered(serde_json::from_str(d)?),
+            Self::DELIVERED_BATCH_V1 => ReceiptEvent::DeliveredBatch(serde_json::from_str(d)?),
             Self::READ_V1 => ReceiptEvent::Read(serde_json::from_str(d)?),
             other => return Err(DecodeError::UnknownType(other.to_owned())),
         })
@@ -486,6 +539,31 @@ mod tests {
         let m: MessageSent = serde_json::from_str(old).unwrap();
         assert_eq!(m.thread_root, None);
         assert!(m.mentions.is_empty());
+    }
+
+    #[test]
+    fn a_delivered_batch_reaches_its_highest_watermark_and_names_its_user_only_when_it_has_one() {
+        let (alice, bob) = (UserId::new(), UserId::new());
+        let entry = |user_id, up_to| Delivered {
+            user_id,
+            device_id: DeviceId::new(),
+            up_to,
+        };
+        let batch = |receipts| ReceiptEvent::DeliveredBatch(DeliveredBatch { receipts });
+        let two_users = batch(vec![entry(alice, 3), entry(bob, 7), entry(alice, 5)]);
+        assert_eq!(two_users.up_to(), 7);
+        assert_eq!(two_users.actor(), SYSTEM_ACTOR);
+        assert_eq!(two_users.delivered().len(), 3);
+        let one_user = batch(vec![entry(alice, 3), entry(alice, 4)]);
+        assert_eq!((one_user.up_to(), one_user.actor()), (4, alice));
+        let single = ReceiptEvent::Delivered(entry(bob, 2));
+        assert_eq!((single.up_to(), single.actor()), (2, bob));
+        let read = ReceiptEvent::Read(Read {
+            user_id: alice,
+            up_to: 9,
+        });
+        assert_eq!((read.up_to(), read.actor()), (9, alice));
+        assert!(read.delivered().is_empty());
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub fn event_schemas() -> Vec<(&'static str, Value)> {
         envelope::<UserEvent, UserUnblocked>(UserEvent::UNBLOCKED_V1),
         envelope::<UserEvent, ChatSettingsChanged>(UserEvent::CHAT_SETTINGS_CHANGED_V1),
         envelope::<ReceiptEvent, Delivered>(ReceiptEvent::DELIVERED_V1),
+        envelope::<ReceiptEvent, DeliveredBatch>(ReceiptEvent::DELIVERED_BATCH_V1),
         envelope::<ReceiptEvent, Read>(ReceiptEvent::READ_V1),
     ]
 }

@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use parley_nats::replay::{Replay, ReplaySpec, Start};
+use parley_schemas::events::DeliveredBatch;
 use parley_schemas::{ChatEvent, DomainEvent, ReceiptEvent, UserEvent};
 use uuid::Uuid;
 
@@ -163,13 +164,30 @@ impl ReplayArgs {
     }
 }
 
-/// The two envelope fields the client-side filters look at.
+/// The envelope fields the client-side filters look at.
 #[derive(serde::Deserialize)]
 struct Head<'a> {
     #[serde(rename = "type", borrow)]
     ty: &'a str,
     #[serde(default)]
     actor: Option<Uuid>,
+    #[serde(default, borrow)]
+    data: Option<&'a serde_json::value::RawValue>,
+}
+
+impl Head<'_> {
+    /// Whether `user` caused the event: its actor, or a device of theirs in a delivered batch
+    /// (whose actor is the nil UUID when it holds several users').
+    fn caused_by(&self, user: Uuid) -> bool {
+        if self.actor == Some(user) {
+            return true;
+        }
+        self.ty == ReceiptEvent::DELIVERED_BATCH_V1
+            && self
+                .data
+                .and_then(|d| serde_json::from_str::<DeliveredBatch>(d.get()).ok())
+                .is_some_and(|b| b.receipts.iter().any(|r| *r.user_id.as_uuid() == user))
+    }
 }
 
 impl Plan {
@@ -182,7 +200,7 @@ impl Plan {
             return false;
         };
         (self.types.is_empty() || self.types.iter().any(|t| t == head.ty))
-            && (self.actor.is_none() || head.actor == self.actor)
+            && self.actor.is_none_or(|user| head.caused_by(user))
     }
 }
 
@@ -357,5 +375,36 @@ mod tests {
         assert!(!p.wants(line(ChatEvent::CREATED_V1, actor).as_bytes()));
         assert!(!p.wants(line(ChatEvent::MESSAGE_SENT_V1, Uuid::now_v7()).as_bytes()));
         assert!(!p.wants(b"not json"));
+    }
+
+    #[test]
+    fn a_user_selects_the_delivered_batches_that_hold_a_device_of_theirs() {
+        let (bob, cy) = (Uuid::now_v7(), Uuid::now_v7());
+        let p = plan(&["--stream", "RECEIPTS", "--user", &bob.to_string()]).unwrap();
+        let batch = |users: &[Uuid]| {
+            let receipts: Vec<String> = users
+                .iter()
+                .map(|u| {
+                    format!(
+                        r#"{{"user_id":"{u}","device_id":"{}","up_to":3}}"#,
+                        Uuid::now_v7()
+                    )
+                })
+                .collect();
+            format!(
+                r#"{{"type":"{}","actor":"{}","data":{{"receipts":[{}]}}}}"#,
+                ReceiptEvent::DELIVERED_BATCH_V1,
+                Uuid::nil(),
+                receipts.join(",")
+            )
+        };
+        assert!(p.wants(batch(&[cy, bob]).as_bytes()));
+        assert!(!p.wants(batch(&[cy]).as_bytes()));
+        // Only a delivered batch is looked into.
+        let read = format!(
+            r#"{{"type":"{}","actor":"{cy}","data":{{"receipts":[{{"user_id":"{bob}"}}]}}}}"#,
+            ReceiptEvent::READ_V1
+        );
+        assert!(!p.wants(read.as_bytes()));
     }
 }

@@ -42,6 +42,9 @@ async fn every_stored_event_validates_against_the_json_schema_of_its_type() {
     assert_eq!(s, 200, "{b}");
     let seq = app.message(&ada, &chat, "hello \"all\" ✓").await;
     app.read_up_to(&bob, &chat, seq).await;
+    // Two devices acked in one gateway flush: one delivered batch; then one device alone.
+    app.deliver_in_one_batch(&[&ada, &bob], &chat, seq).await;
+    let seq = app.message(&ada, &chat, "one more").await;
     app.deliver(&bob, &chat, seq).await;
     let (s, b) = app
         .call(

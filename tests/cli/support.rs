@@ -13,6 +13,24 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
 use tokio_util::sync::CancellationToken;
 
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn ack(ws: &mut Socket, chat: &str, up_to: u64) {
+    ws.send(Message::text(
+        json!({"type": "ack", "chat_id": chat, "sequence": up_to}).to_string(),
+    ))
+    .await
+    .unwrap();
+}
+
+/// The last event stored on `subject` of `RECEIPTS`, as text.
+async fn last_on(js: &async_nats::jetstream::Context, subject: &str) -> Option<String> {
+    let stream = js.get_stream("RECEIPTS").await.ok()?;
+    let last = stream.get_last_raw_message_by_subject(subject).await.ok()?;
+    Some(String::from_utf8_lossy(&last.payload).into_owned())
+}
+
 pub struct TestApp {
     /// The HTTP calls (`app.post(…)`, `app.signup(…)`, `app.http`, `app.base` through `Deref`).
     pub api: Api,
@@ -37,9 +55,8 @@ impl Drop for TestApp {
     }
 }
 
-pub async fn spawn_app() -> TestApp {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
+/// The settings of a test Parley on `nats` and `db`.
+fn settings(nats: &NatsServer, db: &TestDb) -> Settings {
     let mut settings = Settings::default();
     settings.infra.nats_url = nats.url();
     settings.infra.database_url = db.url.clone();
@@ -47,6 +64,13 @@ pub async fn spawn_app() -> TestApp {
     // Tests send in bursts; the limits have their own tests.
     settings.command.limits = parley_command_api::LimitsConfig::off();
     settings.command.password_cost = parley_test_support::CHEAP_PASSWORD_HASHES.parse().unwrap();
+    settings
+}
+
+pub async fn spawn_app() -> TestApp {
+    let nats = NatsServer::start().await;
+    let db = TestDb::create().await;
+    let settings = settings(&nats, &db);
     let shutdown = CancellationToken::new();
     let app = App::build(
         settings,
@@ -153,9 +177,89 @@ impl TestApp {
     /// Connects `user`'s device to the gateway and acks everything of `chat` up to `up_to`,
     /// then waits until the delivered receipt is stored.
     pub async fn deliver(&self, user: &User, chat: &str, up_to: u64) {
+        let mut ws = self.socket_up_to(self.port, user, chat, up_to).await;
+        ack(&mut ws, chat, up_to).await;
+        let subject = format!("receipts.{chat}");
+        let device = user.device_id.clone();
+        eventually(Duration::from_secs(10), "the delivered receipt", || {
+            let (js, subject, device) = (self.js.clone(), subject.clone(), device.clone());
+            async move {
+                let text = last_on(&js, &subject).await?;
+                (text.contains(&device) && text.contains(&format!("\"up_to\":{up_to}")))
+                    .then_some(())
+            }
+        })
+        .await;
+        let _ = ws.close(None).await;
+    }
+
+    /// As `deliver` for several users' devices at once, through a gateway of its own that
+    /// flushes acks only when it stops: their receipts are surely one
+    /// `parley.receipt.delivered_batch.v1`, which this returns once stored.
+    pub async fn deliver_in_one_batch(&self, users: &[&User], chat: &str, up_to: u64) -> Value {
+        let mut settings = settings(&self.nats, &self.db);
+        settings.gateway.ack_flush = Duration::from_secs(3600);
+        let stop = CancellationToken::new();
+        let gateway = App::build(
+            settings,
+            Role::PushGateway,
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            stop.clone(),
+        )
+        .await
+        .expect("build a gateway");
+        let port = gateway.port();
+        tokio::spawn(gateway.run_until_stopped());
+        let mut sockets = Vec::new();
+        for user in users {
+            let mut ws = self.socket_up_to(port, user, chat, up_to).await;
+            ack(&mut ws, chat, up_to).await;
+            sockets.push(ws);
+        }
+        // A connection handles its frames in order: once it answers a ping, its ack is held.
+        for ws in &mut sockets {
+            ws.send(Message::text(r#"{"type":"ping"}"#)).await.unwrap();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let frame = tokio::time::timeout_at(deadline, ws.next())
+                    .await
+                    .expect("a pong in time")
+                    .unwrap()
+                    .unwrap();
+                if frame.to_text().unwrap_or("").contains("\"pong\"") {
+                    break;
+                }
+            }
+        }
+        stop.cancel();
+        let subject = format!("receipts.{chat}");
+        let batch = eventually(Duration::from_secs(10), "the batch flushed at stop", || {
+            let (js, subject) = (self.js.clone(), subject.clone());
+            async move {
+                let event: Value = serde_json::from_str(&last_on(&js, &subject).await?).ok()?;
+                (event["type"] == "parley.receipt.delivered_batch.v1").then_some(event)
+            }
+        })
+        .await;
+        let receipts = batch["data"]["receipts"].as_array().unwrap();
+        assert_eq!(receipts.len(), users.len(), "{batch}");
+        for user in users {
+            assert!(
+                receipts
+                    .iter()
+                    .any(|r| r["device_id"] == user.device_id.as_str()),
+                "{batch}"
+            );
+        }
+        batch
+    }
+
+    /// A socket of `user`'s device on the gateway at `port`, once it has sent `chat`'s events
+    /// up to `up_to` (the gateway takes acks only for what it sent on the connection).
+    async fn socket_up_to(&self, port: u16, user: &User, chat: &str, up_to: u64) -> Socket {
         // The gateway learns the user's chats from the read model when the socket opens.
         self.settled().await;
-        let mut req = format!("ws://127.0.0.1:{}/v1/ws", self.port)
+        let mut req = format!("ws://127.0.0.1:{port}/v1/ws")
             .into_client_request()
             .unwrap();
         req.headers_mut().insert(
@@ -169,8 +273,6 @@ impl TestApp {
             .unwrap()
             .unwrap();
         assert!(ready.to_text().unwrap().contains("ready"), "{ready}");
-        // The gateway takes acks only for what it sent on this connection: read the inbox
-        // replay up to `up_to` first.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let frame = tokio::time::timeout_at(deadline, ws.next())
@@ -185,28 +287,7 @@ impl TestApp {
                 break;
             }
         }
-        ws.send(Message::text(
-            json!({"type": "ack", "chat_id": chat, "sequence": up_to}).to_string(),
-        ))
-        .await
-        .unwrap();
-        let subject = format!("receipts.{chat}");
-        let device = user.device_id.clone();
-        eventually(Duration::from_secs(10), "the delivered receipt", || {
-            let (js, subject, device) = (self.js.clone(), subject.clone(), device.clone());
-            async move {
-                let stream = js.get_stream("RECEIPTS").await.ok()?;
-                let last = stream
-                    .get_last_raw_message_by_subject(&subject)
-                    .await
-                    .ok()?;
-                let text = String::from_utf8_lossy(&last.payload).into_owned();
-                (text.contains(&device) && text.contains(&format!("\"up_to\":{up_to}")))
-                    .then_some(())
-            }
-        })
-        .await;
-        let _ = ws.close(None).await;
+        ws
     }
 
     /// Waits until every projector has acknowledged everything in its stream.
