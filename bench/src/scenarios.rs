@@ -235,6 +235,7 @@ impl Ctx {
             drop(live);
 
             // Figure: Parley.
+            let receipts_before = receipt_events(&self.stack.js).await?;
             let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
             let statuses: Arc<Mutex<HashMap<u16, u64>>> = Arc::default();
             {
@@ -279,6 +280,7 @@ impl Ctx {
                     && a.socket != sender_of(a.index).1
             };
             wait_for(&arrivals, expected, Duration::from_secs(15), counted).await;
+            let receipts = receipt_events(&self.stack.js).await? - receipts_before;
             if let Ok(s) = statuses.lock()
                 && !s.is_empty()
             {
@@ -328,6 +330,13 @@ impl Ctx {
                 Goal::RatioAtMost(if check_order { 4.0 } else { 3.0 }),
             ));
             let accepted = accepted.load(std::sync::atomic::Ordering::Relaxed);
+            // What the sockets' acks cost the streams: delivered receipts stored per message.
+            metrics.push(Metric::absolute(
+                "RECEIPTS events per accepted send",
+                "ev",
+                receipts as f64 / accepted.max(1) as f64,
+                Goal::Diagnostic,
+            ));
             metrics.push(Metric::absolute(
                 "rejected sends",
                 "req",
@@ -1178,4 +1187,10 @@ fn report_run(run: u64, metrics: &[Metric]) {
             m.unit
         );
     }
+}
+
+/// Events stored on `RECEIPTS` so far (its last stream sequence).
+async fn receipt_events(js: &async_nats::jetstream::Context) -> anyhow::Result<u64> {
+    let mut stream = js.get_stream("RECEIPTS").await?;
+    Ok(stream.info().await?.state.last_sequence)
 }
