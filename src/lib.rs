@@ -104,6 +104,20 @@ impl App {
         })
     }
 
+    /// Builds `role` on a free loopback port and serves it in the background until `shutdown`
+    /// fires; returns the port. How tests run an in-process Parley.
+    pub async fn spawn_on_loopback(
+        settings: Settings,
+        role: Role,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<u16> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        let app = App::build(settings, role, addr, shutdown).await?;
+        let port = app.port();
+        tokio::spawn(app.run_until_stopped());
+        Ok(port)
+    }
+
     /// The bound port (0 when the role serves no HTTP).
     pub fn port(&self) -> u16 {
         self.listener

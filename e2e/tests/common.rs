@@ -3,7 +3,6 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -55,16 +54,9 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     settings.command.password_cost = parley_test_support::CHEAP_PASSWORD_HASHES.parse().unwrap();
     adjust(&mut settings);
     let shutdown = CancellationToken::new();
-    let app = App::build(
-        settings,
-        Role::All,
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        shutdown.clone(),
-    )
-    .await
-    .expect("build app");
-    let port = app.port();
-    tokio::spawn(app.run_until_stopped());
+    let port = App::spawn_on_loopback(settings, Role::All, shutdown.clone())
+        .await
+        .expect("build app");
     TestApp {
         api: Api::new(format!("http://127.0.0.1:{port}")),
         port,
@@ -115,16 +107,9 @@ impl TestApp {
         settings.infra.database_url = self.db.url.clone();
         settings.infra.pg_max_connections = 4;
         let stop = CancellationToken::new();
-        let app = App::build(
-            settings,
-            Role::PushGateway,
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            stop.clone(),
-        )
-        .await
-        .expect("build gateway");
-        let port = app.port();
-        tokio::spawn(app.run_until_stopped());
+        let port = App::spawn_on_loopback(settings, Role::PushGateway, stop.clone())
+            .await
+            .expect("build gateway");
         (port, stop)
     }
 

@@ -682,13 +682,7 @@ async fn a_receipt_batch_keeps_the_highest_watermark_per_member_and_announces_ea
         .execute(&pg)
         .await
         .unwrap();
-    let mut notices = stack
-        .infra
-        .nats
-        .subscribe(live_receipts(chat.id))
-        .await
-        .unwrap();
-    stack.infra.nats.flush().await.unwrap();
+    let mut notices = receipt_notices(&stack, chat.id).await;
 
     let (phone, laptop) = (DeviceId::new(), DeviceId::new());
     let delivered = |device: DeviceId, user: UserId, up_to: u64| {
@@ -744,11 +738,7 @@ async fn a_receipt_batch_keeps_the_highest_watermark_per_member_and_announces_ea
     );
 
     // One notice, for Bob, with both highest watermarks; none for Cy, who did not move.
-    let notice = tokio::time::timeout(Duration::from_secs(5), notices.next())
-        .await
-        .expect("a receipt notice within 5 s")
-        .unwrap();
-    let moved: WatermarkMoved = serde_json::from_slice(&notice.payload).unwrap();
+    let moved: WatermarkMoved = next_notice(&mut notices).await;
     assert_eq!(
         moved,
         WatermarkMoved {
@@ -777,13 +767,7 @@ async fn a_channel_keeps_its_members_watermarks_but_announces_no_moves() {
     let mut events = vec![chat.created_as(ChatKind::Channel, &[bob])];
     events.extend((0..3).map(|i| chat.message(&format!("m{i}"))));
     chats::apply(&pg, &keys, events, DELAY).await.unwrap();
-    let mut notices = stack
-        .infra
-        .nats
-        .subscribe(live_receipts(chat.id))
-        .await
-        .unwrap();
-    stack.infra.nats.flush().await.unwrap();
+    let mut notices = receipt_notices(&stack, chat.id).await;
 
     let batch = vec![
         receipt(
@@ -893,13 +877,7 @@ async fn a_delivered_batch_moves_every_device_and_member_it_holds() {
     let mut events = vec![chat.created(&[bob, cy, dee])];
     events.extend((0..4).map(|i| chat.message(&format!("m{i}"))));
     chats::apply(&pg, &keys, events, DELAY).await.unwrap();
-    let mut notices = stack
-        .infra
-        .nats
-        .subscribe(live_receipts(chat.id))
-        .await
-        .unwrap();
-    stack.infra.nats.flush().await.unwrap();
+    let mut notices = receipt_notices(&stack, chat.id).await;
 
     let (bob_phone, bob_laptop, cy_phone) = (DeviceId::new(), DeviceId::new(), DeviceId::new());
     let entry = |user_id, device_id, up_to| DeliveredReceipt {
@@ -957,11 +935,7 @@ async fn a_delivered_batch_moves_every_device_and_member_it_holds() {
     // One notice per member that moved (in member order), none for Dee.
     let mut moved = Vec::new();
     for _ in 0..2 {
-        let notice = tokio::time::timeout(Duration::from_secs(5), notices.next())
-            .await
-            .expect("a receipt notice within 5 s")
-            .unwrap();
-        let m: WatermarkMoved = serde_json::from_slice(&notice.payload).unwrap();
+        let m: WatermarkMoved = next_notice(&mut notices).await;
         moved.push((m.user_id, m.delivered_up_to, m.read_up_to));
     }
     moved.sort();
@@ -1027,13 +1001,25 @@ async fn a_delivered_batch_with_a_member_not_projected_yet_waits_whole() {
     );
 }
 
-/// The next message on a user's notice subject within 5 s, as JSON.
-async fn next_notice(notices: &mut async_nats::Subscriber) -> serde_json::Value {
+/// The next message on a notice subject within 5 s, decoded.
+async fn next_notice<T: serde::de::DeserializeOwned>(notices: &mut async_nats::Subscriber) -> T {
     let next = tokio::time::timeout(Duration::from_secs(5), notices.next())
         .await
         .expect("a notice within 5 s")
         .unwrap();
     serde_json::from_slice(&next.payload).unwrap()
+}
+
+/// A subscription to `chat`'s receipt notices, in effect at the server when this returns.
+async fn receipt_notices(stack: &TestStack, chat: ChatId) -> async_nats::Subscriber {
+    let notices = stack
+        .infra
+        .nats
+        .subscribe(live_receipts(chat))
+        .await
+        .unwrap();
+    stack.infra.nats.flush().await.unwrap();
+    notices
 }
 
 #[tokio::test]
@@ -1063,7 +1049,7 @@ async fn membership_notices_go_out_for_applied_events_again_on_redelivery_and_no
     let chat_id = chat.id.to_string();
 
     assert_eq!(apply(vec![copy(&created)]).await, vec![Disposition::Ack]);
-    let notice = next_notice(&mut bobs).await;
+    let notice = next_notice::<serde_json::Value>(&mut bobs).await;
     assert_eq!(
         notice,
         serde_json::json!({"chat_id": chat_id, "sequence": 1, "change": "added"})
@@ -1075,7 +1061,10 @@ async fn membership_notices_go_out_for_applied_events_again_on_redelivery_and_no
 
     // A redelivery (a crash between the commit and the acks) announces the change again.
     assert_eq!(apply(vec![copy(&created)]).await, vec![Disposition::Ack]);
-    assert_eq!(next_notice(&mut bobs).await["sequence"], 1);
+    assert_eq!(
+        next_notice::<serde_json::Value>(&mut bobs).await["sequence"],
+        1
+    );
 
     // The removal ahead of the missing message waits, and so does its notice.
     assert_eq!(
@@ -1091,7 +1080,7 @@ async fn membership_notices_go_out_for_applied_events_again_on_redelivery_and_no
         vec![Disposition::Ack, Disposition::Ack]
     );
     assert_eq!(
-        next_notice(&mut bobs).await,
+        next_notice::<serde_json::Value>(&mut bobs).await,
         serde_json::json!({"chat_id": chat_id, "sequence": 3, "change": "removed"})
     );
 }

@@ -9,8 +9,8 @@
 
 use std::future::Future;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -26,10 +26,10 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 
 /// A `nats-server` child process with JetStream, killed (and its store removed) on drop.
 ///
-/// The server runs under a tiny shell watchdog that kills it when our stdin pipe closes, so a
-/// test binary that dies without running destructors leaves no server behind.
+/// The server runs under the [`Watched`] shell watchdog, which kills it when our stdin pipe
+/// closes, so a test binary that dies without running destructors leaves no server behind.
 pub struct NatsServer {
-    child: Child,
+    server: Watched,
     port: u16,
     store: tempfile::TempDir,
 }
@@ -66,8 +66,17 @@ impl NatsServer {
 
     async fn start_on(store: tempfile::TempDir) -> NatsServer {
         let port = free_port();
-        let child = spawn_nats(port, store.path().to_path_buf());
-        let server = NatsServer { child, port, store };
+        let (port_s, store_s) = (port.to_string(), store.path().display().to_string());
+        let server = Watched::start(
+            "nats-server",
+            &["-a", "127.0.0.1", "-p", &port_s, "-js", "-sd", &store_s],
+            &[],
+        );
+        let server = NatsServer {
+            server,
+            port,
+            store,
+        };
         server.wait_ready().await;
         server
     }
@@ -82,15 +91,12 @@ impl NatsServer {
 
     /// Kills the server with SIGKILL, as a crash would.
     pub fn kill(&mut self) {
-        // Closing the watchdog's stdin makes it `kill -9` the server, then exit.
-        drop(self.child.stdin.take());
-        let _ = self.child.wait();
+        self.server.kill();
     }
 
     /// Starts the server again on the same port with the same store, after `kill`.
     pub async fn restart(&mut self) {
-        self.kill();
-        self.child = spawn_nats(self.port, self.store.path().to_path_buf());
+        self.server.restart();
         self.wait_ready().await;
     }
 
@@ -104,26 +110,6 @@ impl NatsServer {
     }
 }
 
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn spawn_nats(port: u16, store: PathBuf) -> Child {
-    let script = format!(
-        "nats-server -a 127.0.0.1 -p {port} -js -sd '{}' & pid=$!; read _; kill -9 $pid; wait $pid",
-        store.display()
-    );
-    Command::new("sh")
-        .args(["-c", &script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run nats-server (is it installed? ./dev stack): {e}"))
-}
-
 /// A 3-node (or n-node) JetStream cluster on loopback, for R3 streams; each node a watched
 /// child process like `NatsServer`, killed on drop.
 pub struct NatsCluster {
@@ -134,8 +120,7 @@ pub struct NatsCluster {
 struct ClusterNode {
     name: String,
     port: u16,
-    config: PathBuf,
-    child: Option<Child>,
+    server: Watched,
 }
 
 impl NatsCluster {
@@ -147,7 +132,7 @@ impl NatsCluster {
             .iter()
             .map(|(_, c)| format!("nats-route://127.0.0.1:{c}"))
             .collect();
-        let mut nodes = Vec::new();
+        let (mut configs, mut nodes) = (Vec::new(), Vec::new());
         for (i, (port, cluster_port)) in ports.iter().enumerate() {
             let name = format!("n{}", i + 1);
             let store = dir.path().join(&name);
@@ -161,15 +146,16 @@ impl NatsCluster {
             );
             let path = dir.path().join(format!("{name}.conf"));
             std::fs::write(&path, config).expect("write node config");
+            configs.push((name, *port, path));
+        }
+        // Every config is written before the first node starts: each names all the routes.
+        for (name, port, path) in configs {
+            let path = path.display().to_string();
             nodes.push(ClusterNode {
                 name,
-                port: *port,
-                config: path,
-                child: None,
+                port,
+                server: Watched::start("nats-server", &["-c", &path], &[]),
             });
-        }
-        for node in &mut nodes {
-            node.child = Some(spawn_nats_config(&node.config));
         }
         let cluster = NatsCluster { nodes, _dir: dir };
         cluster.wait_ready().await;
@@ -192,21 +178,17 @@ impl NatsCluster {
 
     /// SIGKILLs node `i`, as a crash would.
     pub fn kill(&mut self, i: usize) {
-        if let Some(mut child) = self.nodes[i].child.take() {
-            drop(child.stdin.take());
-            let _ = child.wait();
-        }
+        self.nodes[i].server.kill();
     }
 
     /// Starts node `i` again with its store, after `kill`.
     pub async fn restart(&mut self, i: usize) {
-        self.kill(i);
-        self.nodes[i].child = Some(spawn_nats_config(&self.nodes[i].config));
+        self.nodes[i].server.restart();
         self.wait_ready().await;
     }
 
     async fn wait_ready(&self) {
-        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+        for node in self.nodes.iter().filter(|n| !n.server.killed()) {
             let url = format!("nats://127.0.0.1:{}", node.port);
             if let Err(e) = jetstream_ready(&url).await {
                 panic!(
@@ -216,28 +198,6 @@ impl NatsCluster {
             }
         }
     }
-}
-
-impl Drop for NatsCluster {
-    fn drop(&mut self) {
-        for i in 0..self.nodes.len() {
-            self.kill(i);
-        }
-    }
-}
-
-fn spawn_nats_config(config: &std::path::Path) -> Child {
-    let script = format!(
-        "nats-server -c '{}' & pid=$!; read _; kill -9 $pid; wait $pid",
-        config.display()
-    );
-    Command::new("sh")
-        .args(["-c", &script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run nats-server (is it installed? ./dev stack): {e}"))
 }
 
 /// Waits (30 s at most) until the server at `url` answers JetStream API requests; a loaded

@@ -117,6 +117,11 @@ impl Watched {
         self.spawn();
     }
 
+    /// Whether `kill` stopped the program (and no `restart` ran since).
+    pub fn killed(&self) -> bool {
+        self.child.is_none()
+    }
+
     /// Whether the program has exited on its own (a supervisor would restart it).
     pub fn exited(&mut self) -> bool {
         match &mut self.child {

@@ -1,7 +1,6 @@
 //! A whole Parley in-process (`parley up` on a private nats-server and a fresh database), HTTP
 //! and WebSocket helpers to populate it, and `parley(…)`: the built binary run against it.
 
-use std::net::SocketAddr;
 use std::process::Output;
 use std::time::Duration;
 
@@ -22,6 +21,24 @@ async fn ack(ws: &mut Socket, chat: &str, up_to: u64) {
     ))
     .await
     .unwrap();
+}
+
+/// Reads JSON frames until one satisfies `wanted`; panics after 10 s with `what`.
+async fn read_until(ws: &mut Socket, what: &str, wanted: impl Fn(&Value) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let frame = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("{what} in time"))
+            .unwrap()
+            .unwrap();
+        let Ok(frame) = serde_json::from_str::<Value>(frame.to_text().unwrap_or("")) else {
+            continue;
+        };
+        if wanted(&frame) {
+            return;
+        }
+    }
 }
 
 /// The last event stored on `subject` of `RECEIPTS`, as text.
@@ -72,16 +89,9 @@ pub async fn spawn_app() -> TestApp {
     let db = TestDb::create().await;
     let settings = settings(&nats, &db);
     let shutdown = CancellationToken::new();
-    let app = App::build(
-        settings,
-        Role::All,
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        shutdown.clone(),
-    )
-    .await
-    .expect("build app");
-    let port = app.port();
-    tokio::spawn(app.run_until_stopped());
+    let port = App::spawn_on_loopback(settings, Role::All, shutdown.clone())
+        .await
+        .expect("build app");
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let pg = db.pool().await;
     TestApp {
@@ -200,16 +210,9 @@ impl TestApp {
         let mut settings = settings(&self.nats, &self.db);
         settings.gateway.ack_flush = Duration::from_secs(3600);
         let stop = CancellationToken::new();
-        let gateway = App::build(
-            settings,
-            Role::PushGateway,
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            stop.clone(),
-        )
-        .await
-        .expect("build a gateway");
-        let port = gateway.port();
-        tokio::spawn(gateway.run_until_stopped());
+        let port = App::spawn_on_loopback(settings, Role::PushGateway, stop.clone())
+            .await
+            .expect("build a gateway");
         let mut sockets = Vec::new();
         for user in users {
             let mut ws = self.socket_up_to(port, user, chat, up_to).await;
@@ -219,17 +222,7 @@ impl TestApp {
         // A connection handles its frames in order: once it answers a ping, its ack is held.
         for ws in &mut sockets {
             ws.send(Message::text(r#"{"type":"ping"}"#)).await.unwrap();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            loop {
-                let frame = tokio::time::timeout_at(deadline, ws.next())
-                    .await
-                    .expect("a pong in time")
-                    .unwrap()
-                    .unwrap();
-                if frame.to_text().unwrap_or("").contains("\"pong\"") {
-                    break;
-                }
-            }
+            read_until(ws, "a pong", |f| f["type"] == "pong").await;
         }
         stop.cancel();
         let subject = format!("receipts.{chat}");
@@ -273,20 +266,10 @@ impl TestApp {
             .unwrap()
             .unwrap();
         assert!(ready.to_text().unwrap().contains("ready"), "{ready}");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let frame = tokio::time::timeout_at(deadline, ws.next())
-                .await
-                .expect("the chat's events up to the ack in time")
-                .unwrap()
-                .unwrap();
-            let Ok(frame) = serde_json::from_str::<Value>(frame.to_text().unwrap_or("")) else {
-                continue;
-            };
-            if frame["chat_id"] == chat && frame["sequence"].as_u64() >= Some(up_to) {
-                break;
-            }
-        }
+        read_until(&mut ws, "the chat's events up to the ack", |f| {
+            f["chat_id"] == chat && f["sequence"].as_u64() >= Some(up_to)
+        })
+        .await;
         ws
     }
 
