@@ -17,7 +17,7 @@ pub use http::attachments::AttachmentLimits;
 pub use http::openapi;
 pub use limits::LimitsConfig;
 pub use passwords::HashCost;
-pub use state::CommandState;
+pub use state::{APPENDS_CONNECTION, CommandState};
 
 /// Limits and tuning of command-api (`PARLEY_*` settings; see README).
 #[derive(Debug, Clone)]

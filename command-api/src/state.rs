@@ -13,6 +13,9 @@ use crate::error::ApiError;
 use crate::limits::Limits;
 use crate::passwords::Passwords;
 
+/// The name of the aggregates' NATS connection, as the server shows it (`/connz`).
+pub const APPENDS_CONNECTION: &str = "parley-appends";
+
 /// Cheap to clone: one reference count (measured: cloning and dropping the handles themselves
 /// per request took a fifth of `parley up`'s CPU under `send-throughput`).
 #[derive(Clone)]
@@ -46,15 +49,23 @@ pub struct Shared {
 
 impl CommandState {
     pub async fn new(infra: &Infra, config: CommandConfig) -> Result<Self, ApiError> {
+        // The aggregates append on a connection of their own: a command's ack then waits for
+        // no projector batch or live event the shared connection is handing out. Measured in
+        // `parley up` (docs/benchmarks.md, "Session 15"): the send handler's wait between its
+        // ack's wake-up and its next poll halved.
+        let appends = infra
+            .jetstream_of_its_own(APPENDS_CONNECTION)
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
         let chats = EventStore::new(
-            infra.js.clone(),
+            appends.clone(),
             infra.buckets.snapshots.clone(),
             config.cache_capacity,
             config.snapshot_interval,
         )
         .await?;
         let users = EventStore::new(
-            infra.js.clone(),
+            appends,
             infra.buckets.snapshots.clone(),
             config.cache_capacity,
             config.snapshot_interval,

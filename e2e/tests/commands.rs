@@ -358,3 +358,34 @@ async fn openapi_document_is_served_and_names_every_route() {
         "docs/openapi.json is stale: run `cargo run -- openapi > docs/openapi.json`"
     );
 }
+
+/// The messages a connection named `name` has published, as the server counts them; panics
+/// unless exactly one connection has that name.
+async fn published_by(app: &common::TestApp, name: &str) -> u64 {
+    let named: Vec<Value> = app
+        .nats
+        .connections()
+        .await
+        .into_iter()
+        .filter(|c| c["name"] == name)
+        .collect();
+    assert_eq!(named.len(), 1, "connections named {name}: {named:?}");
+    named[0]["in_msgs"].as_u64().expect("in_msgs")
+}
+
+#[tokio::test]
+async fn commands_append_on_a_nats_connection_of_their_own() {
+    let app = spawn_app().await;
+    let ada = app.signup("ada").await;
+    let bob = app.signup("bob").await;
+    let chat = app.group(&ada, &[&bob]).await;
+    let appends = parley_command_api::APPENDS_CONNECTION;
+    let before = published_by(&app, appends).await;
+    for i in 0..3 {
+        app.send_message(&ada, &chat, &format!("m{i}")).await;
+    }
+    // Three sends are three appends (the message keys and snapshots are written elsewhere),
+    // and the shared connection is still there for everything else.
+    assert_eq!(published_by(&app, appends).await, before + 3);
+    published_by(&app, parley_nats::CONNECTION_NAME).await;
+}

@@ -11,7 +11,9 @@ pub mod store;
 
 pub use attachments::{AttachmentError, AttachmentMeta, Attachments, NewAttachment};
 pub use message_keys::{KeyError, KeyPool, MessageKey, MessageKeys};
-pub use setup::{Buckets, JetStreamSettings, connect, context, ensure, subjects};
+pub use setup::{
+    Buckets, CONNECTION_NAME, JetStreamSettings, connect, connect_named, context, ensure, subjects,
+};
 pub use store::{Aggregate, AppendContext, EventStore, ExecuteError, Outcome, StoreError};
 
 /// Stream names: part of the public contract (API.md, "Event streams").

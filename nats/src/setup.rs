@@ -121,9 +121,20 @@ pub fn context(client: async_nats::Client) -> jetstream::Context {
         .build(client)
 }
 
+/// The name a process's shared connection shows the server (`/connz`).
+pub const CONNECTION_NAME: &str = "parley";
+
 /// Connects to `url`, which may list several servers of a cluster separated by commas
 /// (`nats://a:4222,nats://b:4222`); the client fails over between them.
 pub async fn connect(url: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+    connect_named(url, CONNECTION_NAME).await
+}
+
+/// As [`connect`], with the name the server shows for the connection.
+pub async fn connect_named(
+    url: &str,
+    name: &str,
+) -> Result<async_nats::Client, async_nats::ConnectError> {
     let servers = url
         .split(',')
         .map(|s| s.trim().parse::<async_nats::ServerAddr>())
@@ -132,7 +143,7 @@ pub async fn connect(url: &str) -> Result<async_nats::Client, async_nats::Connec
             async_nats::ConnectError::with_source(async_nats::ConnectErrorKind::ServerParse, e)
         })?;
     async_nats::ConnectOptions::new()
-        .name("parley")
+        .name(name)
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(5))
         .event_callback(|event| async move { log_event(&event) })

@@ -52,6 +52,8 @@ pub struct Infra {
     pub keys: MessageKeys,
     /// Fired when the process should stop.
     pub shutdown: CancellationToken,
+    /// Where `nats` connected, for connections of their own ([`Infra::jetstream_of_its_own`]).
+    nats_url: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,17 +79,7 @@ impl Infra {
         cfg: &InfraConfig,
         shutdown: CancellationToken,
     ) -> Result<Infra, InfraError> {
-        let nats =
-            tokio::time::timeout(Duration::from_secs(10), parley_nats::connect(&cfg.nats_url))
-                .await
-                .map_err(|_| InfraError::Nats {
-                    url: cfg.nats_url.clone(),
-                    source: async_nats::ConnectError::from(async_nats::ConnectErrorKind::TimedOut),
-                })?
-                .map_err(|source| InfraError::Nats {
-                    url: cfg.nats_url.clone(),
-                    source,
-                })?;
+        let nats = connect_nats(&cfg.nats_url, parley_nats::CONNECTION_NAME).await?;
         let js = parley_nats::context(nats.clone());
         let buckets = parley_nats::ensure(&js, &cfg.jetstream).await?;
         let pg = crate::pg_pool(&cfg.database_url, cfg.pg_max_connections).await?;
@@ -102,8 +94,36 @@ impl Infra {
             auth,
             keys,
             shutdown,
+            nats_url: cfg.nats_url.clone(),
         })
     }
+
+    /// JetStream on a NATS connection of its own (to the same servers, named `name`), for a
+    /// latency-bound request/reply path. Each connection is read by one task: on the shared
+    /// one, a publish's ack waits behind whatever that task is handing out at the time
+    /// (projector batches, live events, notices, key writes); on its own, it does not.
+    pub async fn jetstream_of_its_own(&self, name: &str) -> Result<jetstream::Context, InfraError> {
+        Ok(parley_nats::context(
+            connect_nats(&self.nats_url, name).await?,
+        ))
+    }
+}
+
+/// Connects with the same deadline wherever a process opens a connection.
+async fn connect_nats(url: &str, name: &str) -> Result<async_nats::Client, InfraError> {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        parley_nats::connect_named(url, name),
+    )
+    .await
+    .map_err(|_| InfraError::Nats {
+        url: url.to_owned(),
+        source: async_nats::ConnectError::from(async_nats::ConnectErrorKind::TimedOut),
+    })?
+    .map_err(|source| InfraError::Nats {
+        url: url.to_owned(),
+        source,
+    })
 }
 
 impl axum::extract::FromRef<Infra> for Authenticator {

@@ -31,6 +31,8 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 pub struct NatsServer {
     server: Watched,
     port: u16,
+    /// The HTTP monitoring port (`/connz`, `/jsz`, …).
+    monitor_port: u16,
     store: tempfile::TempDir,
 }
 
@@ -66,15 +68,33 @@ impl NatsServer {
 
     async fn start_on(store: tempfile::TempDir) -> NatsServer {
         let port = free_port();
-        let (port_s, store_s) = (port.to_string(), store.path().display().to_string());
+        let monitor_port = std::iter::repeat_with(free_port)
+            .find(|&p| p != port)
+            .expect("a second free port");
+        let (port_s, monitor_s, store_s) = (
+            port.to_string(),
+            monitor_port.to_string(),
+            store.path().display().to_string(),
+        );
         let server = Watched::start(
             "nats-server",
-            &["-a", "127.0.0.1", "-p", &port_s, "-js", "-sd", &store_s],
+            &[
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port_s,
+                "-m",
+                &monitor_s,
+                "-js",
+                "-sd",
+                &store_s,
+            ],
             &[],
         );
         let server = NatsServer {
             server,
             port,
+            monitor_port,
             store,
         };
         server.wait_ready().await;
@@ -87,6 +107,20 @@ impl NatsServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The server's client connections as its monitoring endpoint lists them (`/connz`):
+    /// what a test sees of how a process uses its connections.
+    pub async fn connections(&self) -> Vec<serde_json::Value> {
+        let url = format!("http://127.0.0.1:{}/connz", self.monitor_port);
+        let connz: serde_json::Value = reqwest::get(&url)
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"));
+        connz["connections"].as_array().cloned().unwrap_or_default()
     }
 
     /// Kills the server with SIGKILL, as a crash would.
