@@ -1,6 +1,7 @@
 //! Parley's public HTTP and WebSocket API as the benchmark's clients use it: sign-ups, chats,
 //! sends, and sockets whose frames are timestamped on arrival.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -285,6 +286,40 @@ impl Clock {
 /// Reads Parley frames from `ws` until `stop`, recording every `newMessage` whose body is
 /// `b<index>`; acks each chat's highest sequence every 250 ms and pings every 20 s, as a real
 /// client does (the gateway closes silent sockets). `chat_keys` maps chat ids to small keys.
+/// What a reader takes from a frame, borrowed where it can: the load generator shares the two
+/// cores with what it measures, and a `serde_json::Value` per frame (every field, allocated)
+/// cost it more than the floor's readers spend on theirs.
+#[derive(serde::Deserialize)]
+struct NewMessageFrame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    chat_id: Option<Cow<'a, str>>,
+    sequence: Option<u64>,
+    #[serde(borrow)]
+    message: Option<FrameMessage<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct FrameMessage<'a> {
+    #[serde(borrow)]
+    body: Option<Cow<'a, str>>,
+}
+
+/// A `newMessage` frame's chat, sequence, and the bench's index from its body (`b<index>`,
+/// absent for messages the bench did not number); `None` for any other frame.
+fn new_message(text: &str) -> Option<(Cow<'_, str>, u64, Option<u64>)> {
+    let frame = serde_json::from_str::<NewMessageFrame>(text).ok()?;
+    if frame.kind != "newMessage" {
+        return None;
+    }
+    let index = frame
+        .message
+        .and_then(|m| m.body)
+        .and_then(|b| b.strip_prefix('b').and_then(|i| i.parse().ok()));
+    Some((frame.chat_id?, frame.sequence?, index))
+}
+
 pub fn spawn_parley_reader(
     socket: usize,
     mut ws: Ws,
@@ -317,26 +352,44 @@ pub fn spawn_parley_reader(
                     let at_us = clock.now_us();
                     let Some(Ok(msg)) = msg else { return };
                     let Message::Text(text) = msg else { continue };
-                    let Ok(frame) = serde_json::from_str::<Value>(&text) else { continue };
-                    if frame["type"] != "newMessage" {
+                    let Some((chat, sequence, index)) = new_message(&text) else {
                         continue;
-                    }
-                    let chat = frame["chat_id"].as_str().unwrap_or_default().to_owned();
-                    let sequence = frame["sequence"].as_u64().unwrap_or_default();
-                    let index = frame["message"]["body"]
-                        .as_str()
-                        .and_then(|b| b.strip_prefix('b'))
-                        .and_then(|i| i.parse().ok());
+                    };
                     if let Some(index) = index {
-                        let key = chat_keys.get(&chat).copied().unwrap_or(u64::MAX);
+                        let key = chat_keys.get(chat.as_ref()).copied().unwrap_or(u64::MAX);
                         if let Ok(mut a) = arrivals.lock() {
                             a.push(Arrival { socket, index, chat: key, sequence, at_us });
                         }
                     }
-                    let high = acks.entry(chat).or_default();
-                    *high = (*high).max(sequence);
+                    match acks.get_mut(chat.as_ref()) {
+                        Some(high) => *high = (*high).max(sequence),
+                        None => {
+                            acks.insert(chat.into_owned(), sequence);
+                        }
+                    }
                 }
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::new_message;
+
+    #[test]
+    fn a_new_message_frame_gives_its_chat_sequence_and_index() {
+        let frame = r#"{"type":"newMessage","chat_id":"c1","sequence":7,"message":{"message_id":"m","sender_id":"u","body":"b42","sent_at":"2026-11-23T00:00:00Z","reactions":{}}}"#;
+        let (chat, sequence, index) = new_message(frame).expect("a newMessage");
+        assert_eq!((chat.as_ref(), sequence, index), ("c1", 7, Some(42)));
+    }
+
+    #[test]
+    fn escapes_other_bodies_and_other_frames_are_read_right() {
+        let escaped = r#"{"type":"newMessage","chat_id":"c\u0031","sequence":1,"message":{"body":"hi \"there\""}}"#;
+        let (chat, _, index) = new_message(escaped).expect("a newMessage");
+        assert_eq!((chat.as_ref(), index), ("c1", None));
+        assert!(new_message(r#"{"type":"receipt","chat_id":"c1","sequence":3}"#).is_none());
+        assert!(new_message("not json").is_none());
+    }
 }
