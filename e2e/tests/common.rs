@@ -89,11 +89,7 @@ impl TestApp {
     pub async fn last_event(&self, stream: &str, subject: &str) -> Value {
         let client = async_nats::connect(self.nats.url()).await.expect("nats");
         let js = async_nats::jetstream::new(client);
-        let msg = js
-            .get_stream(stream)
-            .await
-            .expect("stream")
-            .get_last_raw_message_by_subject(subject)
+        let msg = parley_test_support::last_stored(&js, stream, subject)
             .await
             .expect("last message");
         serde_json::from_slice(&msg.payload).expect("cloudevent")

@@ -11,7 +11,7 @@ use parley_schemas::{ChatId, DeviceId, EventId, EventMeta, ReceiptEvent};
 use crate::setup::subjects;
 
 /// Publishes one receipt and waits until JetStream has stored it: what an HTTP call answers
-/// after (the gateway's ack batcher publishes a whole batch before awaiting, with `publish`).
+/// after, and what each publish of the gateway's flush window awaits.
 pub async fn publish_acked(
     js: &jetstream::Context,
     chat: ChatId,
@@ -23,7 +23,7 @@ pub async fn publish_acked(
 /// Publishes one receipt; await the returned future for JetStream's ack. The CloudEvent's
 /// `sequence` is the highest chat sequence a watermark of it reaches; the same watermarks
 /// published twice (a retry after a lost ack) are stored once.
-pub async fn publish(
+async fn publish(
     js: &jetstream::Context,
     chat: ChatId,
     event: &ReceiptEvent,

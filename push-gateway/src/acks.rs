@@ -66,12 +66,7 @@ impl AckBatcher {
         // own, a 5,000-member channel did; now 5,000 chats acked in one interval would).
         let mut published = futures::stream::iter(events(pending))
             .map(|(chat, event)| async move {
-                let acked = async {
-                    parley_nats::receipts::publish(js, chat, &event)
-                        .await?
-                        .await
-                }
-                .await;
+                let acked = parley_nats::receipts::publish_acked(js, chat, &event).await;
                 (chat, event, acked)
             })
             .buffer_unordered(IN_FLIGHT);

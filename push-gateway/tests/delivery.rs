@@ -8,11 +8,10 @@ mod support;
 
 use std::time::Duration;
 
-use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use parley_push_gateway::GatewayConfig;
 use parley_schemas::cloudevent::decode;
 use parley_schemas::{ReceiptEvent, UserId};
-use parley_test_support::eventually;
+use parley_test_support::{eventually, last_stored};
 use serde_json::json;
 use support::{Chat, Device, Harness};
 
@@ -195,12 +194,9 @@ async fn acks_of_several_devices_in_one_interval_are_one_batch_event_for_the_cha
     b.until_pong().await;
     h.stack.infra.shutdown.cancel();
 
-    let stream = h.stack.infra.js.get_stream("RECEIPTS").await.unwrap();
     let subject = format!("receipts.{}", chat.id);
     let msg = eventually(Duration::from_secs(10), "the flush at shutdown", || {
-        let stream = stream.clone();
-        let subject = subject.clone();
-        async move { stream.get_last_raw_message_by_subject(&subject).await.ok() }
+        last_stored(&h.stack.infra.js, "RECEIPTS", &subject)
     })
     .await;
     let event = decode::<ReceiptEvent>(&msg.payload).unwrap();
@@ -474,33 +470,23 @@ async fn wait_for_receipt(
     chat: &Chat,
     up_to: u64,
 ) -> parley_schemas::StoredEvent<ReceiptEvent> {
-    let stream = h.stack.infra.js.get_stream("RECEIPTS").await.unwrap();
     let subject = format!("receipts.{}", chat.id);
-    eventually(Duration::from_secs(5), "a delivered receipt", || {
-        let stream = stream.clone();
-        let subject = subject.clone();
-        async move {
-            match stream.get_last_raw_message_by_subject(&subject).await {
-                Ok(msg) => {
-                    let event = decode::<ReceiptEvent>(&msg.payload).unwrap();
-                    if event.meta.sequence != up_to {
-                        return None;
-                    }
-                    let header = |name: &str| msg.headers.get(name).map(|v| v.as_str().to_owned());
-                    assert_eq!(
-                        header("Nats-Msg-Id"),
-                        Some(format!("{}:{}:{up_to}", device.device, chat.id))
-                    );
-                    assert_eq!(
-                        header("Content-Type").as_deref(),
-                        Some("application/cloudevents+json")
-                    );
-                    Some(event)
-                }
-                Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => None,
-                Err(e) => panic!("{e}"),
-            }
+    eventually(Duration::from_secs(5), "a delivered receipt", || async {
+        let msg = last_stored(&h.stack.infra.js, "RECEIPTS", &subject).await?;
+        let event = decode::<ReceiptEvent>(&msg.payload).unwrap();
+        if event.meta.sequence != up_to {
+            return None;
         }
+        let header = |name: &str| msg.headers.get(name).map(|v| v.as_str().to_owned());
+        assert_eq!(
+            header("Nats-Msg-Id"),
+            Some(format!("{}:{}:{up_to}", device.device, chat.id))
+        );
+        assert_eq!(
+            header("Content-Type").as_deref(),
+            Some("application/cloudevents+json")
+        );
+        Some(event)
     })
     .await
 }

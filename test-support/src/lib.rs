@@ -332,6 +332,26 @@ impl Drop for TestDb {
     }
 }
 
+/// The last message stored on `subject` in `stream`, straight from JetStream (what the write
+/// side holds, whatever the projectors have applied); `None` while there is none. Any other
+/// failure panics: a test's streams exist.
+pub async fn last_stored(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    subject: &str,
+) -> Option<async_nats::jetstream::message::StreamMessage> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    let stream = js
+        .get_stream(stream)
+        .await
+        .unwrap_or_else(|e| panic!("stream {stream}: {e}"));
+    match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(msg) => Some(msg),
+        Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => None,
+        Err(e) => panic!("the last message on {subject}: {e}"),
+    }
+}
+
 /// Polls `check` until it returns `Some`, or panics after `deadline` with `what`.
 pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
 where

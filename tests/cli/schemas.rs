@@ -123,9 +123,7 @@ async fn legacy_message_v1(app: &crate::support::TestApp, chat: &str, ada: &crat
     use parley_schemas::events::MessageSent;
     use parley_schemas::{ChatEvent, EventId, MessageId, UserId};
     let subject = format!("chats.{chat}");
-    let stream = app.js.get_stream("CHATS").await.unwrap();
-    let last = stream
-        .get_last_raw_message_by_subject(&subject)
+    let last = parley_test_support::last_stored(&app.js, "CHATS", &subject)
         .await
         .unwrap();
     let version = serde_json::from_slice::<Value>(&last.payload).unwrap()["sequence"]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use parley::{App, Role, Settings};
 pub use parley_test_support::User;
-use parley_test_support::{Api, NatsServer, TestDb, eventually};
+use parley_test_support::{Api, NatsServer, TestDb, eventually, last_stored};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
 use tokio_util::sync::CancellationToken;
@@ -43,8 +43,7 @@ async fn read_until(ws: &mut Socket, what: &str, wanted: impl Fn(&Value) -> bool
 
 /// The last event stored on `subject` of `RECEIPTS`, as text.
 async fn last_on(js: &async_nats::jetstream::Context, subject: &str) -> Option<String> {
-    let stream = js.get_stream("RECEIPTS").await.ok()?;
-    let last = stream.get_last_raw_message_by_subject(subject).await.ok()?;
+    let last = last_stored(js, "RECEIPTS", subject).await?;
     Some(String::from_utf8_lossy(&last.payload).into_owned())
 }
 
@@ -205,8 +204,8 @@ impl TestApp {
 
     /// As `deliver` for several users' devices at once, through a gateway of its own that
     /// flushes acks only when it stops: their receipts are surely one
-    /// `parley.receipt.delivered_batch.v1`, which this returns once stored.
-    pub async fn deliver_in_one_batch(&self, users: &[&User], chat: &str, up_to: u64) -> Value {
+    /// `parley.receipt.delivered_batch.v1`, which this waits for.
+    pub async fn deliver_in_one_batch(&self, users: &[&User], chat: &str, up_to: u64) {
         let mut settings = settings(&self.nats, &self.db);
         settings.gateway.ack_flush = Duration::from_secs(3600);
         let stop = CancellationToken::new();
@@ -244,7 +243,6 @@ impl TestApp {
                 "{batch}"
             );
         }
-        batch
     }
 
     /// A socket of `user`'s device on the gateway at `port`, once it has sent `chat`'s events
