@@ -1,30 +1,39 @@
 //! The activity projection (analysts' rollups): `activity_messages` (one row per message sent,
 //! with when it first reached someone other than its sender), `activity_watermarks` and the
-//! per-chat checkpoint `activity_chats`, from `CHATS` and `RECEIPTS`, each read by its own
-//! durable consumer. Hourly counts, distinct senders and median latency are aggregated from
-//! `activity_messages` when read (`GET /v1/chats/{id}/stats`, `parley stats`).
+//! per-chat checkpoint `activity_chats`, from `CHATS` and `RECEIPTS`. Hourly counts, distinct
+//! senders and median latency are aggregated from `activity_messages` when read
+//! (`GET /v1/chats/{id}/stats`, `parley stats`).
+//!
+//! `CHATS` reaches it through the chats projector's consumer: [`record_chats`] runs inside that
+//! projector's batch transaction, with versions of its own, so one delivery, one decode and one
+//! transaction serve both projections (ADR 9, addendum).
+//! `RECEIPTS` has a durable consumer of its own (`proj-activity-receipts`). A rebuild replays
+//! `CHATS` through [`apply_chats`], the same recording in a transaction of its own.
 //!
 //! A message's `delivered_at` is the earliest `time` of a delivered receipt, from a user other
-//! than the sender, whose `up_to` covers the message. Both readers lock the chat's
+//! than the sender, whose `up_to` covers the message. Both writers lock the chat's
 //! `activity_chats` row, so whichever of message and receipt is applied second sees the first:
-//! the result does not depend on which consumer is ahead.
+//! the result does not depend on which stream is read further.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use parley_platform::seq;
-use parley_schemas::{ChatEvent, ReceiptEvent};
+use parley_schemas::{ChatEvent, ReceiptEvent, StoredEvent};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::runner::{Delivered, Disposition, Versions, checkpoint, decode_all};
 
-/// Checkpoint and durable names (`proj-activity-chats`, `proj-activity-receipts`).
+/// The checkpoint name of a rebuild's `CHATS` feed (`projector_checkpoints`; until the chats
+/// projector recorded the rollup itself, also the durable `proj-activity-chats`).
 pub const CHATS_READER: &str = "activity-chats";
+/// Checkpoint and durable name (`proj-activity-receipts`) of the `RECEIPTS` reader.
 pub const RECEIPTS_READER: &str = "activity-receipts";
 
-/// Applies a batch of `CHATS` events: records messages, advances each chat's version.
+/// Applies a batch of `CHATS` events in a transaction of its own, with its checkpoint: how a
+/// rebuild replays the rollup (the live projector records it through [`record_chats`]).
 pub async fn apply_chats(
     pg: &PgPool,
     batch: Vec<Delivered>,
@@ -32,18 +41,34 @@ pub async fn apply_chats(
 ) -> Result<Vec<Disposition>, sqlx::Error> {
     let events = decode_all::<ChatEvent>(CHATS_READER, &batch);
     let mut tx = pg.begin().await?;
+    let out = record_chats(&mut tx, &events, out_of_order_delay).await?;
+    checkpoint(&mut tx, CHATS_READER, &batch).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// Records a batch of decoded `CHATS` events in the caller's transaction: messages, and each
+/// chat's version. An event applies only when it is exactly the chat's next version here,
+/// whatever the caller's own projection made of it, so the rollup neither doubles nor skips
+/// an event when it and the chats projection stand at different versions (after either was
+/// rebuilt). One disposition per event, in order.
+pub async fn record_chats(
+    tx: &mut sqlx::PgConnection,
+    events: &[Option<StoredEvent<ChatEvent>>],
+    out_of_order_delay: Duration,
+) -> Result<Vec<Disposition>, sqlx::Error> {
     let mut versions = Versions::lock(
-        &mut tx,
+        &mut *tx,
         "SELECT chat_id, last_sequence FROM activity_chats WHERE chat_id = ANY($1) \
          ORDER BY chat_id FOR UPDATE",
-        &events,
+        events,
         out_of_order_delay,
     )
     .await?;
     let mut msgs: (Vec<Uuid>, Vec<i64>, Vec<Uuid>, Vec<DateTime<Utc>>) = Default::default();
     let mut progress: BTreeMap<Uuid, i64> = BTreeMap::new();
     let mut out = Vec::with_capacity(events.len());
-    for event in &events {
+    for event in events {
         let (chat_id, event) = match versions.admit(event) {
             Ok(admitted) => admitted,
             Err(d) => {
@@ -99,8 +124,6 @@ pub async fn apply_chats(
         .execute(&mut *tx)
         .await?;
     }
-    checkpoint(&mut tx, CHATS_READER, &batch).await?;
-    tx.commit().await?;
     Ok(out)
 }
 

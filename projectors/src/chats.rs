@@ -17,6 +17,7 @@ use parley_schemas::{ChatEvent, ChatId, MessageId, StoredEvent};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::activity;
 use crate::runner::{Delivered, Disposition, Versions, checkpoint, decode_all};
 
 /// Why a batch could not be applied (it is redelivered).
@@ -59,7 +60,17 @@ pub struct Prepared {
     opened: Vec<Option<String>>,
 }
 
-/// Prepares and applies one batch.
+/// Whether a batch's transaction also records the activity rollup ([`activity::record_chats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rollup {
+    /// The live projector: one delivery and one transaction serve both projections.
+    Record,
+    /// A rebuild of the read models: its scratch schema holds their tables only, and the
+    /// activity tables rebuild on their own (`projections rebuild activity`).
+    Skip,
+}
+
+/// Prepares and applies one batch, without the activity rollup (as a rebuild does).
 pub async fn apply(
     pg: &PgPool,
     keys: &MessageKeys,
@@ -67,7 +78,7 @@ pub async fn apply(
     out_of_order_delay: Duration,
 ) -> Result<Vec<Disposition>, ApplyError> {
     let prepared = prepare(keys, batch).await?;
-    apply_prepared(pg, prepared, out_of_order_delay).await
+    apply_prepared(pg, prepared, out_of_order_delay, Rollup::Skip).await
 }
 
 /// The key reads of a batch, which need no transaction: the runner does them for the next
@@ -86,9 +97,9 @@ pub async fn prepare(keys: &MessageKeys, batch: Vec<Delivered>) -> Result<Prepar
     })
 }
 
-/// The live projector's apply: the batch's transaction, then the membership notices of the
-/// events it holds (`fanout`), before the runner acks the batch. A rebuild applies without
-/// them (`apply`): history is no news to a gateway.
+/// The live projector's apply: the batch's transaction, with the activity rollup, then the
+/// membership notices of the events it holds (`fanout`), before the runner acks the batch. A
+/// rebuild applies without either (`apply`): history is no news to a gateway.
 pub async fn apply_and_announce(
     pg: &PgPool,
     nats: &async_nats::Client,
@@ -96,16 +107,18 @@ pub async fn apply_and_announce(
     out_of_order_delay: Duration,
 ) -> Result<Vec<Disposition>, ApplyError> {
     let notices = crate::fanout::notices(&prepared.events);
-    let applied = apply_prepared(pg, prepared, out_of_order_delay).await?;
+    let applied = apply_prepared(pg, prepared, out_of_order_delay, Rollup::Record).await?;
     crate::fanout::publish(nats, notices, &applied).await;
     Ok(applied)
 }
 
-/// The batch's transaction: its effects and its checkpoints, all or nothing.
+/// The batch's transaction: its effects and its checkpoints, all or nothing. With
+/// [`Rollup::Record`] an event is acked only once both projections hold it.
 pub async fn apply_prepared(
     pg: &PgPool,
     prepared: Prepared,
     out_of_order_delay: Duration,
+    rollup: Rollup,
 ) -> Result<Vec<Disposition>, ApplyError> {
     let Prepared {
         batch,
@@ -150,6 +163,12 @@ pub async fn apply_prepared(
     }
     insert_messages(&mut tx, &messages).await?;
     update_chats(&mut tx, &progress).await?;
+    if rollup == Rollup::Record {
+        let recorded = activity::record_chats(&mut tx, &events, out_of_order_delay).await?;
+        for (mine, theirs) in out.iter_mut().zip(recorded) {
+            *mine = mine.and(theirs);
+        }
+    }
     checkpoint(&mut tx, "chats", &batch).await?;
     tx.commit().await?;
     Ok(out)

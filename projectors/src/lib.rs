@@ -1,6 +1,7 @@
 //! projectors: durable JetStream pull consumers that apply events to the PostgreSQL read models
-//! (one transaction per batch, idempotent per aggregate); the chats projector also announces
-//! membership changes to the gateways once they are committed.
+//! (one transaction per batch, idempotent per aggregate); the chats projector also records the
+//! activity rollup in its transaction and announces membership changes to the gateways once
+//! they are committed.
 
 pub mod activity;
 pub mod chats;
@@ -68,10 +69,6 @@ pub const PROJECTORS: &[Projector] = &[
         stream: parley_nats::streams::RECEIPTS,
     },
     Projector {
-        name: activity::CHATS_READER,
-        stream: parley_nats::streams::CHATS,
-    },
-    Projector {
         name: activity::RECEIPTS_READER,
         stream: parley_nats::streams::RECEIPTS,
     },
@@ -95,14 +92,6 @@ pub async fn spawn(
         true,
     )
     .await?;
-    let activity_chats = runner::Runner::new(
-        infra,
-        activity::CHATS_READER,
-        parley_nats::streams::CHATS,
-        &config,
-        true,
-    )
-    .await?;
     let activity_receipts = runner::Runner::new(
         infra,
         activity::RECEIPTS_READER,
@@ -111,7 +100,7 @@ pub async fn spawn(
         true,
     )
     .await?;
-    retire_fanout_consumer(infra).await;
+    retire_consumers(infra).await;
     let pg = infra.pg.clone();
     let nats = infra.nats.clone();
     let delay = config.out_of_order_delay;
@@ -143,11 +132,6 @@ pub async fn spawn(
         async move { receipts::apply(&pg, &nats, batch).await }
     }));
     let pg = infra.pg.clone();
-    tracker.spawn(activity_chats.run(move |batch| {
-        let pg = pg.clone();
-        async move { activity::apply_chats(&pg, batch, delay).await }
-    }));
-    let pg = infra.pg.clone();
     tracker.spawn(activity_receipts.run(move |batch| {
         let pg = pg.clone();
         async move { activity::apply_receipts(&pg, batch).await }
@@ -155,18 +139,26 @@ pub async fn spawn(
     Ok(())
 }
 
-/// Deletes the durable consumer of the former fan-out projector, if a deployment still has one:
-/// nothing reads it any more, and it would keep the state of every chat event it never acks.
-/// One request: the deletion itself (its error, no such consumer, is the usual answer).
-async fn retire_fanout_consumer(infra: &Infra) {
-    if infra
-        .js
-        .delete_consumer_from_stream("proj-fanout", parley_nats::streams::CHATS)
-        .await
-        .is_ok()
-    {
-        tracing::info!(
-            "deleted the retired consumer proj-fanout (membership notices now come from the chats projector)"
-        );
+/// Durable consumers on `CHATS` of readers folded into the chats projector: the fan-out
+/// projector (its membership notices, ADR 3 addendum) and the activity rollup's reader
+/// (ADR 9 addendum). Nothing reads them any more, and each would keep the state of every chat
+/// event it never acks.
+const RETIRED_CONSUMERS: &[&str] = &["proj-fanout", "proj-activity-chats"];
+
+/// Deletes the retired consumers a deployment still has. One request each: the deletion
+/// itself (its error, no such consumer, is the usual answer).
+async fn retire_consumers(infra: &Infra) {
+    for name in RETIRED_CONSUMERS {
+        if infra
+            .js
+            .delete_consumer_from_stream(*name, parley_nats::streams::CHATS)
+            .await
+            .is_ok()
+        {
+            tracing::info!(
+                consumer = name,
+                "deleted a retired consumer (its reader is now part of the chats projector)"
+            );
+        }
     }
 }

@@ -35,6 +35,20 @@ pub enum Disposition {
     Term,
 }
 
+impl Disposition {
+    /// The disposition of a message that two projections applied from one delivery: acked
+    /// once both hold it, redelivered while either waits for an earlier event.
+    pub fn and(self, other: Self) -> Self {
+        use Disposition::*;
+        match (self, other) {
+            (Term, _) | (_, Term) => Term,
+            (Retry(a), Retry(b)) => Retry(a.max(b)),
+            (Retry(d), Ack) | (Ack, Retry(d)) => Retry(d),
+            (Ack, Ack) => Ack,
+        }
+    }
+}
+
 /// A message of a batch: the stream sequence and the payload.
 pub struct Delivered {
     pub stream_seq: u64,
@@ -463,5 +477,29 @@ impl Versions {
     /// Records that `id` is now at `seq` (later events of the batch build on it).
     pub fn advance(&mut self, id: uuid::Uuid, seq: i64) {
         self.map.insert(id, seq);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Disposition::{self, *};
+    use std::time::Duration;
+
+    #[test]
+    fn two_projections_ack_a_message_only_when_both_hold_it() {
+        let soon = Retry(Duration::from_millis(100));
+        let later = Retry(Duration::from_millis(300));
+        let cases: [(Disposition, Disposition, Disposition); 7] = [
+            (Ack, Ack, Ack),
+            (Ack, soon, soon),
+            (soon, Ack, soon),
+            (soon, later, later),
+            (Term, Ack, Term),
+            (Ack, Term, Term),
+            (later, Term, Term),
+        ];
+        for (a, b, want) in cases {
+            assert_eq!(a.and(b), want, "{a:?} and {b:?}");
+        }
     }
 }

@@ -157,3 +157,103 @@ async fn the_download_check_reads_only_the_messages_that_carry_attachments() {
         assert_eq!(seen, visible);
     }
 }
+
+#[tokio::test]
+async fn the_activity_rollup_catches_up_with_the_chats_projection_once() {
+    const CATCH_UP: i64 = 20261123001001;
+    let (_db, pg) = at_migration_before(CATCH_UP).await;
+    let (behind, ahead, unseen) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let (ada, bob) = (Uuid::now_v7(), Uuid::now_v7());
+    let t = |secs: i64| chrono::DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap();
+    // The chats projection holds messages 2..=5 of `behind` (Ada sent 2..=4, Bob 5), 2 of
+    // `ahead` and 2..=3 of `unseen` (the rollup never saw that chat at all).
+    for (chat, last) in [(behind, 5_i64), (ahead, 2), (unseen, 3)] {
+        sqlx::query(
+            "INSERT INTO chats (chat_id, kind, created_at, last_sequence, last_activity_at) \
+             VALUES ($1, 'group', now(), $2, now())",
+        )
+        .bind(chat)
+        .bind(last)
+        .execute(&pg)
+        .await
+        .unwrap();
+        for seq in 2..=last {
+            let sender = if chat == behind && seq == 5 { bob } else { ada };
+            sqlx::query(
+                "INSERT INTO messages (chat_id, sequence, message_id, sender_id, body, sent_at) \
+                 VALUES ($1, $2, $3, $4, 'x', $5)",
+            )
+            .bind(chat)
+            .bind(seq)
+            .bind(Uuid::now_v7())
+            .bind(sender)
+            .bind(t(seq))
+            .execute(&pg)
+            .await
+            .unwrap();
+        }
+    }
+    // The rollup's reader stopped at 3 in `behind`, with message 2 delivered to Bob at 100 s;
+    // Bob's watermark has since reached 4 (at 200 s) and Ada's 5 (at 300 s). In `ahead` it is
+    // at 9, beyond the chats projection (say, freshly rebuilt).
+    sqlx::query("INSERT INTO activity_chats (chat_id, last_sequence) VALUES ($1, 3), ($2, 9)")
+        .bind(behind)
+        .bind(ahead)
+        .execute(&pg)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO activity_messages (chat_id, sequence, sender_id, sent_at, delivered_at) \
+         VALUES ($1, 2, $2, $3, $4), ($1, 3, $2, $5, NULL)",
+    )
+    .bind(behind)
+    .bind(ada)
+    .bind(t(2))
+    .bind(t(100))
+    .bind(t(3))
+    .execute(&pg)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO activity_watermarks (chat_id, user_id, delivered_up_to, at) \
+         VALUES ($1, $2, 4, $3), ($1, $4, 5, $5)",
+    )
+    .bind(behind)
+    .bind(bob)
+    .bind(t(200))
+    .bind(ada)
+    .bind(t(300))
+    .execute(&pg)
+    .await
+    .unwrap();
+
+    apply(&pg, CATCH_UP).await;
+
+    let rows: Vec<(Uuid, i64, Uuid, Option<chrono::DateTime<chrono::Utc>>)> = sqlx::query_as(
+        "SELECT chat_id, sequence, sender_id, delivered_at FROM activity_messages \
+         ORDER BY chat_id, sequence",
+    )
+    .fetch_all(&pg)
+    .await
+    .unwrap();
+    let mut want = vec![
+        // Rows the rollup had are left as they were: only missing rows are copied.
+        (behind, 2, ada, Some(t(100))),
+        (behind, 3, ada, None),
+        // Copied: 4 reached Bob by his watermark at 200 s; Bob's 5 reached Ada at 300 s.
+        (behind, 4, ada, Some(t(200))),
+        (behind, 5, bob, Some(t(300))),
+        (unseen, 2, ada, None),
+        (unseen, 3, ada, None),
+    ];
+    want.sort();
+    assert_eq!(rows, want);
+    let versions: Vec<(Uuid, i64)> =
+        sqlx::query_as("SELECT chat_id, last_sequence FROM activity_chats ORDER BY chat_id")
+            .fetch_all(&pg)
+            .await
+            .unwrap();
+    let mut want = vec![(behind, 5), (ahead, 9), (unseen, 3)];
+    want.sort();
+    assert_eq!(versions, want);
+}

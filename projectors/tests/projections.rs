@@ -1084,3 +1084,90 @@ async fn membership_notices_go_out_for_applied_events_again_on_redelivery_and_no
         serde_json::json!({"chat_id": chat_id, "sequence": 3, "change": "removed"})
     );
 }
+
+/// `(sequence, sender)` of the chat's rows in the activity rollup, and its rollup version.
+async fn rollup(pg: &PgPool, chat: ChatId) -> (Vec<(i64, uuid::Uuid)>, Option<i64>) {
+    let rows = sqlx::query_as(
+        "SELECT sequence, sender_id FROM activity_messages WHERE chat_id = $1 ORDER BY sequence",
+    )
+    .bind(chat.as_uuid())
+    .fetch_all(pg)
+    .await
+    .unwrap();
+    let version = sqlx::query_scalar("SELECT last_sequence FROM activity_chats WHERE chat_id = $1")
+        .bind(chat.as_uuid())
+        .fetch_optional(pg)
+        .await
+        .unwrap();
+    (rows, version)
+}
+
+#[tokio::test]
+async fn the_live_apply_records_the_activity_rollup_and_acks_only_what_both_projections_hold() {
+    let (_stack, pg, keys) = db().await;
+    let live = |batch: Vec<Delivered>| {
+        let (pg, keys) = (pg.clone(), keys.clone());
+        async move {
+            let prepared = chats::prepare(&keys, batch).await.unwrap();
+            chats::apply_prepared(&pg, prepared, DELAY, chats::Rollup::Record)
+                .await
+                .unwrap()
+        }
+    };
+    let mut chat = Chat::new();
+    let admin = *chat.admin.as_uuid();
+    let created = chat.created(&[]);
+    let (one, two, three) = (chat.message("1"), chat.message("2"), chat.message("3"));
+
+    // One transaction holds both projections' effects.
+    assert_eq!(
+        live(vec![copy(&created), copy(&one)]).await,
+        vec![Disposition::Ack; 2]
+    );
+    assert_eq!(rollup(&pg, chat.id).await, (vec![(2, admin)], Some(2)));
+    assert_eq!(snapshot(&pg).await.1, vec![(2,)]);
+
+    // The read models ahead of the rollup (rebuilt, say): the rollup still takes the event.
+    chats::apply(&pg, &keys, vec![copy(&two)], DELAY)
+        .await
+        .unwrap();
+    assert_eq!(rollup(&pg, chat.id).await.1, Some(2));
+    assert_eq!(live(vec![copy(&two)]).await, vec![Disposition::Ack]);
+    assert_eq!(
+        rollup(&pg, chat.id).await,
+        (vec![(2, admin), (3, admin)], Some(3))
+    );
+
+    // The rollup ahead of the read models: the chats projection takes it, nothing doubles.
+    parley_projectors::activity::apply_chats(&pg, vec![copy(&three)], DELAY)
+        .await
+        .unwrap();
+    assert_eq!(live(vec![copy(&three)]).await, vec![Disposition::Ack]);
+    assert_eq!(snapshot(&pg).await.1, vec![(4,)]);
+    assert_eq!(
+        rollup(&pg, chat.id).await,
+        (vec![(2, admin), (3, admin), (4, admin)], Some(4))
+    );
+
+    // The rollup missing earlier events: the read models apply the event, but it is not acked
+    // until the rollup has it too, so it comes again once the events before it have.
+    let mut other = Chat::new();
+    let (o_created, o_one, o_two) = (other.created(&[]), other.message("a"), other.message("b"));
+    chats::apply(&pg, &keys, vec![copy(&o_created), copy(&o_one)], DELAY)
+        .await
+        .unwrap();
+    assert_eq!(
+        live(vec![copy(&o_two)]).await,
+        vec![Disposition::Retry(DELAY)]
+    );
+    let other_admin = *other.admin.as_uuid();
+    assert_eq!(rollup(&pg, other.id).await, (vec![], None));
+    assert_eq!(
+        live(vec![copy(&o_created), copy(&o_one), copy(&o_two)]).await,
+        vec![Disposition::Ack; 3]
+    );
+    assert_eq!(
+        rollup(&pg, other.id).await,
+        (vec![(2, other_admin), (3, other_admin)], Some(3))
+    );
+}
