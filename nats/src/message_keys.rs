@@ -1,12 +1,14 @@
 //! Message keys, for crypto-shredding (ADR 7): every message body in `CHATS` is sealed with
 //! XChaCha20-Poly1305 under a random 256-bit key of its own, kept in the `message_keys` KV
-//! bucket at `m.<message_id>` (keys made before the pool existed: `<chat_id>.<message_id>`).
-//! Deleting a message destroys its key by *erasing* the KV message in place, after which no
-//! replay of the stream can open the body again.
+//! bucket: in a slot of a key block `b.<block_id>` (64 keys in one entry, the message id names
+//! the block and the slot), or in an entry of its own at `m.<message_id>` (keys made before
+//! the pool existed: `<chat_id>.<message_id>`). Deleting a message destroys its key by
+//! *erasing* the KV message that holds it in place (a block is first rewritten without the
+//! key), after which no replay of the stream can open the body again.
 //!
 //! A key must be durable before the event that needs it, which put a KV round trip in front
-//! of every append. [`KeyPool`] takes it off the send path: it keeps keys for fresh message
-//! ids already stored, so sendMessage mints the id of a pooled key and appends at once.
+//! of every append. [`KeyPool`] takes it off the send path: it stores keys a block at a time,
+//! each for a fresh message id, so sendMessage takes the id of a stored key and appends at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,14 +18,16 @@ use std::sync::Mutex as StdMutex;
 use async_nats::jetstream::{self, kv, response::Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
 use futures::StreamExt;
-use parley_schemas::events::SealedBody;
+use parley_schemas::events::{KeyPlace, SealedBody};
 use parley_schemas::{ChatEvent, ChatId, MessageId};
 use rand::RngCore;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 use zeroize::Zeroize;
 
 /// The KV bucket of message keys.
@@ -43,30 +47,86 @@ const BULK_READ_DEADLINE: Duration = Duration::from_secs(5);
 /// The one algorithm `SealedBody::alg` names.
 pub const ALG: &str = "xchacha20poly1305";
 
-/// A message's 256-bit key. Zeroed in memory when dropped; never logged.
-pub struct MessageKey([u8; 32]);
+/// Keys in one block. The ids of a block's messages share all but their low 6 bits, which are
+/// the slot: the id alone finds the key, for an edit or a deletion, which know nothing else.
+pub const BLOCK_SLOTS: usize = 64;
+
+/// A block's value: its keys, slot by slot; a destroyed key is 32 zero bytes.
+const BLOCK_BYTES: usize = BLOCK_SLOTS * KEY_BYTES;
+
+const KEY_BYTES: usize = 32;
+
+/// Block writes a pool keeps in flight while it refills: two blocks are 128 keys.
+const BLOCKS_IN_FLIGHT: usize = 2;
+
+/// Revisions the bucket keeps of a key (JetStream KV's most). A block is rewritten once per
+/// key destroyed in it and every earlier revision erased right after, so it holds more than
+/// one only between the two, or after a crash there; the server never has to drop one by
+/// itself, which would unlink the old block without overwriting it.
+pub const KEY_HISTORY: i64 = 64;
+
+/// A message's 256-bit key and where it is kept. Zeroed in memory when dropped; never logged.
+pub struct MessageKey {
+    bytes: [u8; KEY_BYTES],
+    place: Option<KeyPlace>,
+}
 
 impl MessageKey {
     fn random() -> Self {
-        let mut k = [0u8; 32];
-        rand::rng().fill_bytes(&mut k);
-        Self(k)
+        let mut bytes = [0u8; KEY_BYTES];
+        rand::rng().fill_bytes(&mut bytes);
+        Self { bytes, place: None }
     }
 
-    fn from_slice(b: &[u8]) -> Option<Self> {
-        <[u8; 32]>::try_from(b).ok().map(Self)
+    fn from_slice(b: &[u8], place: Option<KeyPlace>) -> Option<Self> {
+        let bytes = <[u8; KEY_BYTES]>::try_from(b).ok()?;
+        Some(Self { bytes, place })
     }
 }
 
 impl Drop for MessageKey {
     fn drop(&mut self) {
-        self.0.zeroize();
+        self.bytes.zeroize();
+    }
+}
+
+/// The block a message id names (the id with its slot bits cleared) and its slot there. Every
+/// id names one; only the ids a pool minted from a block have a key in it.
+fn block_of(message: MessageId) -> (Uuid, usize) {
+    let id = message.as_uuid().as_u128();
+    let slot_bits = BLOCK_SLOTS as u128 - 1;
+    (Uuid::from_u128(id & !slot_bits), (id & slot_bits) as usize)
+}
+
+/// The keys of one block, by slot: `None` where destroyed (everywhere, for a block that does
+/// not exist).
+struct Block(Vec<Option<Arc<MessageKey>>>);
+
+impl Block {
+    fn parse(name: &str, value: Option<&[u8]>) -> Self {
+        let Some(value) = value else {
+            return Self((0..BLOCK_SLOTS).map(|_| None).collect());
+        };
+        if value.len() != BLOCK_BYTES {
+            tracing::warn!(%name, len = value.len(), "a message key block of the wrong size");
+            return Self::parse(name, None);
+        }
+        Self(
+            value
+                .chunks_exact(KEY_BYTES)
+                .map(|k| {
+                    let destroyed = k.iter().all(|b| *b == 0);
+                    let key = MessageKey::from_slice(k, Some(KeyPlace::Block));
+                    key.filter(|_| !destroyed).map(Arc::new)
+                })
+                .collect(),
+        )
     }
 }
 
 impl std::fmt::Debug for MessageKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("MessageKey(***)")
+        write!(f, "MessageKey(***, {:?})", self.place)
     }
 }
 
@@ -79,7 +139,7 @@ fn aad(chat: ChatId, message: MessageId) -> Vec<u8> {
 /// Seals `plaintext` under `key` with a fresh random 192-bit nonce (random nonces are safe at
 /// that size, whatever the number of edits).
 pub fn seal(key: &MessageKey, chat: ChatId, message: MessageId, plaintext: &str) -> SealedBody {
-    let cipher = XChaCha20Poly1305::new(Key::from_slice(&key.0));
+    let cipher = XChaCha20Poly1305::new(Key::from_slice(&key.bytes));
     let mut nonce = [0u8; 24];
     rand::rng().fill_bytes(&mut nonce);
     let aad = aad(chat, message);
@@ -97,6 +157,7 @@ pub fn seal(key: &MessageKey, chat: ChatId, message: MessageId, plaintext: &str)
         alg: ALG.to_owned(),
         nonce: STANDARD.encode(nonce),
         ciphertext: STANDARD.encode(ciphertext),
+        key: key.place,
     }
 }
 
@@ -116,7 +177,7 @@ pub fn open(
         return None;
     }
     let ciphertext = STANDARD.decode(&sealed.ciphertext).ok()?;
-    let cipher = XChaCha20Poly1305::new(Key::from_slice(&key.0));
+    let cipher = XChaCha20Poly1305::new(Key::from_slice(&key.bytes));
     let aad = aad(chat, message);
     let plain = cipher
         .decrypt(
@@ -142,7 +203,7 @@ fn nats_err(e: impl std::fmt::Display) -> KeyError {
     KeyError::Nats(e.to_string())
 }
 
-/// The message keys, with a small in-memory cache of keys that exist. Cheap to clone.
+/// The message keys, with small in-memory caches of keys that exist. Cheap to clone.
 ///
 /// Only present keys are cached, for a few minutes; a process that sees a `message_deleted`
 /// event calls [`MessageKeys::forget`], and everything that sees it after reads the bucket.
@@ -150,7 +211,11 @@ fn nats_err(e: impl std::fmt::Display) -> KeyError {
 pub struct MessageKeys {
     kv: kv::Store,
     js: jetstream::Context,
-    cache: moka::future::Cache<(ChatId, MessageId), Arc<MessageKey>>,
+    /// Keys by message and place: a message can have both a block slot and an entry of its own
+    /// (a command retried by another process, which found no block key in its cache).
+    cache: moka::future::Cache<(ChatId, MessageId, Option<KeyPlace>), Arc<MessageKey>>,
+    /// Blocks read whole, by block id: one read opens the bodies of up to 64 messages.
+    blocks: moka::future::Cache<Uuid, Arc<Block>>,
 }
 
 impl MessageKeys {
@@ -162,13 +227,23 @@ impl MessageKeys {
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(300))
                 .build(),
+            // 2 KiB a block: 4,096 blocks are 8 MiB and a quarter of a million keys.
+            blocks: moka::future::Cache::builder()
+                .max_capacity(4_096)
+                .time_to_live(Duration::from_secs(300))
+                .build(),
         }
     }
 
-    /// The KV key of a message's key: the message id alone (a validated id), so that a key can
-    /// be made before anyone knows which chat its message will go to ([`KeyPool`]).
+    /// The KV key of a message's own key: the message id alone (a validated id), so that a key
+    /// can be made before anyone knows which chat its message will go to.
     pub fn kv_key(message: MessageId) -> String {
         format!("m.{message}")
+    }
+
+    /// The KV key of the block `message`'s id names (whether or not it exists).
+    pub fn block_kv_key(message: MessageId) -> String {
+        format!("b.{}", block_of(message).0)
     }
 
     /// Where keys made before [`KeyPool`] live; still read and destroyed.
@@ -176,24 +251,26 @@ impl MessageKeys {
         format!("{chat}.{message}")
     }
 
-    /// Makes the message's key, create-only; a key this process already holds for it (a pooled
-    /// one, or a retried command's) is used as it is. The message id is minted per command,
-    /// so a retried command finds its own key and seals with it again.
+    /// Makes the message's key, create-only, in an entry of its own; a key this process already
+    /// holds for it (a pooled one, or a retried command's) is used as it is. The message id is
+    /// minted per command, so a retried command finds its own key and seals with it again.
     pub async fn create(
         &self,
         chat: ChatId,
         message: MessageId,
     ) -> Result<Arc<MessageKey>, KeyError> {
-        if let Some(k) = self.cache.get(&(chat, message)).await {
-            return Ok(k);
+        for place in [Some(KeyPlace::Block), None] {
+            if let Some(k) = self.cache.get(&(chat, message, place)).await {
+                return Ok(k);
+            }
         }
         match self.store_new(message).await? {
             Some(key) => {
-                self.cache.insert((chat, message), key.clone()).await;
+                self.cache.insert((chat, message, None), key.clone()).await;
                 Ok(key)
             }
             None => self
-                .get(chat, message)
+                .get_own(chat, message)
                 .await?
                 .ok_or_else(|| KeyError::Nats("message key vanished while being created".into())),
         }
@@ -212,14 +289,15 @@ impl MessageKeys {
         }
     }
 
-    /// Stores a new random key for `message`, create-only: `None` if it already has one.
+    /// Stores a new random key for `message` in an entry of its own, create-only: `None` if it
+    /// already has one.
     async fn store_new(&self, message: MessageId) -> Result<Option<Arc<MessageKey>>, KeyError> {
         let key = MessageKey::random();
         match self
             .kv
             .create(
                 Self::kv_key(message).as_str(),
-                bytes::Bytes::copy_from_slice(&key.0),
+                Bytes::copy_from_slice(&key.bytes),
             )
             .await
         {
@@ -229,13 +307,80 @@ impl MessageKeys {
         }
     }
 
-    /// The message's key, or `None` once destroyed.
+    /// Stores a block of 64 new random keys, create-only, for the ids of a fresh block: `None`
+    /// if that block id is taken (a fresh UUIDv7 never is).
+    async fn store_block(&self) -> Result<Option<Vec<Pooled>>, KeyError> {
+        let (block, _) = block_of(MessageId::new());
+        let mut value = vec![0u8; BLOCK_BYTES];
+        rand::rng().fill_bytes(&mut value);
+        let name = format!("b.{block}");
+        let keys: Vec<Pooled> = value
+            .chunks_exact(KEY_BYTES)
+            .enumerate()
+            .filter_map(|(slot, k)| {
+                // An all-zero key would read as destroyed (a 2^-256 chance): leave it unused.
+                let key = MessageKey::from_slice(k, Some(KeyPlace::Block))
+                    .filter(|_| k.iter().any(|b| *b != 0))?;
+                let id = MessageId::from_uuid(Uuid::from_u128(block.as_u128() | slot as u128));
+                Some((id, Arc::new(key)))
+            })
+            .collect();
+        let stored = self.kv.create(name.as_str(), Bytes::from(value)).await;
+        match stored {
+            Ok(_) => {
+                // Readers in this process (the projectors and the gateway of `parley up`) find
+                // the block's keys without reading it back.
+                let mut slots: Vec<Option<Arc<MessageKey>>> = vec![None; BLOCK_SLOTS];
+                for (id, key) in &keys {
+                    slots[block_of(*id).1] = Some(key.clone());
+                }
+                self.blocks.insert(block, Arc::new(Block(slots))).await;
+                Ok(Some(keys))
+            }
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(nats_err(e)),
+        }
+    }
+
+    /// The message's key, or `None` once destroyed (or if it never had one): wherever it is
+    /// kept. For edits and deletions, which know only the message id; a reader of a sealed
+    /// body knows the place ([`Self::open_event`]).
     pub async fn get(
         &self,
         chat: ChatId,
         message: MessageId,
     ) -> Result<Option<Arc<MessageKey>>, KeyError> {
-        if let Some(k) = self.cache.get(&(chat, message)).await {
+        match self.get_in_block(message).await? {
+            Some(key) => Ok(Some(key)),
+            None => self.get_own(chat, message).await,
+        }
+    }
+
+    /// The key in the slot of the block `message`'s id names, reading the whole block once.
+    async fn get_in_block(&self, message: MessageId) -> Result<Option<Arc<MessageKey>>, KeyError> {
+        let (block, slot) = block_of(message);
+        let read = self
+            .blocks
+            .try_get_with(block, self.read_block(block))
+            .await
+            .map_err(|e| (*e).clone())?;
+        Ok(read.0.get(slot).cloned().flatten())
+    }
+
+    /// A block as stored; an empty one if there is none (the id was not minted from a block).
+    async fn read_block(&self, block: Uuid) -> Result<Arc<Block>, KeyError> {
+        let name = format!("b.{block}");
+        let value = self.kv.get(name.as_str()).await.map_err(nats_err)?;
+        Ok(Arc::new(Block::parse(&name, value.as_deref())))
+    }
+
+    /// The message's key in an entry of its own (or under the legacy name).
+    async fn get_own(
+        &self,
+        chat: ChatId,
+        message: MessageId,
+    ) -> Result<Option<Arc<MessageKey>>, KeyError> {
+        if let Some(k) = self.cache.get(&(chat, message, None)).await {
             return Ok(Some(k));
         }
         let mut stored = self.kv.get(Self::kv_key(message)).await.map_err(nats_err)?;
@@ -246,35 +391,61 @@ impl MessageKeys {
                 .await
                 .map_err(nats_err)?;
         }
-        let Some(key) = stored.and_then(|b| MessageKey::from_slice(&b)) else {
+        let Some(key) = stored.and_then(|b| MessageKey::from_slice(&b, None)) else {
             return Ok(None);
         };
         let key = Arc::new(key);
-        self.cache.insert((chat, message), key.clone()).await;
+        self.cache.insert((chat, message, None), key.clone()).await;
         Ok(Some(key))
     }
-
-    /// Reads the keys of many messages with one scan of the bucket's stream instead of one
-    /// request per key, into this process's cache: for a projector batch of a backlog, where
-    /// key reads one by one were the slowest stage (`docs/benchmarks.md`, "Session 11").
-    /// Returns how many keys it loaded; a key it did not find (destroyed, stored under the
-    /// legacy name, or written out of the scanned order) is left for [`Self::get`], and any
+    /// Reads the keys of many messages (`wanted`: chat, message, and where its sealed body
+    /// says the key is kept) into this process's caches, ahead of opening their bodies one by
+    /// one: for a projector batch, where key reads one by one were the slowest stage
+    /// (`docs/benchmarks.md`, "Session 11"). Returns how many keys it loaded. Keys in blocks
+    /// are read a block at a time, every block the batch needs at once. Keys of their own are
+    /// read with one scan of the bucket's stream, for a backlog of at least
+    /// [`BULK_READ_MIN`]; a key the scan does not find (destroyed, stored under the legacy
+    /// name, or written out of the scanned order) is left for the reads one by one, and any
     /// failure only means the keys are read one by one as before.
     ///
-    /// Keys are written in about the order of their message ids (UUIDv7, minted just before
-    /// the key is stored, by the pool or the send itself) and the messages reach the stream
-    /// in about that order too, so a backlog's keys lie close together: the scan starts at
-    /// the stored revision of the batch's oldest id and stops once every key is found, after
-    /// twice as many messages as it wants (plus a margin), or at the end of the bucket.
-    pub async fn prefetch(&self, wanted: &[(ChatId, MessageId)]) -> usize {
+    /// Keys of their own are written in about the order of their message ids (UUIDv7, minted
+    /// just before the key is stored) and the messages reach the stream in about that order
+    /// too, so a backlog's keys lie close together: the scan starts at the stored revision of
+    /// the batch's oldest id and stops once every key is found, after twice as many messages
+    /// as it wants (plus a margin), or at the end of the bucket.
+    pub async fn prefetch(&self, wanted: &[(ChatId, MessageId, Option<KeyPlace>)]) -> usize {
+        let mut blocks: std::collections::HashMap<Uuid, Vec<usize>> =
+            std::collections::HashMap::new();
         let mut missing = std::collections::HashMap::with_capacity(wanted.len());
-        for &(chat, message) in wanted {
-            if !self.cache.contains_key(&(chat, message)) {
-                missing.insert(message, chat);
+        for &(chat, message, place) in wanted {
+            match place {
+                Some(KeyPlace::Block) => {
+                    let (block, slot) = block_of(message);
+                    if !self.blocks.contains_key(&block) {
+                        blocks.entry(block).or_default().push(slot);
+                    }
+                }
+                None => {
+                    if !self.cache.contains_key(&(chat, message, None)) {
+                        missing.insert(message, chat);
+                    }
+                }
             }
         }
+        // Every block at once; a failure is left for the reads one by one.
+        let reads = blocks.into_iter().map(|(block, slots)| async move {
+            match self
+                .blocks
+                .try_get_with(block, self.read_block(block))
+                .await
+            {
+                Ok(read) => slots.iter().filter(|&&s| read.0[s].is_some()).count(),
+                Err(_) => 0,
+            }
+        });
+        let found: usize = futures::future::join_all(reads).await.into_iter().sum();
         if missing.len() < BULK_READ_MIN {
-            return 0;
+            return found;
         }
         let want = missing.len();
         let started = std::time::Instant::now();
@@ -283,9 +454,9 @@ impl MessageKeys {
             Ok(Err(error)) => tracing::warn!(%error, "bulk read of message keys failed"),
             Err(_) => tracing::warn!(want, "bulk read of message keys timed out"),
         }
-        let found = want - missing.len();
-        tracing::debug!(want, found, elapsed = ?started.elapsed(), "message keys read in bulk");
-        found
+        let scanned = want - missing.len();
+        tracing::debug!(want, found = scanned, elapsed = ?started.elapsed(), "message keys read in bulk");
+        found + scanned
     }
 
     /// The scan behind [`Self::prefetch`]: an ephemeral pull consumer on the bucket's stream,
@@ -356,10 +527,10 @@ impl MessageKeys {
                     continue;
                 };
                 if let Some(&chat) = missing.get(&id)
-                    && let Some(key) = MessageKey::from_slice(&message.payload)
+                    && let Some(key) = MessageKey::from_slice(&message.payload, None)
                 {
                     missing.remove(&id);
-                    self.cache.insert((chat, id), Arc::new(key)).await;
+                    self.cache.insert((chat, id, None), Arc::new(key)).await;
                 }
             }
             if got < asked {
@@ -378,40 +549,112 @@ impl MessageKeys {
         Ok(())
     }
 
-    /// Drops a key from this process's cache (its message was deleted).
+    /// Drops a message's keys from this process's caches (its message was deleted), with the
+    /// block it names, which is read again when next needed.
     pub async fn forget(&self, chat: ChatId, message: MessageId) {
-        self.cache.invalidate(&(chat, message)).await;
+        for place in [Some(KeyPlace::Block), None] {
+            self.cache.invalidate(&(chat, message, place)).await;
+        }
+        self.blocks.invalidate(&block_of(message).0).await;
     }
 
-    /// Destroys the message's key for good: its KV message is erased in place (JetStream's
-    /// secure delete overwrites the stored record; a plain delete or purge would only unlink
-    /// it). Idempotent: a key already gone is success, so the command-api and the projector
-    /// can both do it, in any order, any number of times.
+    /// Destroys the message's key for good, wherever it is kept: a block is rewritten without
+    /// it and every earlier revision of the block erased; an entry of its own is erased.
+    /// Erasing overwrites the stored record (JetStream's secure delete; a plain delete or purge
+    /// would only unlink it). Idempotent: a key already gone is success, so the command-api and
+    /// the projector can both do it, in any order, any number of times, and a crash between
+    /// the rewrite and the erasure is mended by the next call.
     pub async fn destroy(&self, chat: ChatId, message: MessageId) -> Result<(), KeyError> {
         self.forget(chat, message).await;
+        self.destroy_in_block(message).await?;
         self.erase(&Self::kv_key(message)).await?;
         self.erase(&Self::legacy_kv_key(chat, message)).await
     }
 
+    /// Zeroes the message's slot in the block its id names (compare-and-set on the block's
+    /// revision, so concurrent deletions in one block each keep the other's), then erases the
+    /// block's earlier revisions, which still hold the key. No block: nothing to do.
+    async fn destroy_in_block(&self, message: MessageId) -> Result<(), KeyError> {
+        let name = Self::block_kv_key(message);
+        let (_, slot) = block_of(message);
+        let slot = slot * KEY_BYTES..(slot + 1) * KEY_BYTES;
+        let mut zeroed = false;
+        for _ in 0..16 {
+            let Some(entry) = self.kv.entry(name.as_str()).await.map_err(nats_err)? else {
+                return Ok(());
+            };
+            let mut value = entry.value.to_vec();
+            if value.len() != BLOCK_BYTES {
+                return Err(KeyError::NotDestroyed(format!(
+                    "{name} is {} bytes, not a key block",
+                    value.len()
+                )));
+            }
+            if value[slot.clone()].iter().all(|b| *b == 0) {
+                value.zeroize();
+                zeroed = true;
+                break;
+            }
+            value[slot.clone()].zeroize();
+            match self
+                .kv
+                .update(name.as_str(), Bytes::from(value), entry.revision)
+                .await
+            {
+                Ok(_) => {
+                    zeroed = true;
+                    break;
+                }
+                // Another deletion in this block got there first: read it again.
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+                Err(e) => return Err(nats_err(e)),
+            }
+        }
+        if !zeroed {
+            return Err(KeyError::NotDestroyed(format!(
+                "{name} kept changing while a key in it was destroyed"
+            )));
+        }
+        self.erase_earlier_revisions(&name).await
+    }
+
+    /// Erases every stored revision of the KV key `name` but the latest. The bucket keeps
+    /// [`KEY_HISTORY`] revisions a key, so that the server never drops an old block revision
+    /// by itself, which would unlink it without overwriting it.
+    async fn erase_earlier_revisions(&self, name: &str) -> Result<(), KeyError> {
+        let subject = format!("{}{name}", self.kv.prefix);
+        for _ in 0..=KEY_HISTORY {
+            let latest = self
+                .kv
+                .stream
+                .get_last_raw_message_by_subject(&subject)
+                .await
+                .map_err(nats_err)?
+                .sequence;
+            let oldest = self
+                .kv
+                .stream
+                .get_first_raw_message_by_subject(&subject, 0)
+                .await
+                .map_err(nats_err)?
+                .sequence;
+            if oldest >= latest {
+                return Ok(());
+            }
+            self.erase_sequence(oldest, name).await?;
+        }
+        Err(KeyError::NotDestroyed(format!(
+            "{name} still has earlier revisions"
+        )))
+    }
+
     /// Erases the KV key `name` in place; a name that holds nothing is success.
     async fn erase(&self, name: &str) -> Result<(), KeyError> {
-        let stream = format!("KV_{BUCKET}");
         for _ in 0..3 {
             let Some(entry) = self.kv.entry(name).await.map_err(nats_err)? else {
                 return Ok(());
             };
-            let res: Response<serde_json::Value> = self
-                .js
-                .request(
-                    format!("STREAM.MSG.DELETE.{stream}"),
-                    &serde_json::json!({"seq": entry.revision, "no_erase": false}),
-                )
-                .await
-                .map_err(nats_err)?;
-            if let Response::Err { error } = res {
-                // Someone else erased it first, or it was rolled over: look again.
-                tracing::debug!(%name, %error, "erase of a message key failed");
-            }
+            self.erase_sequence(entry.revision, name).await?;
         }
         match self.kv.entry(name).await.map_err(nats_err)? {
             None => Ok(()),
@@ -422,8 +665,27 @@ impl MessageKeys {
         }
     }
 
+    /// Erases one stored message of the bucket (`name` is for the log). A failure from the
+    /// server (someone else erased it first) is left for the caller's next look.
+    async fn erase_sequence(&self, sequence: u64, name: &str) -> Result<(), KeyError> {
+        let stream = format!("KV_{BUCKET}");
+        let res: Response<serde_json::Value> = self
+            .js
+            .request(
+                format!("STREAM.MSG.DELETE.{stream}"),
+                &serde_json::json!({"seq": sequence, "no_erase": false}),
+            )
+            .await
+            .map_err(nats_err)?;
+        if let Response::Err { error } = res {
+            tracing::debug!(%name, sequence, %error, "erase of a message key failed");
+        }
+        Ok(())
+    }
+
     /// The plaintext of the sealed body `event` carries (a v2 message or an edit): `None` when
-    /// it carries none, or when it can no longer be read (the message was deleted).
+    /// it carries none, or when it can no longer be read (the message was deleted). The body
+    /// says where its key is kept, so a key of its own costs no block read and the other way.
     pub async fn open_event(
         &self,
         chat: ChatId,
@@ -432,7 +694,11 @@ impl MessageKeys {
         let (Some(sealed), Some(message)) = (event.sealed_body(), event.message_id()) else {
             return Ok(None);
         };
-        let Some(key) = self.get(chat, message).await? else {
+        let key = match sealed.key {
+            Some(KeyPlace::Block) => self.get_in_block(message).await?,
+            None => self.get_own(chat, message).await?,
+        };
+        let Some(key) = key else {
             return Ok(None);
         };
         let opened = open(&key, chat, message, sealed);
@@ -446,12 +712,13 @@ impl MessageKeys {
 /// Keys stored ahead of need, each for a fresh message id, so that sendMessage does not wait
 /// for a KV write before its append. Cheap to clone.
 ///
-/// A background task keeps up to `size` keys ready, `PIPELINE` writes in flight; a key enters
-/// the pool only once the bucket has acknowledged it, so a message sealed with a pooled key can
-/// always be opened. A key taken and never used (the command was then refused, or the process
-/// stopped with keys still pooled) stays in the bucket unread: 32 bytes, at most `size` per
-/// process start plus one per refused command of a member (strangers are refused before a key
-/// is taken).
+/// A background task keeps up to `size` keys ready, storing them a block of [`BLOCK_SLOTS`] at
+/// a time ([`BLOCKS_IN_FLIGHT`] writes in flight): one stored message per 64 sends instead of
+/// one per send. A key enters the pool only once the bucket has acknowledged its block, so a
+/// message sealed with a pooled key can always be opened. A key taken and never used (the
+/// command was then refused, or the process stopped with keys still pooled) stays in its block
+/// unread: 32 bytes, at most `size` plus two blocks per process start, plus one per refused
+/// command of a member (strangers are refused before a key is taken).
 #[derive(Clone)]
 pub struct KeyPool {
     keys: MessageKeys,
@@ -460,9 +727,6 @@ pub struct KeyPool {
 
 /// A fresh message id and its key, already in the bucket.
 type Pooled = (MessageId, Arc<MessageKey>);
-
-/// Key writes a pool keeps in flight while it refills.
-const PIPELINE: usize = 32;
 
 impl KeyPool {
     /// Starts filling a pool of `size` keys (0: no pool, every command writes its own key);
@@ -488,26 +752,27 @@ impl KeyPool {
     /// ([`MessageKeys::create`] finds it without a round trip); `None` when the pool is empty.
     pub async fn take(&self, chat: ChatId) -> Option<MessageId> {
         let (message, key) = self.ready.lock().ok()?.try_recv().ok()?;
-        self.keys.cache.insert((chat, message), key).await;
+        let place = key.place;
+        self.keys.cache.insert((chat, message, place), key).await;
         Some(message)
     }
 }
 
-/// Stores keys for fresh message ids and hands each over once stored, until nobody takes them.
+/// Stores blocks of keys for fresh message ids and hands each key over once its block is
+/// stored, until nobody takes them.
 async fn fill(keys: MessageKeys, tx: mpsc::Sender<Pooled>) {
     let made = futures::stream::repeat(()).map(|()| {
         let keys = keys.clone();
-        async move {
-            let message = MessageId::new();
-            (message, keys.store_new(message).await)
-        }
+        async move { keys.store_block().await }
     });
-    let mut made = std::pin::pin!(made.buffer_unordered(PIPELINE));
-    while let Some((message, stored)) = made.next().await {
+    let mut made = std::pin::pin!(made.buffer_unordered(BLOCKS_IN_FLIGHT));
+    while let Some(stored) = made.next().await {
         match stored {
-            Ok(Some(key)) => {
-                if tx.send((message, key)).await.is_err() {
-                    return;
+            Ok(Some(block)) => {
+                for pooled in block {
+                    if tx.send(pooled).await.is_err() {
+                        return;
+                    }
                 }
             }
             // A fresh UUIDv7 is never taken; if it were, skipping it is all it takes.

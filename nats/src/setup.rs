@@ -230,7 +230,13 @@ pub async fn ensure(js: &jetstream::Context, s: &JetStreamSettings) -> Result<Bu
         let cfg = stream::Config {
             name: format!("KV_{name}"),
             subjects: vec![format!("$KV.{name}.>")],
-            max_messages_per_subject: 1,
+            // Message keys keep their earlier revisions until they are erased
+            // (`message_keys::KEY_HISTORY`); every other bucket keeps one.
+            max_messages_per_subject: if erasable {
+                crate::message_keys::KEY_HISTORY
+            } else {
+                1
+            },
             max_age,
             storage: stream::StorageType::File,
             num_replicas: s.replicas,

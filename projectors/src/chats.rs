@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use parley_nats::{KeyError, MessageKeys};
 use parley_schemas::frames::{self, AttachmentView, ChatItem};
-use parley_schemas::{ChatEvent, ChatId, MessageId, StoredEvent};
+use parley_schemas::{ChatEvent, ChatId, StoredEvent};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -180,14 +180,16 @@ async fn open_bodies(
     keys: &MessageKeys,
     events: &[Option<StoredEvent<ChatEvent>>],
 ) -> Result<Vec<Option<String>>, KeyError> {
-    // A backlog's batch reads the keys of its new messages in one scan; what that misses, a
-    // small batch's keys, and edits' keys (made when their message was sent, so far back in
-    // the bucket) are read one by one below, from the cache where the scan found them.
-    let wanted: Vec<(ChatId, MessageId)> = events
+    // The keys of the batch's new messages first, all at once: every key block they name, and
+    // for a backlog of keys of their own one scan. What that misses and edits' keys (made when
+    // their message was sent) are read one by one below, from the cache where possible.
+    let wanted: Vec<_> = events
         .iter()
         .flatten()
-        .filter(|e| matches!(e.event, ChatEvent::MessageSentV2(_)))
-        .filter_map(|e| Some((chat_of(e)?, e.event.message_id()?)))
+        .filter_map(|e| match &e.event {
+            ChatEvent::MessageSentV2(m) => Some((chat_of(e)?, m.message_id, m.sealed_body.key)),
+            _ => None,
+        })
         .collect();
     keys.prefetch(&wanted).await;
     // Futures built up front (not in a `map` closure held across awaits), which keeps the

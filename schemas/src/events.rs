@@ -147,9 +147,9 @@ pub struct RoleChanged {
 }
 
 /// A message body sealed with XChaCha20-Poly1305 under the message's own key (KV bucket
-/// `message_keys`, key `<chat_id>.<message_id>`), with the chat id and message id as associated
-/// data. Deleting the message destroys the key, after which these bytes can never be opened
-/// (crypto-shredding, ADR 7).
+/// `message_keys`: a slot of the key block `b.<block_id>` when `key` is `block`, else the entry
+/// `m.<message_id>`), with the chat id and message id as associated data. Deleting the message
+/// destroys the key, after which these bytes can never be opened (crypto-shredding, ADR 7).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct SealedBody {
     /// Always `xchacha20poly1305`; another algorithm would be a new value here.
@@ -158,6 +158,19 @@ pub struct SealedBody {
     pub nonce: String,
     /// Ciphertext and 16-byte tag, base64 (standard alphabet, padded).
     pub ciphertext: String,
+    /// Where the key is kept: `block` for a slot of a key block (the message id names the block
+    /// and the slot, ADR 7 "Keys in blocks"); absent for a key of its own (`m.<message_id>`,
+    /// or the older `<chat_id>.<message_id>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<KeyPlace>,
+}
+
+/// Where a sealed body's key is kept, when not in an entry of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyPlace {
+    /// A slot of a key block: 64 keys in one KV entry.
+    Block,
 }
 
 /// What a message records about each attachment it carries, copied from the upload when the

@@ -634,6 +634,7 @@ mod tests {
                 alg: "xchacha20poly1305".into(),
                 nonce: "AA==".into(),
                 ciphertext: "AA==".into(),
+                key: None,
             },
             reply_to: None,
             thread_root: None,

@@ -179,6 +179,7 @@ mod tests {
             alg: "xchacha20poly1305".into(),
             nonce: "n".into(),
             ciphertext: "c".into(),
+            key: None,
         }
     }
 

@@ -285,6 +285,7 @@ async fn seal_edit(
             alg: String::new(),
             nonce: String::new(),
             ciphertext: String::new(),
+            key: None,
         }),
     }
 }
