@@ -342,9 +342,9 @@ impl MessageKeys {
         }
     }
 
-    /// The message's key, or `None` once destroyed (or if it never had one): wherever it is
-    /// kept. For edits and deletions, which know only the message id; a reader of a sealed
-    /// body knows the place ([`Self::open_event`]).
+    /// The message's key, or `None` once destroyed (or if it never had one), wherever it is
+    /// kept: the block its id names first, then an entry of its own. For edits, which know
+    /// only the message id; a reader of a sealed body knows the place ([`Self::open_event`]).
     pub async fn get(
         &self,
         chat: ChatId,
