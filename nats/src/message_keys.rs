@@ -98,6 +98,27 @@ fn block_of(message: MessageId) -> (Uuid, usize) {
     (Uuid::from_u128(id & !slot_bits), (id & slot_bits) as usize)
 }
 
+/// The message id of `slot` in `block`.
+fn message_in(block: Uuid, slot: usize) -> MessageId {
+    MessageId::from_uuid(Uuid::from_u128(block.as_u128() | slot as u128))
+}
+
+/// The KV key of a block.
+fn block_name(block: Uuid) -> String {
+    format!("b.{block}")
+}
+
+/// Where a slot's key lies in its block's value.
+fn slot_bytes(slot: usize) -> std::ops::Range<usize> {
+    slot * KEY_BYTES..(slot + 1) * KEY_BYTES
+}
+
+/// A slot of 32 zero bytes holds no key: destroyed (a random key is all zero with a chance of
+/// 2^-256, and the pool leaves such a one unused).
+fn is_destroyed(key: &[u8]) -> bool {
+    key.iter().all(|b| *b == 0)
+}
+
 /// The keys of one block, by slot: `None` where destroyed (everywhere, for a block that does
 /// not exist).
 struct Block(Vec<Option<Arc<MessageKey>>>);
@@ -115,9 +136,8 @@ impl Block {
             value
                 .chunks_exact(KEY_BYTES)
                 .map(|k| {
-                    let destroyed = k.iter().all(|b| *b == 0);
                     let key = MessageKey::from_slice(k, Some(KeyPlace::Block));
-                    key.filter(|_| !destroyed).map(Arc::new)
+                    key.filter(|_| !is_destroyed(k)).map(Arc::new)
                 })
                 .collect(),
         )
@@ -243,7 +263,7 @@ impl MessageKeys {
 
     /// The KV key of the block `message`'s id names (whether or not it exists).
     pub fn block_kv_key(message: MessageId) -> String {
-        format!("b.{}", block_of(message).0)
+        block_name(block_of(message).0)
     }
 
     /// Where keys made before [`KeyPool`] live; still read and destroyed.
@@ -313,29 +333,19 @@ impl MessageKeys {
         let (block, _) = block_of(MessageId::new());
         let mut value = vec![0u8; BLOCK_BYTES];
         rand::rng().fill_bytes(&mut value);
-        let name = format!("b.{block}");
-        let keys: Vec<Pooled> = value
-            .chunks_exact(KEY_BYTES)
-            .enumerate()
-            .filter_map(|(slot, k)| {
-                // An all-zero key would read as destroyed (a 2^-256 chance): leave it unused.
-                let key = MessageKey::from_slice(k, Some(KeyPlace::Block))
-                    .filter(|_| k.iter().any(|b| *b != 0))?;
-                let id = MessageId::from_uuid(Uuid::from_u128(block.as_u128() | slot as u128));
-                Some((id, Arc::new(key)))
-            })
+        let name = block_name(block);
+        // Read as any reader reads it, so a slot that would read as destroyed is not handed out.
+        let keys = Block::parse(&name, Some(&value));
+        let pooled: Vec<Pooled> = (keys.0.iter().enumerate())
+            .filter_map(|(slot, key)| Some((message_in(block, slot), key.clone()?)))
             .collect();
         let stored = self.kv.create(name.as_str(), Bytes::from(value)).await;
         match stored {
             Ok(_) => {
                 // Readers in this process (the projectors and the gateway of `parley up`) find
                 // the block's keys without reading it back.
-                let mut slots: Vec<Option<Arc<MessageKey>>> = vec![None; BLOCK_SLOTS];
-                for (id, key) in &keys {
-                    slots[block_of(*id).1] = Some(key.clone());
-                }
-                self.blocks.insert(block, Arc::new(Block(slots))).await;
-                Ok(Some(keys))
+                self.blocks.insert(block, Arc::new(keys)).await;
+                Ok(Some(pooled))
             }
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
             Err(e) => Err(nats_err(e)),
@@ -369,7 +379,7 @@ impl MessageKeys {
 
     /// A block as stored; an empty one if there is none (the id was not minted from a block).
     async fn read_block(&self, block: Uuid) -> Result<Arc<Block>, KeyError> {
-        let name = format!("b.{block}");
+        let name = block_name(block);
         let value = self.kv.get(name.as_str()).await.map_err(nats_err)?;
         Ok(Arc::new(Block::parse(&name, value.as_deref())))
     }
@@ -576,9 +586,9 @@ impl MessageKeys {
     /// block's earlier revisions, which still hold the key. No block: nothing to do.
     async fn destroy_in_block(&self, message: MessageId) -> Result<(), KeyError> {
         let name = Self::block_kv_key(message);
-        let (_, slot) = block_of(message);
-        let slot = slot * KEY_BYTES..(slot + 1) * KEY_BYTES;
-        let mut zeroed = false;
+        let slot = slot_bytes(block_of(message).1);
+        // The revision that holds the block without the key, once there is one.
+        let mut zeroed = None;
         for _ in 0..16 {
             let Some(entry) = self.kv.entry(name.as_str()).await.map_err(nats_err)? else {
                 return Ok(());
@@ -590,9 +600,9 @@ impl MessageKeys {
                     value.len()
                 )));
             }
-            if value[slot.clone()].iter().all(|b| *b == 0) {
+            if is_destroyed(&value[slot.clone()]) {
                 value.zeroize();
-                zeroed = true;
+                zeroed = Some(entry.revision);
                 break;
             }
             value[slot.clone()].zeroize();
@@ -601,8 +611,8 @@ impl MessageKeys {
                 .update(name.as_str(), Bytes::from(value), entry.revision)
                 .await
             {
-                Ok(_) => {
-                    zeroed = true;
+                Ok(revision) => {
+                    zeroed = Some(revision);
                     break;
                 }
                 // Another deletion in this block got there first: read it again.
@@ -610,27 +620,22 @@ impl MessageKeys {
                 Err(e) => return Err(nats_err(e)),
             }
         }
-        if !zeroed {
+        let Some(zeroed) = zeroed else {
             return Err(KeyError::NotDestroyed(format!(
                 "{name} kept changing while a key in it was destroyed"
             )));
-        }
-        self.erase_earlier_revisions(&name).await
+        };
+        self.erase_revisions_before(&name, zeroed).await
     }
 
-    /// Erases every stored revision of the KV key `name` but the latest. The bucket keeps
-    /// [`KEY_HISTORY`] revisions a key, so that the server never drops an old block revision
-    /// by itself, which would unlink it without overwriting it.
-    async fn erase_earlier_revisions(&self, name: &str) -> Result<(), KeyError> {
+    /// Erases every stored revision of the KV key `name` older than `revision`, one without
+    /// the destroyed key: those still hold it. (A later revision, a concurrent deletion's, erases
+    /// `revision` itself.) The bucket keeps [`KEY_HISTORY`] revisions a key, so that the server
+    /// never drops an old block revision by itself, which would unlink it without overwriting
+    /// it.
+    async fn erase_revisions_before(&self, name: &str, revision: u64) -> Result<(), KeyError> {
         let subject = format!("{}{name}", self.kv.prefix);
         for _ in 0..=KEY_HISTORY {
-            let latest = self
-                .kv
-                .stream
-                .get_last_raw_message_by_subject(&subject)
-                .await
-                .map_err(nats_err)?
-                .sequence;
             let oldest = self
                 .kv
                 .stream
@@ -638,7 +643,7 @@ impl MessageKeys {
                 .await
                 .map_err(nats_err)?
                 .sequence;
-            if oldest >= latest {
+            if oldest >= revision {
                 return Ok(());
             }
             self.erase_sequence(oldest, name).await?;

@@ -42,8 +42,13 @@ async fn slot_in_bucket(bucket: &kv::Store, message: MessageId) -> Option<Vec<u8
         .await
         .unwrap()?;
     assert_eq!(block.len(), 64 * 32, "a block holds 64 keys");
+    Some(block[slot_of(message)].to_vec())
+}
+
+/// Where `message`'s key lies in its block: the slot its id's low 6 bits name.
+fn slot_of(message: MessageId) -> std::ops::Range<usize> {
     let slot = (message.as_uuid().as_u128() & 63) as usize;
-    Some(block[slot * 32..(slot + 1) * 32].to_vec())
+    slot * 32..(slot + 1) * 32
 }
 
 /// Messages whose sealed bodies say their keys are their own.
@@ -160,6 +165,14 @@ fn in_store(dir: &std::path::Path, needle: &[u8]) -> bool {
     found
 }
 
+/// Waits (with a deadline) until `bytes` are in the server's store files, or gone from them.
+async fn until_on_disk(server: &NatsServer, bytes: &[u8], present: bool, what: &str) {
+    eventually(Duration::from_secs(10), what, || async {
+        (in_store(server.store(), bytes) == present).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn destroying_a_key_in_a_block_keeps_the_others_and_leaves_it_nowhere_in_the_store() {
     let server = NatsServer::start().await;
@@ -175,10 +188,7 @@ async fn destroying_a_key_in_a_block_keeps_the_others_and_leaves_it_nowhere_in_t
     let gone_key = slot_in_bucket(&bucket, gone.1).await.unwrap();
     let kept_key = slot_in_bucket(&bucket, kept.1).await.unwrap();
     // The block reached the store's files, so "not found" below means overwritten.
-    eventually(Duration::from_secs(10), "the block on disk", || async {
-        in_store(server.store(), &gone_key).then_some(())
-    })
-    .await;
+    until_on_disk(&server, &gone_key, true, "the block on disk").await;
 
     keys.destroy(gone.0, gone.1).await.unwrap();
 
@@ -191,10 +201,11 @@ async fn destroying_a_key_in_a_block_keeps_the_others_and_leaves_it_nowhere_in_t
     assert_bodies_open(&reader, &messages, &sealed, &[1]).await;
     // The block revision that held the key was erased, not just superseded: its bytes are in
     // no file of the store, while the kept key (in the block's new revision) still is.
-    eventually(
-        Duration::from_secs(10),
+    until_on_disk(
+        &server,
+        &gone_key,
+        false,
         "the destroyed key erased on disk",
-        || async { (!in_store(server.store(), &gone_key)).then_some(()) },
     )
     .await;
     assert!(in_store(server.store(), &kept_key));
@@ -252,16 +263,12 @@ async fn a_crash_between_rewriting_a_block_and_erasing_its_old_revision_is_mende
     let (chat, message) = messages[0];
     let name = MessageKeys::block_kv_key(message);
     let destroyed = slot_in_bucket(&bucket, message).await.unwrap();
-    eventually(Duration::from_secs(10), "the block on disk", || async {
-        in_store(server.store(), &destroyed).then_some(())
-    })
-    .await;
+    until_on_disk(&server, &destroyed, true, "the block on disk").await;
     // What a destroy that died after its rewrite left: the slot zeroed in a new revision, the
     // old revision (with the key) still stored.
     let entry = bucket.entry(name.as_str()).await.unwrap().unwrap();
     let mut value = entry.value.to_vec();
-    let slot = (message.as_uuid().as_u128() & 63) as usize;
-    value[slot * 32..(slot + 1) * 32].fill(0);
+    value[slot_of(message)].fill(0);
     bucket
         .update(name.as_str(), value.into(), entry.revision)
         .await
@@ -276,12 +283,7 @@ async fn a_crash_between_rewriting_a_block_and_erasing_its_old_revision_is_mende
         .destroy(chat, message)
         .await
         .unwrap();
-    eventually(
-        Duration::from_secs(10),
-        "the old revision erased",
-        || async { (!in_store(server.store(), &destroyed)).then_some(()) },
-    )
-    .await;
+    until_on_disk(&server, &destroyed, false, "the old revision erased").await;
     let reader = MessageKeys::new(bucket, js);
     assert_bodies_open(&reader, &messages, &sealed, &[0]).await;
 }
