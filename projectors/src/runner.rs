@@ -3,6 +3,8 @@
 //! transaction committed, so a crash anywhere redelivers and never skips. A projection with
 //! reads to do before its transaction (the chats projection opens message bodies with keys from
 //! NATS) runs in two stages, the next batches' reads overlapping the current one's transaction.
+//! Preparations, transactions and acks each run on tasks of their own, so on a multi-core
+//! runtime they run in parallel instead of taking turns on the loop's task.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -16,7 +18,9 @@ use async_nats::jetstream::{
 };
 use futures::{FutureExt, StreamExt};
 use parley_platform::Infra;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectorError {
@@ -69,6 +73,16 @@ enum Fetched {
     Stopped(Stopped),
 }
 
+/// A prepared batch: its messages (for acking) and its preparation's outcome.
+type PreparedBatch<T, E> = (Vec<jetstream::Message>, Result<T, StageError<E>>);
+
+/// The batch being applied: its messages, its apply's task, and when that started.
+type ApplyingBatch<E> = (
+    Vec<jetstream::Message>,
+    JoinHandle<Result<Vec<Disposition>, E>>,
+    Instant,
+);
+
 /// Why fetching stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stopped {
@@ -83,6 +97,9 @@ pub struct Runner {
     batch: usize,
     linger: Duration,
     shutdown: CancellationToken,
+    /// The acks of applied batches, sent on tasks of their own; awaited before the runner
+    /// returns, so a clean shutdown leaves nothing applied unacked.
+    settling: TaskTracker,
 }
 
 impl Runner {
@@ -127,6 +144,7 @@ impl Runner {
             batch: config.batch,
             linger: config.linger,
             shutdown: infra.shutdown.clone(),
+            settling: TaskTracker::new(),
         })
     }
 
@@ -135,13 +153,14 @@ impl Runner {
     pub async fn run<F, Fut, E>(self, apply: F)
     where
         F: FnMut(Vec<Delivered>) -> Fut,
-        Fut: Future<Output = Result<Vec<Disposition>, E>>,
-        E: std::fmt::Display,
+        Fut: Future<Output = Result<Vec<Disposition>, E>> + Send + 'static,
+        E: std::fmt::Display + Send + 'static,
     {
         // Nothing to prepare, so nothing to overlap: fetching the next batch only after the
         // transaction lets it gather everything that arrived meanwhile (fewer, larger batches).
-        self.pipeline(|batch| std::future::ready(Ok(batch)), apply, false)
-            .await
+        self.stages(|batch| std::future::ready(Ok(batch)), apply, false)
+            .await;
+        self.finish().await;
     }
 
     /// [`run`](Self::run) in two stages: `prepare` (no effects a redelivery could not repeat:
@@ -152,29 +171,38 @@ impl Runner {
     pub async fn run_staged<P, PFut, T, F, Fut, E>(self, prepare: P, apply: F)
     where
         P: FnMut(Vec<Delivered>) -> PFut,
-        PFut: Future<Output = Result<T, E>>,
+        PFut: Future<Output = Result<T, E>> + Send + 'static,
+        T: Send + 'static,
         F: FnMut(T) -> Fut,
-        Fut: Future<Output = Result<Vec<Disposition>, E>>,
-        E: std::fmt::Display,
+        Fut: Future<Output = Result<Vec<Disposition>, E>> + Send + 'static,
+        E: std::fmt::Display + Send + 'static,
     {
-        self.pipeline(prepare, apply, true).await
+        self.stages(prepare, apply, true).await;
+        self.finish().await;
+    }
+
+    /// Waits for the acks still on their way, once the loop returned.
+    async fn finish(&self) {
+        self.settling.close();
+        self.settling.wait().await;
     }
 
     /// The loop of both. With `overlap`, up to [`PREPARED_AHEAD`] further batches are fetched
     /// and prepared, concurrently, during the current one's apply; without, the next batch is
     /// fetched only after it. Batches are applied in the order they were fetched, one
     /// transaction at a time.
-    async fn pipeline<P, PFut, T, F, Fut, E>(self, mut prepare: P, mut apply: F, overlap: bool)
+    async fn stages<P, PFut, T, F, Fut, E>(&self, mut prepare: P, mut apply: F, overlap: bool)
     where
         P: FnMut(Vec<Delivered>) -> PFut,
-        PFut: Future<Output = Result<T, E>>,
+        PFut: Future<Output = Result<T, E>> + Send + 'static,
+        T: Send + 'static,
         F: FnMut(T) -> Fut,
-        Fut: Future<Output = Result<Vec<Disposition>, E>>,
-        E: std::fmt::Display,
+        Fut: Future<Output = Result<Vec<Disposition>, E>> + Send + 'static,
+        E: std::fmt::Display + Send + 'static,
     {
         let ahead = if overlap { PREPARED_AHEAD } else { 0 };
         // The fetch future is `async move` (it owns the lent stream) and borrows the runner.
-        let this = &self;
+        let this = self;
         let mut backoff = Duration::from_millis(100);
         'outer: loop {
             let messages = match self
@@ -198,10 +226,9 @@ impl Runner {
             // Batches in preparation, in fetch order; a finished one waits in `ready` until
             // every batch before it is applied.
             let mut preparing = futures::stream::FuturesOrdered::new();
-            let mut ready: std::collections::VecDeque<(Vec<jetstream::Message>, Result<T, E>)> =
+            let mut ready: std::collections::VecDeque<PreparedBatch<T, E>> =
                 std::collections::VecDeque::new();
-            let mut applying: Option<(Vec<jetstream::Message>, std::pin::Pin<Box<Fut>>, Instant)> =
-                None;
+            let mut applying: Option<ApplyingBatch<E>> = None;
             let mut fetching = None;
             // Why fetching stopped: the pull stream ended, or shutdown.
             let mut stopped = None;
@@ -213,7 +240,12 @@ impl Runner {
                     if let Some((msgs, prepared)) = ready.pop_front() {
                         match prepared {
                             Ok(prepared) => {
-                                applying = Some((msgs, Box::pin(apply(prepared)), Instant::now()));
+                                // A task of its own, like each preparation: on this task,
+                                // the next batches' CPU work (decoding, opening bodies) would
+                                // be polled between the transaction's round trips and
+                                // lengthen it, where the other core could do it meanwhile.
+                                applying =
+                                    Some((msgs, tokio::spawn(apply(prepared)), Instant::now()));
                             }
                             Err(e) => {
                                 self.redeliver(&msgs, &e, backoff).await;
@@ -241,7 +273,7 @@ impl Runner {
                 tokio::select! {
                     Some(result) = async { Some((&mut applying.as_mut()?.1).await) }, if applying.is_some() => {
                         let Some((msgs, _, started)) = applying.take() else { continue };
-                        if self.settle_applied(&msgs, result, started.elapsed(), &mut backoff).await
+                        if self.settle_applied(msgs, joined(result), started.elapsed(), &mut backoff).await
                             && self.pause(&mut backoff).await
                         {
                             return;
@@ -252,8 +284,8 @@ impl Runner {
                         messages = Some(lent);
                         match fetched {
                             Fetched::Batch(msgs, batch) => {
-                                let prepared = prepare(batch);
-                                preparing.push_back(async move { (msgs, prepared.await) });
+                                let prepared = tokio::spawn(prepare(batch));
+                                preparing.push_back(async move { (msgs, joined(prepared.await)) });
                             }
                             Fetched::Stopped(why) => stopped = Some(why),
                         }
@@ -268,7 +300,7 @@ impl Runner {
     /// when it failed (the caller backs off).
     async fn settle_applied<E: std::fmt::Display>(
         &self,
-        msgs: &[jetstream::Message],
+        msgs: Vec<jetstream::Message>,
         result: Result<Vec<Disposition>, E>,
         applied: Duration,
         backoff: &mut Duration,
@@ -276,17 +308,20 @@ impl Runner {
         match result {
             Ok(dispositions) => {
                 *backoff = Duration::from_millis(100);
-                self.settle(msgs, dispositions).await;
                 tracing::debug!(
                     projector = self.name,
                     events = msgs.len(),
                     apply_us = applied.as_micros() as u64,
                     "batch applied"
                 );
+                // The acks (a publish each) go out on a task of their own, so the next
+                // transaction does not wait for them. Their order does not matter, and one
+                // lost in a crash only redelivers an event the projection already holds.
+                self.settling.spawn(settle(self.name, msgs, dispositions));
                 false
             }
             Err(e) => {
-                self.redeliver(msgs, &e, *backoff).await;
+                self.redeliver(&msgs, &e, *backoff).await;
                 true
             }
         }
@@ -344,22 +379,6 @@ impl Runner {
         }
     }
 
-    /// Acks, naks or terms each message of an applied batch as its projection decided.
-    async fn settle(&self, msgs: &[jetstream::Message], dispositions: Vec<Disposition>) {
-        for (m, d) in msgs.iter().zip(dispositions) {
-            let kind = match d {
-                Disposition::Ack => AckKind::Ack,
-                Disposition::Retry(delay) => AckKind::Nak(Some(delay)),
-                Disposition::Term => AckKind::Term,
-            };
-            if let Err(e) = m.ack_with(kind).await {
-                // Unacked messages come back after ack_wait and are skipped as already
-                // applied.
-                tracing::warn!(projector = self.name, error = %e, "ack failed");
-            }
-        }
-    }
-
     /// A batch that could not be prepared or applied: every message comes back after `delay`.
     async fn redeliver(
         &self,
@@ -381,6 +400,50 @@ impl Runner {
             _ = self.shutdown.cancelled() => true,
             _ = tokio::time::sleep(d) => false,
         }
+    }
+}
+
+/// Acks, naks or terms each message of an applied batch as its projection decided.
+async fn settle(
+    projector: &'static str,
+    msgs: Vec<jetstream::Message>,
+    dispositions: Vec<Disposition>,
+) {
+    for (m, d) in msgs.iter().zip(dispositions) {
+        let kind = match d {
+            Disposition::Ack => AckKind::Ack,
+            Disposition::Retry(delay) => AckKind::Nak(Some(delay)),
+            Disposition::Term => AckKind::Term,
+        };
+        if let Err(e) = m.ack_with(kind).await {
+            // Unacked messages come back after ack_wait and are skipped as already applied.
+            tracing::warn!(projector, error = %e, "ack failed");
+        }
+    }
+}
+
+/// Why a stage's task gave no result: the projection's error, or the task's panic (which
+/// redelivers the batch like an error, instead of ending the projector).
+enum StageError<E> {
+    Failed(E),
+    Panicked(tokio::task::JoinError),
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for StageError<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Failed(e) => e.fmt(f),
+            Self::Panicked(e) => write!(f, "stage task failed: {e}"),
+        }
+    }
+}
+
+/// A stage task's outcome.
+fn joined<X, E>(r: Result<Result<X, E>, tokio::task::JoinError>) -> Result<X, StageError<E>> {
+    match r {
+        Ok(Ok(x)) => Ok(x),
+        Ok(Err(e)) => Err(StageError::Failed(e)),
+        Err(e) => Err(StageError::Panicked(e)),
     }
 }
 

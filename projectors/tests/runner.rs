@@ -1,7 +1,8 @@
 //! The consumer loop every projector shares, against a real JetStream: the next batches are
 //! prepared (two at once, no more) while the current one is applied, a batch is acked the
-//! moment it is applied (not when the next one arrives), a batch that failed comes back, and a
-//! linger gathers what arrives within it without holding back a full batch.
+//! moment it is applied (not when the next one arrives), a batch that failed (or whose stage
+//! panicked) comes back, and a linger gathers what arrives within it without holding back a
+//! full batch.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -304,6 +305,51 @@ async fn a_batch_whose_apply_failed_is_redelivered_and_applied() {
         "each message applied exactly once: {seen:?}"
     );
     assert!(seen.contains(&(2, false)), "the failure happened: {seen:?}");
+}
+
+#[tokio::test]
+async fn a_batch_whose_preparation_or_apply_panicked_is_redelivered_and_the_projector_goes_on() {
+    let stack = TestStack::start().await;
+    publish(&stack, 3).await;
+    let runner = runner(&stack, "panicky", 1).await;
+    let (applied_tx, mut applied_rx) = mpsc::unbounded_channel::<u64>();
+    let (prepare_panicked, apply_panicked) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    // Each stage runs on a task of its own; a bug that panics in one must cost the batch a
+    // redelivery, not the projector its task (which would leave every later event unapplied).
+    let task = tokio::spawn(runner.run_staged(
+        move |batch: Vec<Delivered>| {
+            let panicked = prepare_panicked.clone();
+            async move {
+                if batch[0].stream_seq == 3 && !panicked.swap(true, Ordering::SeqCst) {
+                    panic!("a preparation bug");
+                }
+                Ok::<_, String>(batch)
+            }
+        },
+        move |batch: Vec<Delivered>| {
+            let (applied_tx, panicked) = (applied_tx.clone(), apply_panicked.clone());
+            async move {
+                let seq = batch[0].stream_seq;
+                if seq == 2 && !panicked.swap(true, Ordering::SeqCst) {
+                    panic!("an apply bug");
+                }
+                applied_tx.send(seq).unwrap();
+                ack_all(batch).await
+            }
+        },
+    ));
+    all_acked(&stack, "panicky", "every message acked after the panics").await;
+    stop(&stack, task).await;
+
+    let mut applied = Vec::new();
+    while let Ok(seq) = applied_rx.try_recv() {
+        applied.push(seq);
+    }
+    applied.sort_unstable();
+    assert_eq!(applied, vec![1, 2, 3], "each message applied exactly once");
 }
 
 #[tokio::test]
