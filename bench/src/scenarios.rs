@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use crate::client::{Api, Arrival, Arrivals, Clock, User, spawn_parley_reader};
 use crate::floors::{self, LiveFloor, SendTimes, drive_rate, spawn_floor_reader};
-use crate::stack::{Parley, Stack};
+use crate::stack::{Parley, Stack, cpu_ms};
 use crate::stats::{Goal, Metric, p50_p99_ms, quantile};
 
 /// The users of the delivery scenarios (the first of the pool); later scenarios that need
@@ -769,9 +769,12 @@ impl Ctx {
         let k = self.sizes.channel_messages as u64;
         let sent = SendTimes::new((k * self.runs as u64) as usize);
         let mut out = Vec::new();
+        let me = std::process::id();
         for run in 0..self.runs as u64 {
             let floor = raw_broadcast(m, k as usize).await?;
+            let (bench_cpu, parley_cpu) = (cpu_ms(me), self.stack.parley.cpu_ms());
             let mut lat = Vec::new();
+            let (mut firsts, mut spreads) = (Vec::new(), Vec::new());
             for i in run * k..(run + 1) * k {
                 sent.mark(i, self.clock.now_us());
                 let s = self.api.send(admin, &chat, &format!("b{i}")).await?;
@@ -780,18 +783,34 @@ impl Ctx {
                 }
                 wait_for(&arrivals, m, Duration::from_secs(30), |a| a.index == i).await;
                 let a = arrivals.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-                let last = a
-                    .iter()
-                    .filter(|a| a.index == i)
-                    .map(|a| a.at_us)
-                    .max()
-                    .unwrap_or(0);
-                let got = a.iter().filter(|a| a.index == i).count();
+                let times = a.iter().filter(|a| a.index == i).map(|a| a.at_us);
+                let (first, last) = times
+                    .clone()
+                    .fold((u64::MAX, 0), |(lo, hi), t| (lo.min(t), hi.max(t)));
+                let got = times.count();
                 if got < m {
                     eprintln!("  message {i}: only {got} of {m} sockets within 30 s");
                 }
-                lat.push(last.saturating_sub(sent.get(i).unwrap_or(0)) as f64);
+                let sent_at = sent.get(i).unwrap_or(0);
+                lat.push(last.saturating_sub(sent_at) as f64);
+                firsts.push(first.saturating_sub(sent_at) as f64);
+                spreads.push(last.saturating_sub(first) as f64);
             }
+            let per_message = |before: Option<f64>, after: Option<f64>| match (before, after) {
+                (Some(b), Some(a)) => format!("{:.1}", (a - b) / k as f64),
+                _ => "?".to_owned(),
+            };
+            // Where the time goes, for the record (docs/benchmarks.md): the append and the
+            // route to the gateway (send → first socket), the fan-out (first → last), and the
+            // CPU each process spent per message (the floor's is in its own line).
+            eprintln!(
+                "  run {}: send→first socket p50 {:.1} ms, first→last p50 {:.1} ms; CPU per message: parley {} ms, bench {} ms",
+                run + 1,
+                quantile(&mut firsts, 0.5) / 1000.0,
+                quantile(&mut spreads, 0.5) / 1000.0,
+                per_message(parley_cpu, self.stack.parley.cpu_ms()),
+                per_message(bench_cpu, cpu_ms(me)),
+            );
             let (_, p99) = p50_p99_ms(&mut lat);
             let metrics = vec![Metric::relative(
                 format!("p99 send→last of {m} sockets"),
@@ -1141,11 +1160,13 @@ async fn raw_broadcast(sockets: usize, messages: usize) -> anyhow::Result<f64> {
         })
         .collect();
     let mut lat = Vec::new();
+    let (mut firsts, mut spreads) = (Vec::new(), Vec::new());
+    let cpu_before = cpu_ms(std::process::id());
     for i in 0..messages {
         let t0 = Instant::now();
         tx.send(i.to_string()).context("broadcast")?;
         let mut got = 0;
-        let mut last = t0;
+        let (mut first, mut last) = (None::<Instant>, t0);
         while got < sockets {
             let (j, at) = tokio::time::timeout(Duration::from_secs(30), done_rx.recv())
                 .await
@@ -1153,11 +1174,24 @@ async fn raw_broadcast(sockets: usize, messages: usize) -> anyhow::Result<f64> {
                 .context("raw broadcast readers gone")?;
             if j == i {
                 got += 1;
+                first = Some(first.map_or(at, |f| f.min(at)));
                 last = last.max(at);
             }
         }
         lat.push((last - t0).as_micros() as f64);
+        let first = first.unwrap_or(t0);
+        firsts.push((first - t0).as_micros() as f64);
+        spreads.push((last - first).as_micros() as f64);
     }
+    let cpu = match (cpu_before, cpu_ms(std::process::id())) {
+        (Some(b), Some(a)) => format!("{:.1}", (a - b) / messages as f64),
+        _ => "?".to_owned(),
+    };
+    eprintln!(
+        "  floor: send→first socket p50 {:.1} ms, first→last p50 {:.1} ms; CPU per message (server and readers, one process): {cpu} ms",
+        quantile(&mut firsts, 0.5) / 1000.0,
+        quantile(&mut spreads, 0.5) / 1000.0,
+    );
     for r in readers {
         r.abort();
     }

@@ -165,11 +165,55 @@ impl Parley {
             .context("no VmRSS in /proc status")
     }
 
+    /// CPU time the parley process has used so far, in ms.
+    pub fn cpu_ms(&self) -> Option<f64> {
+        cpu_ms(self.pid)
+    }
+
     pub async fn stop(&mut self) {
         let _ = self.child.kill().await;
     }
 
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+/// CPU time (user and system) a process has used so far, in ms: fields 14 and 15 of
+/// `/proc/<pid>/stat`, in clock ticks of 10 ms (Linux's `USER_HZ` of 100).
+pub fn cpu_ms(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after it are numbers.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let utime: f64 = fields.next()?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) * 10.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_ms;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_process_cpu_time_grows_while_it_computes() {
+        let me = std::process::id();
+        let before = cpu_ms(me).expect("this process's /proc stat");
+        // Compute until the counter shows 50 ms more (five ticks), within a deadline: a
+        // reader that never saw it move, or read the wrong fields, fails here.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut x = 0u64;
+        let mut now = before;
+        while now - before < 50.0 {
+            assert!(
+                Instant::now() < deadline,
+                "{before} ms, still {now} ms after 20 s"
+            );
+            for _ in 0..1_000_000 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+            now = cpu_ms(me).expect("this process's /proc stat");
+        }
+        assert_eq!(cpu_ms(u32::MAX), None, "no such process");
     }
 }
