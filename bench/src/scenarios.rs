@@ -783,11 +783,12 @@ impl Ctx {
                 }
                 wait_for(&arrivals, m, Duration::from_secs(30), |a| a.index == i).await;
                 let a = arrivals.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-                let times = a.iter().filter(|a| a.index == i).map(|a| a.at_us);
-                let (first, last) = times
-                    .clone()
-                    .fold((u64::MAX, 0), |(lo, hi), t| (lo.min(t), hi.max(t)));
-                let got = times.count();
+                let (first, last, got) = a
+                    .iter()
+                    .filter(|a| a.index == i)
+                    .fold((u64::MAX, 0, 0), |(lo, hi, n), a| {
+                        (lo.min(a.at_us), hi.max(a.at_us), n + 1)
+                    });
                 if got < m {
                     eprintln!("  message {i}: only {got} of {m} sockets within 30 s");
                 }
@@ -796,10 +797,6 @@ impl Ctx {
                 firsts.push(first.saturating_sub(sent_at) as f64);
                 spreads.push(last.saturating_sub(first) as f64);
             }
-            let per_message = |before: Option<f64>, after: Option<f64>| match (before, after) {
-                (Some(b), Some(a)) => format!("{:.1}", (a - b) / k as f64),
-                _ => "?".to_owned(),
-            };
             // Where the time goes, for the record (docs/benchmarks.md): the append and the
             // route to the gateway (send → first socket), the fan-out (first → last), and the
             // CPU each process spent per message (the floor's is in its own line).
@@ -808,8 +805,8 @@ impl Ctx {
                 run + 1,
                 quantile(&mut firsts, 0.5) / 1000.0,
                 quantile(&mut spreads, 0.5) / 1000.0,
-                per_message(parley_cpu, self.stack.parley.cpu_ms()),
-                per_message(bench_cpu, cpu_ms(me)),
+                cpu_per_message(parley_cpu, self.stack.parley.cpu_ms(), k as usize),
+                cpu_per_message(bench_cpu, cpu_ms(me), k as usize),
             );
             let (_, p99) = p50_p99_ms(&mut lat);
             let metrics = vec![Metric::relative(
@@ -1183,10 +1180,7 @@ async fn raw_broadcast(sockets: usize, messages: usize) -> anyhow::Result<f64> {
         firsts.push((first - t0).as_micros() as f64);
         spreads.push((last - first).as_micros() as f64);
     }
-    let cpu = match (cpu_before, cpu_ms(std::process::id())) {
-        (Some(b), Some(a)) => format!("{:.1}", (a - b) / messages as f64),
-        _ => "?".to_owned(),
-    };
+    let cpu = cpu_per_message(cpu_before, cpu_ms(std::process::id()), messages);
     eprintln!(
         "  floor: send→first socket p50 {:.1} ms, first→last p50 {:.1} ms; CPU per message (server and readers, one process): {cpu} ms",
         quantile(&mut firsts, 0.5) / 1000.0,
@@ -1197,6 +1191,14 @@ async fn raw_broadcast(sockets: usize, messages: usize) -> anyhow::Result<f64> {
     }
     server.abort();
     Ok(quantile(&mut lat, 0.99) / 1000.0)
+}
+
+/// CPU ms per message between two readings of [`cpu_ms`], for the log; `?` if either failed.
+fn cpu_per_message(before: Option<f64>, after: Option<f64>, messages: usize) -> String {
+    match (before, after) {
+        (Some(b), Some(a)) => format!("{:.1}", (a - b) / messages as f64),
+        _ => "?".to_owned(),
+    }
 }
 
 fn report_run(run: u64, metrics: &[Metric]) {

@@ -369,12 +369,16 @@ impl MessageKeys {
     /// The key in the slot of the block `message`'s id names, reading the whole block once.
     async fn get_in_block(&self, message: MessageId) -> Result<Option<Arc<MessageKey>>, KeyError> {
         let (block, slot) = block_of(message);
-        let read = self
-            .blocks
+        let read = self.block(block).await?;
+        Ok(read.0.get(slot).cloned().flatten())
+    }
+
+    /// A block, from the cache or read once (concurrent callers share the read).
+    async fn block(&self, block: Uuid) -> Result<Arc<Block>, KeyError> {
+        self.blocks
             .try_get_with(block, self.read_block(block))
             .await
-            .map_err(|e| (*e).clone())?;
-        Ok(read.0.get(slot).cloned().flatten())
+            .map_err(|e| (*e).clone())
     }
 
     /// A block as stored; an empty one if there is none (the id was not minted from a block).
@@ -444,11 +448,7 @@ impl MessageKeys {
         }
         // Every block at once; a failure is left for the reads one by one.
         let reads = blocks.into_iter().map(|(block, slots)| async move {
-            match self
-                .blocks
-                .try_get_with(block, self.read_block(block))
-                .await
-            {
+            match self.block(block).await {
                 Ok(read) => slots.iter().filter(|&&s| read.0[s].is_some()).count(),
                 Err(_) => 0,
             }
@@ -585,8 +585,8 @@ impl MessageKeys {
     /// revision, so concurrent deletions in one block each keep the other's), then erases the
     /// block's earlier revisions, which still hold the key. No block: nothing to do.
     async fn destroy_in_block(&self, message: MessageId) -> Result<(), KeyError> {
-        let name = Self::block_kv_key(message);
-        let slot = slot_bytes(block_of(message).1);
+        let (block, slot) = block_of(message);
+        let (name, slot) = (block_name(block), slot_bytes(slot));
         // The revision that holds the block without the key, once there is one.
         let mut zeroed = None;
         for _ in 0..16 {

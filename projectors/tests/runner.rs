@@ -97,6 +97,11 @@ async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
         .unwrap()
 }
 
+/// Everything `rx` holds now, without waiting.
+fn drained<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> Vec<T> {
+    std::iter::from_fn(|| rx.try_recv().ok()).collect()
+}
+
 /// Shuts the stack down and waits for the runner's task to return.
 async fn stop(stack: &TestStack, task: tokio::task::JoinHandle<()>) {
     stack.infra.shutdown.cancel();
@@ -293,10 +298,7 @@ async fn a_batch_whose_apply_failed_is_redelivered_and_applied() {
     all_acked(&stack, "flaky", "every message acked").await;
     stop(&stack, task).await;
 
-    let mut seen = Vec::new();
-    while let Ok(a) = applied_rx.try_recv() {
-        seen.push(a);
-    }
+    let seen = drained(&mut applied_rx);
     let mut committed: Vec<u64> = seen.iter().filter(|(_, ok)| *ok).map(|(s, _)| *s).collect();
     committed.sort_unstable();
     assert_eq!(
@@ -344,10 +346,7 @@ async fn a_batch_whose_preparation_or_apply_panicked_is_redelivered_and_the_proj
     all_acked(&stack, "panicky", "every message acked after the panics").await;
     stop(&stack, task).await;
 
-    let mut applied = Vec::new();
-    while let Ok(seq) = applied_rx.try_recv() {
-        applied.push(seq);
-    }
+    let mut applied = drained(&mut applied_rx);
     applied.sort_unstable();
     assert_eq!(applied, vec![1, 2, 3], "each message applied exactly once");
 }
