@@ -14,10 +14,28 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
 
 pub type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Bytes a bench socket reads at most per `read`. tungstenite's 128 KiB default is zeroed
+/// before every read, whatever arrives: with thousands of sockets that memset was a quarter of
+/// the bench's CPU during a channel fan-out (docs/benchmarks.md, "Session 19"), taken from the
+/// same two cores as the servers measured. Server frames are a few hundred bytes; a larger one
+/// still grows the buffer.
+const SOCKET_READ_BUFFER: usize = 8 * 1024;
+
+/// Opens a WebSocket the way every client of the bench does, Parley's and the floors' alike:
+/// a read buffer sized for the frames, and `TCP_NODELAY`, as browsers set on their sockets.
+pub async fn connect_ws(
+    req: impl IntoClientRequest + Unpin,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let config = WebSocketConfig::default().read_buffer_size(SOCKET_READ_BUFFER);
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(config), true).await?;
+    Ok(ws)
+}
 
 #[derive(Clone, Debug)]
 pub struct User {
@@ -246,7 +264,7 @@ impl Api {
         let mut req = format!("ws://127.0.0.1:{}/v1/ws", self.port).into_client_request()?;
         req.headers_mut()
             .insert("authorization", format!("Bearer {token}").parse()?);
-        let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
+        let mut ws = connect_ws(req).await?;
         let ready = tokio::time::timeout(Duration::from_secs(30), ws.next())
             .await
             .context("no ready frame within 30 s")?

@@ -361,9 +361,8 @@ impl LiveFloor {
 
     /// The socket of user `u`, after its `ready`.
     pub async fn socket(&self, u: usize) -> anyhow::Result<Ws> {
-        let (mut ws, _) =
-            tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/ws/{u}", self.port))
-                .await?;
+        let mut ws =
+            crate::client::connect_ws(format!("ws://127.0.0.1:{}/ws/{u}", self.port)).await?;
         ws.next()
             .await
             .context("floor socket closed before ready")??;

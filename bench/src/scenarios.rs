@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use crate::client::{Api, Arrival, Arrivals, Clock, User, spawn_parley_reader};
 use crate::floors::{self, LiveFloor, SendTimes, drive_rate, spawn_floor_reader};
-use crate::stack::{Parley, Stack, cpu_ms};
+use crate::stack::{Parley, Stack, cpu_ms, machine_busy_ms};
 use crate::stats::{Goal, Metric, p50_p99_ms, quantile};
 
 /// The users of the delivery scenarios (the first of the pool); later scenarios that need
@@ -772,7 +772,8 @@ impl Ctx {
         let me = std::process::id();
         for run in 0..self.runs as u64 {
             let floor = raw_broadcast(m, k as usize).await?;
-            let (bench_cpu, parley_cpu) = (cpu_ms(me), self.stack.parley.cpu_ms());
+            let (bench_cpu, parley_cpu, machine_cpu) =
+                (cpu_ms(me), self.stack.parley.cpu_ms(), machine_busy_ms());
             let mut lat = Vec::new();
             let (mut firsts, mut spreads) = (Vec::new(), Vec::new());
             for i in run * k..(run + 1) * k {
@@ -801,12 +802,13 @@ impl Ctx {
             // route to the gateway (send → first socket), the fan-out (first → last), and the
             // CPU each process spent per message (the floor's is in its own line).
             eprintln!(
-                "  run {}: send→first socket p50 {:.1} ms, first→last p50 {:.1} ms; CPU per message: parley {} ms, bench {} ms",
+                "  run {}: send→first socket p50 {:.1} ms, first→last p50 {:.1} ms; CPU per message: parley {} ms, bench {} ms, machine {} ms",
                 run + 1,
                 quantile(&mut firsts, 0.5) / 1000.0,
                 quantile(&mut spreads, 0.5) / 1000.0,
                 cpu_per_message(parley_cpu, self.stack.parley.cpu_ms(), k as usize),
                 cpu_per_message(bench_cpu, cpu_ms(me), k as usize),
+                cpu_per_message(machine_cpu, machine_busy_ms(), k as usize),
             );
             let (_, p99) = p50_p99_ms(&mut lat);
             let metrics = vec![Metric::relative(
@@ -1118,11 +1120,7 @@ async fn raw_broadcast(sockets: usize, messages: usize) -> anyhow::Result<f64> {
     let clients: Vec<_> = stream::iter(0..sockets)
         .map(|_| {
             let url = url.clone();
-            async move {
-                tokio_tungstenite::connect_async(url)
-                    .await
-                    .map(|(ws, _)| ws)
-            }
+            async move { crate::client::connect_ws(url).await }
         })
         .buffered(64)
         .collect::<Vec<_>>()
@@ -1158,7 +1156,7 @@ async fn raw_broadcast(sockets: usize, messages: usize) -> anyhow::Result<f64> {
         .collect();
     let mut lat = Vec::new();
     let (mut firsts, mut spreads) = (Vec::new(), Vec::new());
-    let cpu_before = cpu_ms(std::process::id());
+    let (cpu_before, machine_before) = (cpu_ms(std::process::id()), machine_busy_ms());
     for i in 0..messages {
         let t0 = Instant::now();
         tx.send(i.to_string()).context("broadcast")?;
@@ -1181,8 +1179,9 @@ async fn raw_broadcast(sockets: usize, messages: usize) -> anyhow::Result<f64> {
         spreads.push((last - first).as_micros() as f64);
     }
     let cpu = cpu_per_message(cpu_before, cpu_ms(std::process::id()), messages);
+    let machine = cpu_per_message(machine_before, machine_busy_ms(), messages);
     eprintln!(
-        "  floor: send→first socket p50 {:.1} ms, first→last p50 {:.1} ms; CPU per message (server and readers, one process): {cpu} ms",
+        "  floor: send→first socket p50 {:.1} ms, first→last p50 {:.1} ms; CPU per message (server and readers, one process): {cpu} ms, machine {machine} ms",
         quantile(&mut firsts, 0.5) / 1000.0,
         quantile(&mut spreads, 0.5) / 1000.0,
     );

@@ -190,9 +190,29 @@ pub fn cpu_ms(pid: u32) -> Option<f64> {
     Some((utime + stime) * 10.0)
 }
 
+/// CPU time the whole machine has been busy so far (every core, every process: user, nice,
+/// system, interrupts), in ms: the first line of `/proc/stat`, in ticks of 10 ms. Beside a
+/// process's own [`cpu_ms`] it shows what the servers it talks to (nats-server, PostgreSQL)
+/// spent on the same work.
+pub fn machine_busy_ms() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice, already in user]
+    let busy = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| ticks.get(i))
+        .sum::<f64>();
+    Some(busy * 10.0)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::cpu_ms;
+    use super::{cpu_ms, machine_busy_ms};
     use std::time::{Duration, Instant};
 
     #[test]
@@ -215,5 +235,25 @@ mod tests {
             now = cpu_ms(me).expect("this process's /proc stat");
         }
         assert_eq!(cpu_ms(u32::MAX), None, "no such process");
+    }
+
+    #[test]
+    fn the_machine_is_busy_at_least_while_this_process_computes() {
+        let (me, machine) = (std::process::id(), machine_busy_ms().expect("/proc/stat"));
+        let mine = cpu_ms(me).expect("this process's /proc stat");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut x = 0u64;
+        while cpu_ms(me).expect("stat") - mine < 50.0 {
+            assert!(Instant::now() < deadline, "no CPU counted in 20 s");
+            for _ in 0..1_000_000 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+        }
+        // The machine counts this process's ticks too (less a tick of rounding per counter).
+        let grew = machine_busy_ms().expect("/proc/stat") - machine;
+        assert!(
+            grew >= 30.0,
+            "the machine was busy {grew} ms while this process computed 50"
+        );
     }
 }
