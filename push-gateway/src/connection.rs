@@ -268,12 +268,20 @@ impl Connection {
         feeds: &mut Feeds<'_>,
     ) -> StopReason {
         let idle_timeout = self.gw.config.idle_timeout;
+        // The idle timer is re-armed when it fires, from the last client frame, rather than
+        // reset on every frame: a reset moves the timer in the runtime's wheel, under its lock,
+        // once per ack of every socket.
+        let mut heard = Instant::now();
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
         let mut resync =
             tokio::time::interval_at(Instant::now() + MEMBERSHIP_RESYNC, MEMBERSHIP_RESYNC);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stop = self.stopper.token().clone();
+        // One wait for the stop signal across all turns of the loop: a fresh one per turn
+        // would join and leave the token's waiter list (two locks) every time.
+        let stopped = stop.cancelled();
+        tokio::pin!(stopped);
         loop {
             // Checked before every step; the sources below are polled fairly, so a busy live
             // feed cannot starve the catch-up results that fill its gaps (or the client).
@@ -301,15 +309,22 @@ impl Connection {
             // inline, every socket's task would hold room for the largest of them for its whole
             // life, idle or not (docs/benchmarks.md, "Session 5").
             let step = tokio::select! {
-                _ = stop.cancelled() => return self.stopper.reason(),
-                _ = &mut idle => return StopReason::Idle,
+                _ = &mut stopped => return self.stopper.reason(),
+                _ = &mut idle => {
+                    let due = heard + idle_timeout;
+                    if due <= Instant::now() {
+                        return StopReason::Idle;
+                    }
+                    idle.as_mut().reset(due);
+                    Ok(())
+                }
                 written = self.outbox.drain(), if self.outbox.busy() => match written {
                     Ok(()) => Ok(()),
                     // The socket is gone; its read half says so next, or already has.
                     Err(_) => Err(StopReason::ClientGone),
                 },
                 frame = client.next(), if room => {
-                    idle.as_mut().reset(Instant::now() + idle_timeout);
+                    heard = Instant::now();
                     self.on_client(frame).await
                 }
                 Some(msg) = feeds.inbound.recv(), if room => self.on_inbound(msg).await,

@@ -274,6 +274,34 @@ async fn a_connection_without_client_frames_is_closed_after_the_idle_timeout() {
 }
 
 #[tokio::test]
+async fn client_frames_keep_a_connection_open_past_the_idle_timeout_until_they_stop() {
+    let timeout = Duration::from_millis(400);
+    let h = Harness::with_config(GatewayConfig {
+        idle_timeout: timeout,
+        ..Default::default()
+    })
+    .await;
+    let d = h.login().await;
+    let mut c = h.connect(&d).await;
+    let opened = std::time::Instant::now();
+    // A ping every quarter of the timeout, for three timeouts: each one is answered, so the
+    // timer that first fires at 400 ms is pushed back past every frame, not obeyed.
+    while opened.elapsed() < timeout * 3 {
+        c.send_json(json!({"type": "ping"})).await;
+        assert_eq!(c.next_json().await, json!({"type": "pong"}));
+        tokio::time::sleep(timeout / 4).await;
+    }
+    // Then silence: closed as idle, a timeout after the last frame.
+    let quiet = std::time::Instant::now();
+    assert_eq!(c.close_code().await, 4408);
+    assert!(
+        quiet.elapsed() >= timeout / 2,
+        "closed {:?} after the last frame, well before the {timeout:?} timeout",
+        quiet.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn shutdown_closes_sockets_with_going_away() {
     let h = Harness::start().await;
     let d = h.login().await;
