@@ -257,3 +257,91 @@ async fn the_activity_rollup_catches_up_with_the_chats_projection_once() {
     want.sort();
     assert_eq!(versions, want);
 }
+
+/// Raises `column` on every row of `table` `times` times over, one statement (and transaction)
+/// each, as the receipts projections do once per flush in a channel; returns the share of the
+/// updates after the first two that PostgreSQL made in place (HOT: no new index entries). The
+/// first two are left out: they find the pages as the inserts left them, before any earlier
+/// version of a row is dead and can be pruned, which a table in use is past.
+async fn hot_share(pg: &PgPool, table: &str, column: &str, times: i64) -> f64 {
+    const WARM_UP: i64 = 2;
+    let mut conn = pg.acquire().await.unwrap();
+    let rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    let mut raise = async |from: i64, to: i64| {
+        for up in from..=to {
+            sqlx::query(&format!(
+                "UPDATE {table} SET {column} = $1 WHERE {column} < $1"
+            ))
+            .bind(up)
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        }
+        updates(&mut conn, table, rows * to).await
+    };
+    let (updated, hot) = raise(1, WARM_UP).await;
+    let (updated_after, hot_after) = raise(WARM_UP + 1, times).await;
+    (hot_after - hot) as f64 / (updated_after - updated) as f64
+}
+
+/// `table`'s (updated, HOT-updated) rows in the statistics, once they count `expected` updates.
+async fn updates(conn: &mut sqlx::PgConnection, table: &str, expected: i64) -> (i64, i64) {
+    // This backend's counters reach the shared statistics when it next goes idle.
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (updated, hot): (i64, i64) = sqlx::query_as(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = $1",
+        )
+        .bind(table)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        if updated >= expected {
+            return (updated, hot);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{table}: statistics show {updated} of {expected} updates after 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn watermark_rows_are_updated_in_place_when_a_whole_channel_moves() {
+    const IN_PLACE: i64 = 20261123002001;
+    let (_db, pg) = at_migration_before(IN_PLACE).await;
+    apply(&pg, IN_PLACE).await;
+    let chat = Uuid::now_v7();
+    // A channel of 5,000: its members, one device each, and the rollup's watermarks.
+    for insert in [
+        "INSERT INTO members (chat_id, user_id, role, joined_seq) \
+         SELECT $1, gen_random_uuid(), 'member', 1 FROM generate_series(1, 5000)",
+        "INSERT INTO device_cursors (device_id, chat_id, acked_up_to) \
+         SELECT gen_random_uuid(), $1, 0 FROM generate_series(1, 5000)",
+        "INSERT INTO activity_watermarks (chat_id, user_id, delivered_up_to, at) \
+         SELECT $1, gen_random_uuid(), 0, now() FROM generate_series(1, 5000)",
+    ] {
+        sqlx::query(insert).bind(chat).execute(&pg).await.unwrap();
+    }
+    // Before this migration the pages were full, and few of these updates were HOT.
+    for (table, column) in [
+        ("members", "delivered_up_to"),
+        ("device_cursors", "acked_up_to"),
+        ("activity_watermarks", "delivered_up_to"),
+    ] {
+        let share = hot_share(&pg, table, column, 10).await;
+        assert!(
+            share >= 0.9,
+            "{table}: only {:.0} % of updates in place",
+            share * 100.0
+        );
+    }
+}
