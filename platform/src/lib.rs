@@ -23,17 +23,6 @@ pub async fn pg_pool(url: &str, max_connections: u32) -> Result<sqlx::PgPool, sq
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(std::time::Duration::from_secs(5))
-        .connect_with(pg_options(url)?)
+        .connect(url)
         .await
-}
-
-/// How every Parley connection to PostgreSQL is made: the URL, with JIT compilation off.
-/// Parley's statements are short and run many times; PostgreSQL compiles a statement whose
-/// estimated cost passes `jit_above_cost` each time it runs, and the batch statements' costs
-/// pass it once their tables are large: on a 200,000-row `activity_messages`, a channel's
-/// receipts batch took 400-600 ms with JIT and 46-62 ms without (docs/benchmarks.md,
-/// "Session 19").
-pub fn pg_options(url: &str) -> Result<sqlx::postgres::PgConnectOptions, sqlx::Error> {
-    let options: sqlx::postgres::PgConnectOptions = url.parse()?;
-    Ok(options.options([("jit", "off")]))
 }

@@ -180,47 +180,26 @@ pub async fn apply_receipts(
     }
     if !receipts.0.is_empty() {
         // One statement for the batch. Each receipt stamps the messages between its user's
-        // watermark before the batch and its `up_to`, not sent by that user; where a batch's
-        // receipts overlap, the earliest time wins, as the definition above says. Then each
-        // (chat, user) keeps its highest `up_to` (the earliest time among equals). A
-        // data-modifying WITH runs once, whether or not the main statement reads it.
-        //
-        // The stamping has to cost the ranges, not the receipts times the chat's history: a
-        // 5,000-member channel moves 5,000 watermarks over the same message, and joined on
-        // `chat_id` the planner paired each receipt with every message of the chat (2.3 s for a
-        // batch on a channel of 2,000 messages; docs/benchmarks.md, "Session 19"). So:
-        // - receipts over the same range collapse to the two earliest users: whoever sent a
-        //   message, one of those two is someone else, and the earlier such one is the
-        //   earliest of all who are not its sender;
-        // - ranges and rows are matched by row comparisons on (chat_id, sequence), which only
-        //   the primary key can serve, so each is a short index scan, never a hash join.
+        // watermark before the batch and its `up_to`; where a batch's receipts overlap, the
+        // earliest time wins, as the definition above says. Then each (chat, user) keeps its
+        // highest `up_to` (the earliest time among equals). A data-modifying WITH runs once,
+        // whether or not the main statement reads it.
         sqlx::query(
             "WITH r AS ( \
                  SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[], $4::timestamptz[]) \
                      AS r(chat_id, user_id, up_to, at)), \
-             covered AS ( \
-                 SELECT r.chat_id, r.user_id, COALESCE(w.delivered_up_to, 0) AS previous, \
-                        r.up_to, min(r.at) AS at \
-                 FROM r LEFT JOIN activity_watermarks w \
-                     ON w.chat_id = r.chat_id AND w.user_id = r.user_id \
-                 WHERE r.up_to > COALESCE(w.delivered_up_to, 0) \
-                 GROUP BY 1, 2, 3, 4), \
-             earliest AS ( \
-                 SELECT * FROM ( \
-                     SELECT c.*, row_number() OVER ( \
-                         PARTITION BY chat_id, previous, up_to ORDER BY at, user_id) AS rank \
-                     FROM covered c) ranked \
-                 WHERE rank <= 2), \
+             p AS ( \
+                 SELECT r.*, COALESCE(w.delivered_up_to, 0) AS previous FROM r \
+                 LEFT JOIN activity_watermarks w \
+                     ON w.chat_id = r.chat_id AND w.user_id = r.user_id), \
              stamped AS ( \
                  UPDATE activity_messages m SET delivered_at = s.at \
-                 FROM (SELECT a.chat_id, a.sequence, min(e.at) AS at FROM earliest e \
-                       JOIN activity_messages a \
-                           ON (a.chat_id, a.sequence) > (e.chat_id, e.previous) \
-                          AND (a.chat_id, a.sequence) <= (e.chat_id, e.up_to) \
-                          AND a.sender_id <> e.user_id \
+                 FROM (SELECT a.chat_id, a.sequence, min(p.at) AS at FROM p \
+                       JOIN activity_messages a ON a.chat_id = p.chat_id \
+                           AND a.sequence > p.previous AND a.sequence <= p.up_to \
+                           AND a.sender_id <> p.user_id \
                        GROUP BY a.chat_id, a.sequence) s \
-                 WHERE (m.chat_id, m.sequence) >= (s.chat_id, s.sequence) \
-                   AND (m.chat_id, m.sequence) <= (s.chat_id, s.sequence) \
+                 WHERE m.chat_id = s.chat_id AND m.sequence = s.sequence \
                    AND (m.delivered_at IS NULL OR m.delivered_at > s.at)) \
              INSERT INTO activity_watermarks (chat_id, user_id, delivered_up_to, at) \
              SELECT DISTINCT ON (chat_id, user_id) chat_id, user_id, up_to, at FROM r \

@@ -1171,19 +1171,3 @@ async fn the_live_apply_records_the_activity_rollup_and_acks_only_what_both_proj
         (vec![(2, other_admin), (3, other_admin)], Some(3))
     );
 }
-
-#[tokio::test]
-async fn the_services_connections_run_without_jit_compilation() {
-    let (_stack, pg, _keys) = db().await;
-    // Every pooled connection, not only the first.
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        let mut conn = pg.acquire().await.unwrap();
-        let jit: String = sqlx::query_scalar("SHOW jit")
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
-        assert_eq!(jit, "off");
-        held.push(conn);
-    }
-}
