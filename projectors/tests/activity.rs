@@ -259,3 +259,48 @@ async fn receipts_in_one_batch_stamp_the_same_times_in_any_order() {
     activity::apply_receipts(&pg, reversed).await.unwrap();
     assert_eq!(delivered_at(&pg, s.chat).await, expected());
 }
+
+#[tokio::test]
+async fn a_crowd_acking_one_range_stamps_each_message_with_the_earliest_receipt_not_its_senders() {
+    let (_db, pg) = db().await;
+    let s = scenario();
+    activity::apply_chats(&pg, copy(&s.chats), DELAY)
+        .await
+        .unwrap();
+    // As in a channel: everyone's watermark moves over the same messages in one batch. Ada's
+    // two devices ack first, then Bob, then a crowd. Her own receipts do not count for her
+    // messages (2, 3, 4): Bob's is the earliest that does, though two of Ada's come before it.
+    let crowd: Vec<UserId> = (0..40).map(|_| UserId::new()).collect();
+    let ackers = [(s.ada, 10), (s.ada, 11), (s.bob, 12)]
+        .into_iter()
+        .chain(crowd.iter().map(|&u| (u, 13)));
+    let batch: Vec<Delivered> = ackers
+        .enumerate()
+        .map(|(i, (user, secs))| {
+            let meta = EventMeta {
+                id: EventId::new(),
+                subject: s.chat.to_string(),
+                time: at(secs),
+                sequence: i as u64 + 1,
+                actor: user,
+            };
+            let event = ReceiptEvent::Delivered(DeliveredEvent {
+                user_id: user,
+                device_id: DeviceId::new(),
+                up_to: 5,
+            });
+            delivered(i as u64 + 1, meta, &event)
+        })
+        .collect();
+    activity::apply_receipts(&pg, batch).await.unwrap();
+    assert_eq!(
+        delivered_at(&pg, s.chat).await,
+        vec![
+            (2, Some(at(12))),
+            (3, Some(at(12))),
+            (4, Some(at(12))),
+            // Bob's message reached Ada first.
+            (5, Some(at(10))),
+        ]
+    );
+}
