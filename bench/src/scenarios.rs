@@ -802,10 +802,9 @@ impl Ctx {
             // route to the gateway (send → first socket), the fan-out (first → last), and the
             // CPU each process spent per message (the floor's is in its own line).
             eprintln!(
-                "  run {}: send→first socket p50 {:.1} ms, first→last p50 {:.1} ms; CPU per message: parley {} ms, bench {} ms, machine {} ms",
+                "  run {}: {}; CPU per message: parley {} ms, bench {} ms, machine {} ms",
                 run + 1,
-                quantile(&mut firsts, 0.5) / 1000.0,
-                quantile(&mut spreads, 0.5) / 1000.0,
+                fan_out_p50s(&mut firsts, &mut spreads),
                 cpu_per_message(parley_cpu, self.stack.parley.cpu_ms(), k as usize),
                 cpu_per_message(bench_cpu, cpu_ms(me), k as usize),
                 cpu_per_message(machine_cpu, machine_busy_ms(), k as usize),
@@ -1181,15 +1180,24 @@ async fn raw_broadcast(sockets: usize, messages: usize) -> anyhow::Result<f64> {
     let cpu = cpu_per_message(cpu_before, cpu_ms(std::process::id()), messages);
     let machine = cpu_per_message(machine_before, machine_busy_ms(), messages);
     eprintln!(
-        "  floor: send→first socket p50 {:.1} ms, first→last p50 {:.1} ms; CPU per message (server and readers, one process): {cpu} ms, machine {machine} ms",
-        quantile(&mut firsts, 0.5) / 1000.0,
-        quantile(&mut spreads, 0.5) / 1000.0,
+        "  floor: {}; CPU per message (server and readers, one process): {cpu} ms, machine {machine} ms",
+        fan_out_p50s(&mut firsts, &mut spreads),
     );
     for r in readers {
         r.abort();
     }
     server.abort();
     Ok(quantile(&mut lat, 0.99) / 1000.0)
+}
+
+/// The medians of a fan-out's two parts, for the log, from per-message µs: send → first socket
+/// (the append and the route) and first → last socket (the fan-out itself).
+fn fan_out_p50s(firsts: &mut [f64], spreads: &mut [f64]) -> String {
+    format!(
+        "send→first socket p50 {:.1} ms, first→last p50 {:.1} ms",
+        quantile(firsts, 0.5) / 1000.0,
+        quantile(spreads, 0.5) / 1000.0,
+    )
 }
 
 /// CPU ms per message between two readings of [`cpu_ms`], for the log; `?` if either failed.

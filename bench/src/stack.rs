@@ -215,12 +215,11 @@ mod tests {
     use super::{cpu_ms, machine_busy_ms};
     use std::time::{Duration, Instant};
 
-    #[test]
-    fn a_process_cpu_time_grows_while_it_computes() {
+    /// Computes until this process's CPU counter shows 50 ms more (five ticks), within a
+    /// deadline: a reader that never saw it move, or read the wrong fields, fails here.
+    fn compute_50_ms() {
         let me = std::process::id();
         let before = cpu_ms(me).expect("this process's /proc stat");
-        // Compute until the counter shows 50 ms more (five ticks), within a deadline: a
-        // reader that never saw it move, or read the wrong fields, fails here.
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut x = 0u64;
         let mut now = before;
@@ -234,21 +233,18 @@ mod tests {
             }
             now = cpu_ms(me).expect("this process's /proc stat");
         }
+    }
+
+    #[test]
+    fn a_process_cpu_time_grows_while_it_computes() {
+        compute_50_ms();
         assert_eq!(cpu_ms(u32::MAX), None, "no such process");
     }
 
     #[test]
     fn the_machine_is_busy_at_least_while_this_process_computes() {
-        let (me, machine) = (std::process::id(), machine_busy_ms().expect("/proc/stat"));
-        let mine = cpu_ms(me).expect("this process's /proc stat");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut x = 0u64;
-        while cpu_ms(me).expect("stat") - mine < 50.0 {
-            assert!(Instant::now() < deadline, "no CPU counted in 20 s");
-            for _ in 0..1_000_000 {
-                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
-            }
-        }
+        let machine = machine_busy_ms().expect("/proc/stat");
+        compute_50_ms();
         // The machine counts this process's ticks too (less a tick of rounding per counter).
         let grew = machine_busy_ms().expect("/proc/stat") - machine;
         assert!(

@@ -86,21 +86,10 @@ fn scenario() -> Scenario {
             }),
         ));
     }
-    let receipt = |n: u64, user: UserId, up_to: u64, secs: i64| {
-        delivered(
-            n,
-            meta(up_to, secs, user),
-            &ReceiptEvent::Delivered(DeliveredEvent {
-                user_id: user,
-                device_id: DeviceId::new(),
-                up_to,
-            }),
-        )
-    };
     let receipts = vec![
-        receipt(1, bob, 3, 10),
-        receipt(2, bob, 5, 20),
-        receipt(3, ada, 5, 30),
+        receipt(chat, 1, bob, 3, 10),
+        receipt(chat, 2, bob, 5, 20),
+        receipt(chat, 3, ada, 5, 30),
     ];
     Scenario {
         chat,
@@ -109,6 +98,24 @@ fn scenario() -> Scenario {
         chats,
         receipts,
     }
+}
+
+/// Stream message `n` of `RECEIPTS`: a device of `user` delivered `chat` up to `up_to`, at
+/// `secs`.
+fn receipt(chat: ChatId, n: u64, user: UserId, up_to: u64, secs: i64) -> Delivered {
+    let meta = EventMeta {
+        id: EventId::new(),
+        subject: chat.to_string(),
+        time: at(secs),
+        sequence: up_to,
+        actor: user,
+    };
+    let event = ReceiptEvent::Delivered(DeliveredEvent {
+        user_id: user,
+        device_id: DeviceId::new(),
+        up_to,
+    });
+    delivered(n, meta, &event)
 }
 
 fn copy(batch: &[Delivered]) -> Vec<Delivered> {
@@ -276,21 +283,7 @@ async fn a_crowd_acking_one_range_stamps_each_message_with_the_earliest_receipt_
         .chain(crowd.iter().map(|&u| (u, 13)));
     let batch: Vec<Delivered> = ackers
         .enumerate()
-        .map(|(i, (user, secs))| {
-            let meta = EventMeta {
-                id: EventId::new(),
-                subject: s.chat.to_string(),
-                time: at(secs),
-                sequence: i as u64 + 1,
-                actor: user,
-            };
-            let event = ReceiptEvent::Delivered(DeliveredEvent {
-                user_id: user,
-                device_id: DeviceId::new(),
-                up_to: 5,
-            });
-            delivered(i as u64 + 1, meta, &event)
-        })
+        .map(|(i, (user, secs))| receipt(s.chat, i as u64 + 1, user, 5, secs))
         .collect();
     activity::apply_receipts(&pg, batch).await.unwrap();
     assert_eq!(
