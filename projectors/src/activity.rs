@@ -179,30 +179,55 @@ pub async fn apply_receipts(
         out.push(Disposition::Ack);
     }
     if !receipts.0.is_empty() {
-        // One statement for the batch. Each receipt stamps the messages between its user's
-        // watermark before the batch and its `up_to`; where a batch's receipts overlap, the
-        // earliest time wins, as the definition above says. Then each (chat, user) keeps its
-        // highest `up_to` (the earliest time among equals). A data-modifying WITH runs once,
-        // whether or not the main statement reads it.
+        // Each receipt stamps the messages between its user's watermark before the batch and
+        // its `up_to` that others sent; where a batch's receipts overlap, the earliest time
+        // wins, as the definition above says. Only messages whose stamp changes are returned:
+        // not yet delivered, or delivered later than a receipt here says.
+        //
+        // Two statements, not one, so that no plan depends on how many messages the ranges
+        // cover, which the planner cannot estimate. As one statement it often guessed
+        // thousands and then hashed the whole `activity_messages` table, every chat's history,
+        // for a batch that stamped one message (docs/benchmarks.md, "Session 20"). Here each
+        // receipt is one index range scan (`OFFSET 0` keeps the lateral subquery a probe per
+        // receipt), and the update is planned for the exact list of stamps.
+        let stamps: Vec<(Uuid, i64, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT r.chat_id, a.sequence, min(r.at) \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[], $4::timestamptz[]) \
+                 AS r(chat_id, user_id, up_to, at) \
+             LEFT JOIN activity_watermarks w ON w.chat_id = r.chat_id AND w.user_id = r.user_id \
+             CROSS JOIN LATERAL ( \
+                 SELECT a.sequence FROM activity_messages a \
+                 WHERE a.chat_id = r.chat_id \
+                   AND a.sequence > COALESCE(w.delivered_up_to, 0) AND a.sequence <= r.up_to \
+                   AND a.sender_id <> r.user_id \
+                   AND (a.delivered_at IS NULL OR a.delivered_at > r.at) \
+                 OFFSET 0) a \
+             GROUP BY r.chat_id, a.sequence",
+        )
+        .bind(&receipts.0)
+        .bind(&receipts.1)
+        .bind(&receipts.2)
+        .bind(&receipts.3)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut stamped: (Vec<Uuid>, Vec<i64>, Vec<DateTime<Utc>>) = Default::default();
+        for (chat_id, sequence, at) in stamps {
+            stamped.0.push(chat_id);
+            stamped.1.push(sequence);
+            stamped.2.push(at);
+        }
+        // Then each (chat, user) keeps its highest `up_to` (the earliest time among equals).
+        // A data-modifying WITH runs once, whether or not the main statement reads it.
         sqlx::query(
-            "WITH r AS ( \
-                 SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[], $4::timestamptz[]) \
-                     AS r(chat_id, user_id, up_to, at)), \
-             p AS ( \
-                 SELECT r.*, COALESCE(w.delivered_up_to, 0) AS previous FROM r \
-                 LEFT JOIN activity_watermarks w \
-                     ON w.chat_id = r.chat_id AND w.user_id = r.user_id), \
-             stamped AS ( \
+            "WITH stamped AS ( \
                  UPDATE activity_messages m SET delivered_at = s.at \
-                 FROM (SELECT a.chat_id, a.sequence, min(p.at) AS at FROM p \
-                       JOIN activity_messages a ON a.chat_id = p.chat_id \
-                           AND a.sequence > p.previous AND a.sequence <= p.up_to \
-                           AND a.sender_id <> p.user_id \
-                       GROUP BY a.chat_id, a.sequence) s \
+                 FROM UNNEST($5::uuid[], $6::bigint[], $7::timestamptz[]) AS s(chat_id, sequence, at) \
                  WHERE m.chat_id = s.chat_id AND m.sequence = s.sequence \
                    AND (m.delivered_at IS NULL OR m.delivered_at > s.at)) \
              INSERT INTO activity_watermarks (chat_id, user_id, delivered_up_to, at) \
-             SELECT DISTINCT ON (chat_id, user_id) chat_id, user_id, up_to, at FROM r \
+             SELECT DISTINCT ON (chat_id, user_id) chat_id, user_id, up_to, at \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[], $4::timestamptz[]) \
+                 AS r(chat_id, user_id, up_to, at) \
              ORDER BY chat_id, user_id, up_to DESC, at \
              ON CONFLICT (chat_id, user_id) DO UPDATE \
              SET delivered_up_to = EXCLUDED.delivered_up_to, at = EXCLUDED.at \
@@ -212,6 +237,9 @@ pub async fn apply_receipts(
         .bind(&receipts.1)
         .bind(&receipts.2)
         .bind(&receipts.3)
+        .bind(&stamped.0)
+        .bind(&stamped.1)
+        .bind(&stamped.2)
         .execute(&mut *tx)
         .await?;
     }

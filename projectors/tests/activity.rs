@@ -297,3 +297,99 @@ async fn a_crowd_acking_one_range_stamps_each_message_with_the_earliest_receipt_
         ]
     );
 }
+
+/// A channel with a long history, in a table holding other chats' too: a crowd's receipts over
+/// its newest message read `activity_messages` through its index only, so a batch costs what
+/// its ranges cover, not what the table holds. (Planned as one statement, the stamping hashed
+/// the whole table on every batch: a cost growing with every chat's history.)
+#[tokio::test]
+async fn a_receipts_batch_reads_only_the_messages_its_ranges_cover_not_the_whole_history() {
+    const HISTORY: i64 = 20_000;
+    const OTHERS: i64 = 50_000;
+    const CROWD: usize = 2_000;
+    let db = TestDb::create().await;
+    // One connection, so that the statistics read below are the ones the batch left.
+    let pg = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    MIGRATOR.run(&pg).await.unwrap();
+    let (chat, sender) = (ChatId::new(), UserId::new());
+    // The channel's history, delivered long ago, then its newest message, not yet delivered;
+    // and 500 other chats of 100 messages.
+    sqlx::query(
+        "INSERT INTO activity_messages (chat_id, sequence, sender_id, sent_at, delivered_at) \
+         SELECT $1, s, $2, $3, CASE WHEN s <= $4 THEN $3 END FROM generate_series(1, $4 + 1) s \
+         UNION ALL \
+         SELECT md5((s / 100)::text)::uuid, s % 100 + 1, $2, $3, $3 \
+         FROM generate_series(0, $5 - 1) s",
+    )
+    .bind(chat.as_uuid())
+    .bind(sender.as_uuid())
+    .bind(at(0))
+    .bind(HISTORY)
+    .bind(OTHERS)
+    .execute(&pg)
+    .await
+    .unwrap();
+    let crowd: Vec<UserId> = (0..CROWD).map(|_| UserId::new()).collect();
+    let ids: Vec<uuid::Uuid> = crowd.iter().map(|u| *u.as_uuid()).collect();
+    sqlx::query(
+        "INSERT INTO activity_watermarks (chat_id, user_id, delivered_up_to, at) \
+         SELECT $1, u, $2, $3 FROM UNNEST($4::uuid[]) AS t(u)",
+    )
+    .bind(chat.as_uuid())
+    .bind(HISTORY)
+    .bind(at(0))
+    .bind(&ids)
+    .execute(&pg)
+    .await
+    .unwrap();
+    // As autovacuum would have by then: the planner knows the tables' sizes.
+    sqlx::query("ANALYZE activity_messages, activity_watermarks")
+        .execute(&pg)
+        .await
+        .unwrap();
+    let before = message_scans(&pg, |_| true).await;
+    let batch: Vec<Delivered> = crowd
+        .iter()
+        .enumerate()
+        .map(|(i, &user)| receipt(chat, i as u64 + 1, user, HISTORY as u64 + 1, 100 + i as i64))
+        .collect();
+    activity::apply_receipts(&pg, batch).await.unwrap();
+    let after = message_scans(&pg, |(_, idx)| idx > before.1).await;
+    assert_eq!(
+        after.0, before.0,
+        "sequential scans of activity_messages by one receipts batch"
+    );
+    let newest = delivered_at(&pg, chat).await.pop().unwrap();
+    assert_eq!(newest, (HISTORY + 1, Some(at(100))));
+}
+
+/// `activity_messages`' (sequential, index) scans in the statistics, once `ready` holds for
+/// them (this backend's counters reach the shared statistics when it next goes idle).
+async fn message_scans(pg: &PgPool, ready: impl Fn((i64, i64)) -> bool) -> (i64, i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(pg)
+            .await
+            .unwrap();
+        let scans: (i64, i64) = sqlx::query_as(
+            "SELECT seq_scan, COALESCE(idx_scan, 0) FROM pg_stat_user_tables \
+             WHERE relname = 'activity_messages'",
+        )
+        .fetch_one(pg)
+        .await
+        .unwrap();
+        if ready(scans) {
+            return scans;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "statistics never showed the batch's scans: {scans:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
