@@ -13,12 +13,16 @@ use tokio::sync::watch;
 
 use crate::client::{Api, Arrival, Arrivals, Clock, User, spawn_parley_reader};
 use crate::floors::{self, LiveFloor, SendTimes, drive_rate, spawn_floor_reader};
-use crate::stack::{Parley, Stack, cpu_ms, machine_busy_ms};
+use crate::stack::{Parley, Stack, cpu_ms, machine_busy_ms, settle};
 use crate::stats::{Goal, Metric, p50_p99_ms, quantile};
 
 /// The users of the delivery scenarios (the first of the pool); later scenarios that need
 /// users without chats take theirs after these.
 const DELIVERY_USERS: usize = 50;
+
+/// How long a phase waits at most for a quiet machine before it starts anyway (and says so).
+/// Usually a fraction of a second; a projector working off a run's backlog can take seconds.
+const SETTLE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Sizes of one mode.
 #[derive(Clone, Copy, Debug)]
@@ -123,6 +127,16 @@ impl Ctx {
         Ok(())
     }
 
+    /// Waits for a quiet machine before a timed phase ([`settle`]), so that no phase pays for
+    /// the tail of the one before; says so in the log when that took over a second or the
+    /// machine never went quiet.
+    async fn settle(&self, phase: &str) {
+        let settled = settle(SETTLE_DEADLINE).await;
+        if !settled.quiet || settled.waited > Duration::from_secs(1) {
+            eprintln!("  before the {phase}: {settled}");
+        }
+    }
+
     pub async fn run(&mut self, name: &str) -> anyhow::Result<Vec<Vec<Metric>>> {
         match name {
             "delivery-1k" => self.delivery(1_000.0, false).await,
@@ -189,6 +203,7 @@ impl Ctx {
         for run in 0..self.runs as u64 {
             let range = run * per_run..(run + 1) * per_run;
             // Floor: same chats, same rate, no business logic.
+            self.settle("floor").await;
             let live =
                 LiveFloor::start(&self.stack.client, &self.stack.js, members.clone()).await?;
             let floor_arrivals: Arrivals = Arc::new(Mutex::new(Vec::new()));
@@ -235,6 +250,7 @@ impl Ctx {
             drop(live);
 
             // Figure: Parley.
+            self.settle("figure").await;
             let receipts_before = receipt_events(&self.stack.js).await?;
             let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
             let statuses: Arc<Mutex<HashMap<u16, u64>>> = Arc::default();
@@ -419,7 +435,9 @@ impl Ctx {
         let chats = Arc::new(chats);
         let mut out = Vec::new();
         for run in 0..self.runs {
+            self.settle("floor").await;
             let floor = floors::publish_pipelined(&self.stack.js, 1_000, self.sizes.phase).await?;
+            self.settle("figure").await;
             let mut senders = Vec::with_capacity(CLIENTS);
             for _ in 0..CLIENTS {
                 senders.push(api.sender().await?);
@@ -472,8 +490,10 @@ impl Ctx {
         let chat = self.api.group_of_two(&users).await?;
         let mut out = Vec::new();
         for run in 0..self.runs {
+            self.settle("floor").await;
             let (floor, _) =
                 floors::publish_one_at_a_time(&self.stack.js, self.sizes.phase).await?;
+            self.settle("figure").await;
             let mut senders = Vec::with_capacity(users.len());
             for u in &users {
                 senders.push((u.clone(), self.api.sender().await?));
@@ -771,7 +791,9 @@ impl Ctx {
         let mut out = Vec::new();
         let me = std::process::id();
         for run in 0..self.runs as u64 {
+            self.settle("floor").await;
             let floor = raw_broadcast(m, k as usize).await?;
+            self.settle("figure").await;
             let (bench_cpu, parley_cpu, machine_cpu) =
                 (cpu_ms(me), self.stack.parley.cpu_ms(), machine_busy_ms());
             let mut lat = Vec::new();
@@ -1183,10 +1205,16 @@ async fn raw_broadcast(sockets: usize, messages: usize) -> anyhow::Result<f64> {
         "  floor: {}; CPU per message (server and readers, one process): {cpu} ms, machine {machine} ms",
         fan_out_p50s(&mut firsts, &mut spreads),
     );
-    for r in readers {
+    // Closed before returning, not behind the figure's back: 5,000 sockets closing on both
+    // ends cost both cores a moment.
+    for r in &readers {
         r.abort();
     }
+    for r in readers {
+        let _ = r.await;
+    }
     server.abort();
+    let _ = server.await;
     Ok(quantile(&mut lat, 0.99) / 1000.0)
 }
 

@@ -195,6 +195,17 @@ pub fn cpu_ms(pid: u32) -> Option<f64> {
 /// process's own [`cpu_ms`] it shows what the servers it talks to (nats-server, PostgreSQL)
 /// spent on the same work.
 pub fn machine_busy_ms() -> Option<f64> {
+    machine_ticks().map(|t| t.busy * 10.0)
+}
+
+/// The machine's CPU ticks so far, busy and in all (every core).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Ticks {
+    busy: f64,
+    total: f64,
+}
+
+fn machine_ticks() -> Option<Ticks> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let line = stat.lines().next()?.strip_prefix("cpu ")?;
     let ticks: Vec<f64> = line
@@ -203,16 +214,85 @@ pub fn machine_busy_ms() -> Option<f64> {
         .collect::<Result<_, _>>()
         .ok()?;
     // user nice system idle iowait irq softirq steal [guest guest_nice, already in user]
-    let busy = [0, 1, 2, 5, 6, 7]
-        .iter()
-        .filter_map(|&i| ticks.get(i))
-        .sum::<f64>();
-    Some(busy * 10.0)
+    let sum = |fields: &[usize]| fields.iter().filter_map(|&i| ticks.get(i)).sum::<f64>();
+    Some(Ticks {
+        busy: sum(&[0, 1, 2, 5, 6, 7]),
+        total: sum(&[0, 1, 2, 3, 4, 5, 6, 7]),
+    })
+}
+
+/// The share of the machine's CPU (all cores) busy between two readings, in percent.
+fn busy_percent(before: Ticks, after: Ticks) -> f64 {
+    let total = after.total - before.total;
+    if total <= 0.0 {
+        return 100.0;
+    }
+    100.0 * (after.busy - before.busy) / total
+}
+
+/// A window the machine counts as quiet when at most this share of its CPU was busy. An idle
+/// machine here shows 0–3 % (the other servers the sandbox starts); a phase that just ended
+/// (sockets closing, a projector finishing its receipts, autovacuum) shows 20–100 %.
+const QUIET_PERCENT: f64 = 10.0;
+
+/// How long one reading of [`settle`] looks: 20 ticks of 10 ms per core.
+const SETTLE_WINDOW: Duration = Duration::from_millis(200);
+
+/// How [`settle`] went: how long it waited, and the busy share of its last window.
+#[derive(Clone, Copy, Debug)]
+pub struct Settled {
+    pub waited: Duration,
+    pub busy_percent: f64,
+    pub quiet: bool,
+}
+
+impl std::fmt::Display for Settled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.quiet {
+            write!(f, "machine quiet after {:.1} s", self.waited.as_secs_f64())
+        } else {
+            write!(
+                f,
+                "machine still {:.0} % busy after {:.1} s",
+                self.busy_percent,
+                self.waited.as_secs_f64()
+            )
+        }
+    }
+}
+
+/// Waits, up to `deadline`, until the machine is quiet (a [`SETTLE_WINDOW`] with at most
+/// [`QUIET_PERCENT`] of its CPU busy), so that a phase does not start while the last one's
+/// tail still runs: the floor's 5,000 sockets closing, Parley's projectors finishing the
+/// receipts of the last messages. Both the floor and the figure start this way, so neither
+/// pays for the other (docs/benchmarks.md, "Session 21"). Without `/proc/stat` it returns at
+/// once, not quiet.
+pub async fn settle(deadline: Duration) -> Settled {
+    let start = Instant::now();
+    let mut busy = 100.0;
+    while let Some(before) = machine_ticks() {
+        tokio::time::sleep(SETTLE_WINDOW).await;
+        let Some(after) = machine_ticks() else { break };
+        busy = busy_percent(before, after);
+        let quiet = busy <= QUIET_PERCENT;
+        if quiet || start.elapsed() >= deadline {
+            return Settled {
+                waited: start.elapsed(),
+                busy_percent: busy,
+                quiet,
+            };
+        }
+    }
+    Settled {
+        waited: start.elapsed(),
+        busy_percent: busy,
+        quiet: false,
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{cpu_ms, machine_busy_ms};
+    use super::{Ticks, busy_percent, cpu_ms, machine_busy_ms, settle};
     use std::time::{Duration, Instant};
 
     /// Computes until this process's CPU counter shows 50 ms more (five ticks), within a
@@ -250,6 +330,48 @@ mod tests {
         assert!(
             grew >= 30.0,
             "the machine was busy {grew} ms while this process computed 50"
+        );
+    }
+
+    #[test]
+    fn the_busy_share_is_busy_ticks_over_all_ticks_of_the_window() {
+        let at = |busy, total| Ticks { busy, total };
+        assert_eq!(busy_percent(at(100.0, 1000.0), at(104.0, 1040.0)), 10.0);
+        assert_eq!(busy_percent(at(100.0, 1000.0), at(140.0, 1040.0)), 100.0);
+        assert_eq!(busy_percent(at(100.0, 1000.0), at(100.0, 1040.0)), 0.0);
+        // No tick counted in the window: nothing says the machine was quiet.
+        assert_eq!(busy_percent(at(100.0, 1000.0), at(100.0, 1000.0)), 100.0);
+    }
+
+    /// While a thread per core computes, the machine is never quiet: `settle` gives up at its
+    /// deadline and says so. (That it returns at once on an idle machine is not asserted: the
+    /// test binaries around it keep the machine busy.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn settle_waits_out_a_busy_machine_until_its_deadline_and_says_it_was_busy() {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let burners: Vec<_> = (0..cores)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                    }
+                })
+            })
+            .collect();
+        let settled = settle(Duration::from_millis(600)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for b in burners {
+            b.join().expect("burner thread");
+        }
+        assert!(!settled.quiet, "{settled}");
+        assert!(settled.busy_percent > 50.0, "{settled}");
+        assert!(settled.waited >= Duration::from_millis(600), "{settled}");
+        assert!(
+            settled.to_string().starts_with("machine still"),
+            "{settled}"
         );
     }
 }
