@@ -134,7 +134,7 @@ impl Ctx {
     /// machine never went quiet.
     async fn settle(&self, phase: &str) {
         let settled = settle(SETTLE_DEADLINE).await;
-        if !settled.quiet || settled.waited > Duration::from_secs(1) {
+        if !settled.quiet() || settled.waited > Duration::from_secs(1) {
             eprintln!("  before the {phase}: {settled}");
         }
     }

@@ -199,7 +199,7 @@ pub fn machine_busy_ms() -> Option<f64> {
 }
 
 /// The machine's CPU ticks so far, busy and in all (every core).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug)]
 struct Ticks {
     busy: f64,
     total: f64,
@@ -243,12 +243,18 @@ const SETTLE_WINDOW: Duration = Duration::from_millis(200);
 pub struct Settled {
     pub waited: Duration,
     pub busy_percent: f64,
-    pub quiet: bool,
+}
+
+impl Settled {
+    /// The last window was quiet (100 % busy stands for "no reading", which is never quiet).
+    pub fn quiet(&self) -> bool {
+        self.busy_percent <= QUIET_PERCENT
+    }
 }
 
 impl std::fmt::Display for Settled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.quiet {
+        if self.quiet() {
             write!(f, "machine quiet after {:.1} s", self.waited.as_secs_f64())
         } else {
             write!(
@@ -269,25 +275,24 @@ impl std::fmt::Display for Settled {
 /// once, not quiet.
 pub async fn settle(deadline: Duration) -> Settled {
     let start = Instant::now();
-    let mut busy = 100.0;
-    while let Some(before) = machine_ticks() {
+    let mut settled = Settled {
+        waited: Duration::ZERO,
+        busy_percent: 100.0,
+    };
+    // Each window's closing reading opens the next one.
+    let mut before = machine_ticks();
+    while let Some(opening) = before {
         tokio::time::sleep(SETTLE_WINDOW).await;
-        let Some(after) = machine_ticks() else { break };
-        busy = busy_percent(before, after);
-        let quiet = busy <= QUIET_PERCENT;
-        if quiet || start.elapsed() >= deadline {
-            return Settled {
-                waited: start.elapsed(),
-                busy_percent: busy,
-                quiet,
-            };
+        before = machine_ticks();
+        if let Some(closing) = before {
+            settled.busy_percent = busy_percent(opening, closing);
+        }
+        settled.waited = start.elapsed();
+        if settled.quiet() || settled.waited >= deadline {
+            break;
         }
     }
-    Settled {
-        waited: start.elapsed(),
-        busy_percent: busy,
-        quiet: false,
-    }
+    settled
 }
 
 #[cfg(test)]
@@ -301,17 +306,22 @@ mod tests {
         let me = std::process::id();
         let before = cpu_ms(me).expect("this process's /proc stat");
         let deadline = Instant::now() + Duration::from_secs(20);
-        let mut x = 0u64;
         let mut now = before;
         while now - before < 50.0 {
             assert!(
                 Instant::now() < deadline,
                 "{before} ms, still {now} ms after 20 s"
             );
-            for _ in 0..1_000_000 {
-                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
-            }
+            spin(1_000_000);
             now = cpu_ms(me).expect("this process's /proc stat");
+        }
+    }
+
+    /// `rounds` steps of arithmetic the optimiser cannot drop: the tests' way to use CPU.
+    fn spin(rounds: u32) {
+        let mut x = 0u64;
+        for _ in 0..rounds {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
         }
     }
 
@@ -354,9 +364,8 @@ mod tests {
             .map(|_| {
                 let stop = stop.clone();
                 std::thread::spawn(move || {
-                    let mut x = 0u64;
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                        spin(10_000);
                     }
                 })
             })
@@ -366,7 +375,7 @@ mod tests {
         for b in burners {
             b.join().expect("burner thread");
         }
-        assert!(!settled.quiet, "{settled}");
+        assert!(!settled.quiet(), "{settled}");
         assert!(settled.busy_percent > 50.0, "{settled}");
         assert!(settled.waited >= Duration::from_millis(600), "{settled}");
         assert!(
