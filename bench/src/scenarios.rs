@@ -998,7 +998,10 @@ impl Ctx {
         self.restart("command-api").await?;
         let events = self.sizes.cold_events;
         let filling = Instant::now();
-        floors::fill_chat(&self.stack.js, &chat, &users[0].id, events).await?;
+        let sender = serde_json::from_value(serde_json::Value::String(users[0].id.clone()))?;
+        // Sequences 2..: after the chat's `created`.
+        parley_test_support::fill_chat(&self.stack.js, &chat, sender, 2..=events as u64 + 1)
+            .await?;
         eprintln!(
             "  {events} events appended to one chat in {:.1} s",
             filling.elapsed().as_secs_f64()

@@ -128,6 +128,17 @@ impl NatsServer {
         self.server.kill();
     }
 
+    /// Freezes the server (SIGSTOP) until [`NatsServer::resume`]: its sockets stay open and
+    /// nothing is answered, as in a long stall of the process or its disk.
+    pub fn pause(&self) {
+        self.server.signal("STOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        self.server.signal("CONT");
+    }
+
     /// Starts the server again on the same port with the same store, after `kill`.
     pub async fn restart(&mut self) {
         self.server.restart();
@@ -421,4 +432,52 @@ impl Drop for TestStack {
     fn drop(&mut self) {
         self.infra.shutdown.cancel();
     }
+}
+
+/// Appends `MessageSent` events of `sender` to `chat` straight onto its subject, with the
+/// aggregate sequences `sequences`, pipelined 2,000 at a time, as command-api would store them:
+/// how a test or the cold-load benchmark makes a chat of a million events in seconds.
+pub async fn fill_chat(
+    js: &async_nats::jetstream::Context,
+    chat: &str,
+    sender: parley_schemas::UserId,
+    sequences: std::ops::RangeInclusive<u64>,
+) -> anyhow::Result<()> {
+    use parley_schemas::cloudevent::{EventMeta, encode};
+    use parley_schemas::events::MessageSent;
+    use parley_schemas::{ChatEvent, EventId, MessageId};
+    let subject = format!("chats.{chat}");
+    let (first, last) = sequences.into_inner();
+    let mut start = first;
+    while start <= last {
+        let end = last.min(start + 1999);
+        let mut acks = Vec::with_capacity(2000);
+        for sequence in start..=end {
+            let meta = EventMeta {
+                id: EventId::new(),
+                subject: chat.to_owned(),
+                time: chrono::Utc::now(),
+                sequence,
+                actor: sender,
+            };
+            let event = ChatEvent::MessageSent(MessageSent {
+                message_id: MessageId::new(),
+                sender_id: sender,
+                body: format!("fill {sequence}"),
+                reply_to: None,
+                attachments: vec![],
+                thread_root: None,
+                mentions: vec![],
+            });
+            acks.push(
+                js.publish(subject.clone(), encode(&meta, &event).into())
+                    .await?,
+            );
+        }
+        for ack in acks {
+            ack.await?;
+        }
+        start = end + 1;
+    }
+    Ok(())
 }

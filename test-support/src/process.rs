@@ -111,6 +111,25 @@ impl Watched {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, …) to the program itself, not its watchdog shell: a
+    /// `STOP` freezes a server the way a long stall would, with its sockets open.
+    pub fn signal(&self, signal: &str) {
+        let shell = self.child.as_ref().expect("the program runs").id();
+        let children = format!("/proc/{shell}/task/{shell}/children");
+        let pids = std::fs::read_to_string(&children)
+            .unwrap_or_else(|e| panic!("cannot read {children}: {e}"));
+        let pid = pids
+            .split_whitespace()
+            .next()
+            .unwrap_or_else(|| panic!("{} has no process under its shell", self.program.display()));
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run kill: {e}"));
+        assert!(sent.success(), "kill -{signal} {pid} failed: {sent}");
+    }
+
     /// Kills, then starts the same command again.
     pub fn restart(&mut self) {
         self.kill();
