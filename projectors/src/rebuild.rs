@@ -200,7 +200,7 @@ pub async fn rebuild(
     config: &ProjectorConfig,
 ) -> Result<RebuildReport, RebuildError> {
     let target = find(name)?;
-    let opts: PgConnectOptions = database_url.parse()?;
+    let opts: PgConnectOptions = parley_platform::pg_options(database_url)?;
     let mut control = opts.connect().await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
         .bind(LOCK_KEY)

@@ -390,3 +390,30 @@ async fn message_scans(pg: &PgPool, ready: impl Fn((i64, i64)) -> bool) -> (i64,
     )
     .await
 }
+
+/// Every Parley pool runs with PostgreSQL's JIT compiler off: the planner would otherwise
+/// compile, on every execution, any statement whose estimated cost passes `jit_above_cost`,
+/// and the receipts' rollup over a channel's batch does once the read model grows (session 22
+/// found 32 compilations in one channel benchmark phase). A statement estimated far past the
+/// threshold is planned without JIT.
+#[tokio::test]
+async fn parley_pools_plan_without_the_jit_compiler() {
+    let db = TestDb::create().await;
+    let pool = parley_platform::pg_pool(&db.url, 1).await.unwrap();
+    let jit: String = sqlx::query_scalar("SHOW jit")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(jit, "off");
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN SELECT sum(a * b * c) FROM generate_series(1, 1000000) a, \
+         generate_series(1, 1000000) b, generate_series(1, 1000000) c",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(
+        !plan.iter().any(|line| line.contains("JIT")),
+        "planned with JIT: {plan:#?}"
+    );
+}
