@@ -590,7 +590,7 @@ impl Ctx {
             "  seeded {rows} messages in {:.1} s",
             seeding.elapsed().as_secs_f64()
         );
-        let pages = if self.sizes.quick { 500 } else { 2_000 };
+        let pages = if self.sizes.quick { 500 } else { 10_000 };
         let mut out = Vec::new();
         for run in 0..self.runs {
             let raw = |before: i64| {
