@@ -581,8 +581,8 @@ impl Ctx {
         .bind(rows)
         .execute(&pg)
         .await?;
-        // What autovacuum would do after an insert this size, done now rather than during the
-        // first run's timed pages (session 22 saw run 1's p99 the worst in most full runs).
+        // What autovacuum would do after an insert this size, done before the timing rather
+        // than during it.
         sqlx::query("VACUUM (ANALYZE) messages")
             .execute(&pg)
             .await?;
@@ -629,8 +629,8 @@ impl Ctx {
                     anyhow::Ok(lat)
                 }
             };
-            // A p99 of 2,000 sequential pages is their 20th slowest: a few milliseconds of
-            // someone else's work reach it, so each phase starts on a quiet machine too.
+            // A p99 of sequential pages is their slowest 1 %: a few milliseconds of someone
+            // else's work reach it, so each phase starts on a quiet machine too.
             self.settle("raw newest pages").await;
             let mut raw_newest = raw(i64::MAX).await?;
             self.settle("newest pages").await;
@@ -1008,7 +1008,7 @@ impl Ctx {
         self.restart("command-api").await?;
         let events = self.sizes.cold_events;
         let filling = Instant::now();
-        let sender = serde_json::from_value(serde_json::Value::String(users[0].id.clone()))?;
+        let sender = parley_schemas::UserId::parse(&users[0].id)?;
         // Sequences 2..: after the chat's `created`.
         parley_test_support::fill_chat(&self.stack.js, &chat, sender, 2..=events as u64 + 1)
             .await?;

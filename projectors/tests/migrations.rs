@@ -9,7 +9,6 @@ use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// A fresh database with every migration before `version` applied, in order.
 /// Held by every test of this binary for its whole run, so that they run one at a time. The
 /// in-place test counts pruned row versions, and a transaction open anywhere in the cluster
 /// (another test's migration, in its own database) keeps snapshots' xmin back: PostgreSQL
@@ -17,6 +16,7 @@ use uuid::Uuid;
 /// their pages (74 % in place in two CI runs, 88 % in one local run of this binary).
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// A fresh database with every migration before `version` applied, in order.
 async fn at_migration_before(version: i64) -> (TestDb, PgPool) {
     let db = TestDb::create().await;
     let pool = db.pool().await;

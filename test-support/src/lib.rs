@@ -448,11 +448,9 @@ pub async fn fill_chat(
     use parley_schemas::{ChatEvent, EventId, MessageId};
     let subject = format!("chats.{chat}");
     let (first, last) = sequences.into_inner();
-    let mut start = first;
-    while start <= last {
-        let end = last.min(start + 1999);
+    for start in (first..=last).step_by(2000) {
         let mut acks = Vec::with_capacity(2000);
-        for sequence in start..=end {
+        for sequence in start..=last.min(start + 1999) {
             let meta = EventMeta {
                 id: EventId::new(),
                 subject: chat.to_owned(),
@@ -477,7 +475,6 @@ pub async fn fill_chat(
         for ack in acks {
             ack.await?;
         }
-        start = end + 1;
     }
     Ok(())
 }
