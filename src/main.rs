@@ -110,6 +110,11 @@ struct Opts {
     /// linger instead of one per event or two (0: no wait).
     #[arg(long, global = true, env = "PARLEY_PROJECTOR_LINGER", default_value = "20ms", value_parser = parse_duration)]
     projector_linger: Duration,
+    /// How long a chat's receipt notices, and so its `receipt` frames, are merged after it
+    /// announced some: each member's highest watermark once per interval, whatever the acks'
+    /// rate (0: every move at once). A quiet chat's first moves go at once.
+    #[arg(long, global = true, env = "PARLEY_RECEIPT_NOTICE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    receipt_notice_interval: Duration,
     #[command(flatten)]
     limits: LimitOpts,
     #[command(flatten)]
@@ -305,6 +310,7 @@ impl Opts {
         s.command.message_key_pool = self.message_key_pool;
         s.command.password_cost = self.argon2_params.clone();
         s.projectors.linger = self.projector_linger;
+        s.projectors.receipt_notice_interval = self.receipt_notice_interval;
         s.command.limits = self.limits.config();
         s.gateway.max_connections_per_user = self.gateway.ws_max_connections_per_user;
         s.gateway.max_connections_per_ip = self.gateway.ws_max_connections_per_ip.0;

@@ -338,6 +338,15 @@ fn new_message(text: &str) -> Option<(Cow<'_, str>, u64, Option<u64>)> {
     Some((frame.chat_id?, frame.sequence?, index))
 }
 
+/// `receipt` frames every Parley reader of this process has read: what a busy group's acks
+/// cost its members' sockets (a diagnostic of the delivery scenarios).
+pub static RECEIPT_FRAMES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Whether a frame is a `receipt` (the gateway writes the `type` tag first).
+fn is_receipt(text: &str) -> bool {
+    text.starts_with(r#"{"type":"receipt""#)
+}
+
 pub fn spawn_parley_reader(
     socket: usize,
     mut ws: Ws,
@@ -370,6 +379,10 @@ pub fn spawn_parley_reader(
                     let at_us = clock.now_us();
                     let Some(Ok(msg)) = msg else { return };
                     let Message::Text(text) = msg else { continue };
+                    if is_receipt(&text) {
+                        RECEIPT_FRAMES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        continue;
+                    }
                     let Some((chat, sequence, index)) = new_message(&text) else {
                         continue;
                     };
@@ -409,5 +422,28 @@ mod tests {
         assert_eq!((chat.as_ref(), index), ("c1", None));
         assert!(new_message(r#"{"type":"receipt","chat_id":"c1","sequence":3}"#).is_none());
         assert!(new_message("not json").is_none());
+    }
+
+    #[test]
+    fn a_receipt_frame_as_the_gateway_writes_it_is_counted_and_nothing_else() {
+        use parley_schemas::frames::ServerFrame;
+        use parley_schemas::{ChatId, UserId};
+        let receipt = ServerFrame::Receipt {
+            chat_id: ChatId::new(),
+            user_id: UserId::new(),
+            delivered_up_to: Some(3),
+            read_up_to: None,
+        }
+        .to_json();
+        assert!(super::is_receipt(&receipt), "{receipt}");
+        let typing = ServerFrame::Typing {
+            chat_id: ChatId::new(),
+            user_id: UserId::new(),
+        }
+        .to_json();
+        assert!(!super::is_receipt(&typing));
+        assert!(!super::is_receipt(
+            r#"{"type":"newMessage","body":"{\"type\":\"receipt\""}"#
+        ));
     }
 }

@@ -11,7 +11,7 @@ use futures::{StreamExt, stream};
 use parley_test_support::{NatsServer, TestDb};
 use tokio::sync::watch;
 
-use crate::client::{Api, Arrival, Arrivals, Clock, User, spawn_parley_reader};
+use crate::client::{Api, Arrival, Arrivals, Clock, RECEIPT_FRAMES, User, spawn_parley_reader};
 use crate::floors::{self, LiveFloor, SendTimes, drive_rate, spawn_floor_reader};
 use crate::stack::{Parley, Stack, cpu_ms, machine_busy_ms, settle};
 use crate::stats::{Goal, Metric, p50_p99_ms, quantile};
@@ -254,6 +254,7 @@ impl Ctx {
             // Figure: Parley.
             self.settle("figure").await;
             let receipts_before = receipt_events(&self.stack.js).await?;
+            let receipt_frames_before = RECEIPT_FRAMES.load(std::sync::atomic::Ordering::Relaxed);
             let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
             let statuses: Arc<Mutex<HashMap<u16, u64>>> = Arc::default();
             {
@@ -299,6 +300,8 @@ impl Ctx {
             };
             wait_for(&arrivals, expected, Duration::from_secs(15), counted).await;
             let receipts = receipt_events(&self.stack.js).await? - receipts_before;
+            let receipt_frames =
+                RECEIPT_FRAMES.load(std::sync::atomic::Ordering::Relaxed) - receipt_frames_before;
             if let Ok(s) = statuses.lock()
                 && !s.is_empty()
             {
@@ -353,6 +356,13 @@ impl Ctx {
                 "RECEIPTS events per accepted send",
                 "ev",
                 receipts as f64 / accepted.max(1) as f64,
+                Goal::Diagnostic,
+            ));
+            // And what they cost the members' sockets: `receipt` frames read per message.
+            metrics.push(Metric::absolute(
+                "receipt frames per accepted send",
+                "frames",
+                receipt_frames as f64 / accepted.max(1) as f64,
                 Goal::Diagnostic,
             ));
             metrics.push(Metric::absolute(

@@ -66,7 +66,8 @@ fn batch_msg_id(chat: ChatId, receipts: &[Delivered]) -> String {
 }
 
 /// `live.receipts.<chat_id>` (core NATS): a member's watermark moved in the read model. The
-/// receipts projector publishes one per advanced (chat, member) and batch, after its commit;
+/// receipts projector publishes one per advanced (chat, member) after its commit (in a busy
+/// chat, merged over an interval: `parley_projectors::receipts::Announcer`);
 /// gateways turn it into `receipt` frames for the chat's other members connected to them.
 /// Best effort, like every core NATS notice: the watermarks themselves are in the read model.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -32,6 +32,10 @@ pub struct ProjectorConfig {
     /// How long an out-of-order event waits before it is redelivered (another instance is
     /// applying the events before it).
     pub out_of_order_delay: Duration,
+    /// How long a chat's receipt notices (and so its `receipt` frames) are merged after it
+    /// announced some (`PARLEY_RECEIPT_NOTICE_INTERVAL`; 0: every move at once). A quiet
+    /// chat's first moves go at once.
+    pub receipt_notice_interval: Duration,
 }
 
 impl Default for ProjectorConfig {
@@ -46,9 +50,13 @@ impl Default for ProjectorConfig {
             // ~5 events per transaction into ~30-100 and frees the CPU the commands need.
             linger: Duration::from_millis(20),
             out_of_order_delay: Duration::from_millis(100),
+            receipt_notice_interval: Duration::from_millis(RECEIPT_NOTICE_INTERVAL_MS),
         }
     }
 }
+
+/// The default of [`ProjectorConfig::receipt_notice_interval`], in milliseconds.
+pub const RECEIPT_NOTICE_INTERVAL_MS: u64 = 1000;
 
 /// One projector: its name (the `projector_checkpoints` key and its durable consumer
 /// `proj-<name>`) and the stream it reads (`parley projections status`).
@@ -129,11 +137,16 @@ pub async fn spawn(
         async move { users::apply(&pg, batch, delay).await }
     }));
     let pg = infra.pg.clone();
-    let nats = infra.nats.clone();
+    let announcer = receipts::Announcer::merging(
+        infra.nats.clone(),
+        config.receipt_notice_interval,
+        tracker,
+        infra.shutdown.clone(),
+    );
     tracker.spawn(receipts.run(move |batch| {
         let pg = pg.clone();
-        let nats = nats.clone();
-        async move { receipts::apply(&pg, &nats, batch).await }
+        let announcer = announcer.clone();
+        async move { receipts::apply(&pg, &announcer, batch).await }
     }));
     let pg = infra.pg.clone();
     tracker.spawn(activity_receipts.run(move |batch| {

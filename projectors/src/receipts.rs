@@ -1,23 +1,28 @@
 //! The receipts projection: device cursors and per-member delivered/read watermarks from the
 //! `RECEIPTS` stream. Watermarks only move up (GREATEST), which makes reapplying harmless.
 //!
-//! After each commit it announces, per (chat, member) whose watermark moved in the batch, one
+//! After each commit it announces, per (chat, member) whose watermark moved, one
 //! `live.receipts.<chat_id>` notice (core NATS) for the gateways' `receipt` frames: one message
 //! per chat and member, never per recipient. A watermark that did not move (a redelivery, an
-//! older ack) announces nothing.
+//! older ack) announces nothing. A chat's moves are merged over an interval (the
+//! [`Announcer`]): its first moves go at once, later ones at the interval's end, each member's
+//! highest only.
 //!
 //! Channels announce nothing: every member's move shown to every member is N² frames (a
 //! 5,000-member channel whose sockets ack one message makes 25 million), which starved the
 //! whole process in the channel benchmark. Their watermarks are still kept, for the receipts
 //! query. Presence draws the same line (channels make no contacts).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use parley_nats::receipts::{WatermarkMoved, announce};
 use parley_platform::seq;
 use parley_schemas::{ChatId, ReceiptEvent, StoredEvent, UserId};
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::runner::{Delivered, Disposition, checkpoint, decode_all};
@@ -30,11 +35,11 @@ type Moved = BTreeMap<(Uuid, Uuid), (Option<u64>, Option<u64>)>;
 
 pub async fn apply(
     pg: &PgPool,
-    nats: &async_nats::Client,
+    announcer: &Announcer,
     batch: Vec<Delivered>,
 ) -> Result<Vec<Disposition>, sqlx::Error> {
     let (out, moved) = apply_batch(pg, batch).await?;
-    announce_all(nats, moved).await;
+    announcer.announce(moved).await;
     Ok(out)
 }
 
@@ -214,10 +219,143 @@ async fn raise_members(
         .await
 }
 
-/// Announces what moved. Only after the commit, so no frame ever shows a watermark the read
-/// model does not hold; a crash in between loses the frames, not the watermarks (clients read
-/// them with the receipts query).
-async fn announce_all(nats: &async_nats::Client, moved: Moved) {
+/// Announces the watermarks a batch moved, merged per chat over an interval.
+///
+/// Every move is a `receipt` frame on each other member's sockets, and in a busy group every
+/// member's devices ack several times a second: ten members whose devices ack every 250 ms
+/// make 40 moves and 360 frames a second per chat, twice the chat's messages' frames at 20
+/// messages a second (docs/benchmarks.md, session 23). Merged, a chat announces at most its
+/// members' highest watermarks once per interval, whatever the acks' rate. A quiet chat's
+/// first moves go at once, so a DM's ticks are not delayed; the frames are cumulative and
+/// best effort, so a merged move loses nothing a client shows.
+#[derive(Clone)]
+pub struct Announcer {
+    nats: async_nats::Client,
+    /// `None`: every move at once.
+    merging: Option<Arc<Mutex<Notices>>>,
+}
+
+impl Announcer {
+    /// Announces every batch's moves at once (an interval of zero).
+    pub fn immediate(nats: async_nats::Client) -> Self {
+        Self {
+            nats,
+            merging: None,
+        }
+    }
+
+    /// Merges a chat's moves over `interval` (zero: [`Announcer::immediate`]). The task that
+    /// announces each interval's merged moves runs on `tracker`; at `shutdown` it announces
+    /// what it holds, and later moves go at once.
+    pub fn merging(
+        nats: async_nats::Client,
+        interval: Duration,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Self {
+        if interval.is_zero() {
+            return Self::immediate(nats);
+        }
+        let notices = Arc::new(Mutex::new(Notices::default()));
+        tracker.spawn(announce_merged(
+            nats.clone(),
+            Arc::clone(&notices),
+            interval,
+            shutdown,
+        ));
+        Self {
+            nats,
+            merging: Some(notices),
+        }
+    }
+
+    /// Only after the commit, so no frame ever shows a watermark the read model does not
+    /// hold; a crash in between loses the frames, not the watermarks (clients read them with
+    /// the receipts query).
+    async fn announce(&self, moved: Moved) {
+        let now = match &self.merging {
+            None => moved,
+            Some(notices) => lock(notices).offer(moved),
+        };
+        publish(&self.nats, now).await;
+    }
+}
+
+/// At each interval's end, announces the moves merged in it.
+async fn announce_merged(
+    nats: async_nats::Client,
+    notices: Arc<Mutex<Notices>>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = ticks.tick() => {}
+        }
+        let due = lock(&notices).interval_ended();
+        publish(&nats, due).await;
+    }
+    let rest = lock(&notices).close();
+    publish(&nats, rest).await;
+}
+
+/// The merging state: pure, so its rules are tested without a clock.
+#[derive(Debug, Default)]
+struct Notices {
+    /// Moves waiting for the interval's end, each member's highest.
+    pending: Moved,
+    /// Chats announced in the current interval: their further moves wait.
+    spoke: HashSet<Uuid>,
+    /// Shut down: nothing waits any more.
+    closed: bool,
+}
+
+impl Notices {
+    /// Takes a batch's moves; returns those to announce now. A chat that has announced
+    /// nothing in this interval announces all of the batch's moves at once.
+    fn offer(&mut self, moved: Moved) -> Moved {
+        if self.closed {
+            return moved;
+        }
+        let fresh: HashSet<Uuid> = moved
+            .keys()
+            .map(|&(chat, _)| chat)
+            .filter(|chat| !self.spoke.contains(chat))
+            .collect();
+        let mut now = Moved::new();
+        for (key, (delivered, read)) in moved {
+            if fresh.contains(&key.0) {
+                now.insert(key, (delivered, read));
+            } else {
+                let merged = self.pending.entry(key).or_default();
+                merged.0 = merged.0.max(delivered);
+                merged.1 = merged.1.max(read);
+            }
+        }
+        self.spoke.extend(fresh);
+        now
+    }
+
+    /// The interval ended: what waited is announced now, and its chats count as having spoken
+    /// in the next interval.
+    fn interval_ended(&mut self) -> Moved {
+        let due = std::mem::take(&mut self.pending);
+        self.spoke = due.keys().map(|&(chat, _)| chat).collect();
+        due
+    }
+
+    /// Shutting down: what waited is announced now, and nothing waits after it.
+    fn close(&mut self) -> Moved {
+        self.closed = true;
+        self.spoke.clear();
+        std::mem::take(&mut self.pending)
+    }
+}
+
+async fn publish(nats: &async_nats::Client, moved: Moved) {
     if moved.is_empty() {
         return;
     }
@@ -234,5 +372,85 @@ async fn announce_all(nats: &async_nats::Client, moved: Moved) {
     }
     if let Err(error) = nats.flush().await {
         tracing::warn!(%error, "receipt notices not flushed");
+    }
+}
+
+// The state is touched only in short non-async sections; a panic while holding it leaves
+// plain data behind, so a poisoned lock is still safe to use.
+fn lock(notices: &Mutex<Notices>) -> std::sync::MutexGuard<'_, Notices> {
+    notices.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn moves(entries: &[(u128, u128, Option<u64>, Option<u64>)]) -> Moved {
+        entries
+            .iter()
+            .map(|&(chat, user, d, r)| ((Uuid::from_u128(chat), Uuid::from_u128(user)), (d, r)))
+            .collect()
+    }
+
+    #[test]
+    fn a_quiet_chat_announces_a_whole_batch_at_once() {
+        let mut notices = Notices::default();
+        let batch = moves(&[(1, 10, Some(3), None), (1, 11, Some(2), Some(1))]);
+        assert_eq!(notices.offer(batch.clone()), batch);
+        assert!(notices.interval_ended().is_empty());
+    }
+
+    #[test]
+    fn later_moves_in_the_interval_wait_merged_to_each_members_highest() {
+        let mut notices = Notices::default();
+        notices.offer(moves(&[(1, 10, Some(3), None)]));
+        assert!(notices.offer(moves(&[(1, 10, Some(5), None)])).is_empty());
+        assert!(
+            notices
+                .offer(moves(&[(1, 10, Some(4), Some(2)), (1, 11, None, Some(1))]))
+                .is_empty()
+        );
+        // Another chat is not held up by this one.
+        assert_eq!(
+            notices.offer(moves(&[(2, 10, Some(9), None)])),
+            moves(&[(2, 10, Some(9), None)])
+        );
+        assert_eq!(
+            notices.interval_ended(),
+            moves(&[(1, 10, Some(5), Some(2)), (1, 11, None, Some(1))])
+        );
+    }
+
+    #[test]
+    fn a_chat_announced_at_an_intervals_end_waits_again_and_a_silent_one_does_not() {
+        let mut notices = Notices::default();
+        notices.offer(moves(&[(1, 10, Some(3), None), (2, 10, Some(3), None)]));
+        notices.offer(moves(&[(1, 10, Some(4), None)]));
+        assert_eq!(notices.interval_ended(), moves(&[(1, 10, Some(4), None)]));
+        // Chat 1 just spoke: its next move waits. Chat 2 said nothing in that interval.
+        assert!(notices.offer(moves(&[(1, 10, Some(5), None)])).is_empty());
+        assert_eq!(
+            notices.offer(moves(&[(2, 10, Some(6), None)])),
+            moves(&[(2, 10, Some(6), None)])
+        );
+        assert_eq!(notices.interval_ended(), moves(&[(1, 10, Some(5), None)]));
+        // Nothing moved in chat 1 during the last interval: it is quiet again.
+        assert!(notices.interval_ended().is_empty());
+        assert_eq!(
+            notices.offer(moves(&[(1, 10, Some(7), None)])),
+            moves(&[(1, 10, Some(7), None)])
+        );
+    }
+
+    #[test]
+    fn closing_hands_over_what_waits_and_nothing_waits_after() {
+        let mut notices = Notices::default();
+        notices.offer(moves(&[(1, 10, Some(3), None)]));
+        notices.offer(moves(&[(1, 10, Some(4), None)]));
+        assert_eq!(notices.close(), moves(&[(1, 10, Some(4), None)]));
+        assert_eq!(
+            notices.offer(moves(&[(1, 10, Some(5), None)])),
+            moves(&[(1, 10, Some(5), None)])
+        );
     }
 }

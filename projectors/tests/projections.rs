@@ -707,7 +707,7 @@ async fn a_receipt_batch_keeps_the_highest_watermark_per_member_and_announces_ea
         receipt(chat.id, 5, bob, read(bob, 4)),
         receipt(chat.id, 6, cy, delivered(DeviceId::new(), cy, 6)),
     ];
-    let out = receipts::apply(&pg, &stack.infra.nats, batch)
+    let out = receipts::apply(&pg, &immediate(&stack), batch)
         .await
         .unwrap();
     assert_eq!(out, vec![Disposition::Ack; 6]);
@@ -753,7 +753,7 @@ async fn a_receipt_batch_keeps_the_highest_watermark_per_member_and_announces_ea
 
     // Redelivering the batch moves nothing and announces nothing.
     let again = vec![receipt(chat.id, 1, bob, delivered(phone, bob, 5))];
-    receipts::apply(&pg, &stack.infra.nats, again)
+    receipts::apply(&pg, &immediate(&stack), again)
         .await
         .unwrap();
     next_is_marker(&stack, live_receipts(chat.id), &mut notices, "marker 2").await;
@@ -790,7 +790,7 @@ async fn a_channel_keeps_its_members_watermarks_but_announces_no_moves() {
             }),
         ),
     ];
-    let out = receipts::apply(&pg, &stack.infra.nats, batch)
+    let out = receipts::apply(&pg, &immediate(&stack), batch)
         .await
         .unwrap();
     assert_eq!(out, vec![Disposition::Ack; 2]);
@@ -894,7 +894,7 @@ async fn a_delivered_batch_moves_every_device_and_member_it_holds() {
     });
     let out = receipts::apply(
         &pg,
-        &stack.infra.nats,
+        &immediate(&stack),
         vec![receipt(
             chat.id,
             1,
@@ -999,6 +999,111 @@ async fn a_delivered_batch_with_a_member_not_projected_yet_waits_whole() {
         vec![2, 2],
         "both members' watermarks, once both are members"
     );
+}
+
+/// A busy chat's moves after its first are merged over the interval, each member's highest
+/// once; another chat is not held up by it; at shutdown the announcer stops.
+#[tokio::test]
+async fn a_chats_receipt_notices_are_merged_over_the_interval_after_its_first() {
+    let (stack, pg, keys) = db().await;
+    let (bob, cy) = (UserId::new(), UserId::new());
+    let mut chat = Chat::new();
+    let mut other = Chat::new();
+    let mut events = vec![chat.created(&[bob, cy])];
+    events.extend((0..6).map(|i| chat.message(&format!("m{i}"))));
+    chats::apply(&pg, &keys, events, DELAY).await.unwrap();
+    let mut events = vec![other.created(&[bob])];
+    events.extend((0..2).map(|i| other.message(&format!("o{i}"))));
+    chats::apply(&pg, &keys, events, DELAY).await.unwrap();
+    let mut notices = receipt_notices(&stack, chat.id).await;
+    let mut others = receipt_notices(&stack, other.id).await;
+
+    let tracker = tokio_util::task::TaskTracker::new();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    // Long enough that the moves below are all offered inside the first interval.
+    let interval = Duration::from_secs(3);
+    let announcer = receipts::Announcer::merging(
+        stack.infra.nats.clone(),
+        interval,
+        &tracker,
+        shutdown.clone(),
+    );
+    let delivered = |user: UserId, up_to: u64| {
+        ReceiptEvent::Delivered(DeliveredReceipt {
+            user_id: user,
+            device_id: DeviceId::new(),
+            up_to,
+        })
+    };
+    let read = |user: UserId, up_to: u64| {
+        ReceiptEvent::Read(ReadReceipt {
+            user_id: user,
+            up_to,
+        })
+    };
+    let started = std::time::Instant::now();
+    let apply = |chat: ChatId, seq: u64, user: UserId, event: ReceiptEvent| {
+        let (pg, announcer) = (pg.clone(), announcer.clone());
+        async move {
+            let out = receipts::apply(&pg, &announcer, vec![receipt(chat, seq, user, event)])
+                .await
+                .unwrap();
+            assert_eq!(out, vec![Disposition::Ack]);
+        }
+    };
+
+    // The chat's first move goes at once.
+    apply(chat.id, 1, bob, delivered(bob, 2)).await;
+    let first: WatermarkMoved = next_notice(&mut notices).await;
+    assert_eq!((first.user_id, first.delivered_up_to), (bob, Some(2)));
+    assert!(started.elapsed() < interval, "the first move did not wait");
+    // Three more moves in the interval wait...
+    apply(chat.id, 2, bob, delivered(bob, 4)).await;
+    apply(chat.id, 3, bob, read(bob, 3)).await;
+    apply(chat.id, 4, cy, delivered(cy, 5)).await;
+    // ... while another chat's first move does not.
+    apply(other.id, 5, bob, delivered(bob, 3)).await;
+    let theirs: WatermarkMoved = next_notice(&mut others).await;
+    assert_eq!(
+        (theirs.chat_id, theirs.delivered_up_to),
+        (other.id, Some(3))
+    );
+    next_is_marker(&stack, live_receipts(chat.id), &mut notices, "marker").await;
+    assert!(
+        started.elapsed() < interval,
+        "the marker was checked inside the interval; the machine stalled too long to tell"
+    );
+
+    // At the interval's end: one notice per member, with its highest watermarks.
+    let mut merged = Vec::new();
+    for _ in 0..2 {
+        let m: WatermarkMoved = next_notice(&mut notices).await;
+        merged.push((m.user_id, m.delivered_up_to, m.read_up_to));
+    }
+    merged.sort();
+    let mut want = vec![(bob, Some(4), Some(3)), (cy, Some(5), None)];
+    want.sort();
+    assert_eq!(merged, want);
+    assert!(
+        started.elapsed() >= interval,
+        "the merged moves waited for the interval's end"
+    );
+    next_is_marker(&stack, live_receipts(chat.id), &mut notices, "marker 2").await;
+
+    // At shutdown the announcer's task ends, and hands over what waited.
+    apply(chat.id, 6, cy, delivered(cy, 6)).await;
+    shutdown.cancel();
+    tracker.close();
+    tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+        .await
+        .expect("the announcer stops at shutdown");
+    let last: WatermarkMoved = next_notice(&mut notices).await;
+    assert_eq!((last.user_id, last.delivered_up_to), (cy, Some(6)));
+}
+
+/// Announces every move at once, as the merging announcer does for a quiet chat.
+fn immediate(stack: &TestStack) -> receipts::Announcer {
+    receipts::Announcer::immediate(stack.infra.nats.clone())
 }
 
 /// The next message on a notice subject within 5 s, decoded.
