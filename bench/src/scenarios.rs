@@ -826,13 +826,14 @@ impl Ctx {
             let (bench_cpu, parley_cpu, machine_cpu) =
                 (cpu_ms(me), self.stack.parley.cpu_ms(), machine_busy_ms());
             let mut lat = Vec::new();
-            let (mut firsts, mut spreads) = (Vec::new(), Vec::new());
+            let (mut firsts, mut spreads, mut answers) = (Vec::new(), Vec::new(), Vec::new());
             for i in run * k..(run + 1) * k {
                 sent.mark(i, self.clock.now_us());
                 let s = self.api.send(admin, &chat, &format!("b{i}")).await?;
                 if s != 201 {
                     bail!("channel send: {s}");
                 }
+                answers.push(self.clock.now_us().saturating_sub(sent.get(i).unwrap_or(0)) as f64);
                 wait_for(&arrivals, m, Duration::from_secs(30), |a| a.index == i).await;
                 let a = arrivals.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
                 let (first, last, got) = a
@@ -853,8 +854,9 @@ impl Ctx {
             // route to the gateway (send → first socket), the fan-out (first → last), and the
             // CPU each process spent per message (the floor's is in its own line).
             eprintln!(
-                "  run {}: {}; CPU per message: parley {} ms, bench {} ms, machine {} ms",
+                "  run {}: send→201 p50 {:.1} ms, {}; CPU per message: parley {} ms, bench {} ms, machine {} ms",
                 run + 1,
+                quantile(&mut answers, 0.5) / 1000.0,
                 fan_out_p50s(&mut firsts, &mut spreads),
                 cpu_per_message(parley_cpu, self.stack.parley.cpu_ms(), k as usize),
                 cpu_per_message(bench_cpu, cpu_ms(me), k as usize),
