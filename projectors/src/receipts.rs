@@ -13,9 +13,9 @@
 //! whole process in the channel benchmark. Their watermarks are still kept, for the receipts
 //! query. Presence draws the same line (channels make no contacts).
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parley_nats::receipts::{WatermarkMoved, announce};
 use parley_platform::seq;
@@ -245,8 +245,8 @@ impl Announcer {
     }
 
     /// Merges a chat's moves over `interval` (zero: [`Announcer::immediate`]). The task that
-    /// announces each interval's merged moves runs on `tracker`; at `shutdown` it announces
-    /// what it holds, and later moves go at once.
+    /// announces the merged moves as each chat's interval ends runs on `tracker`; at
+    /// `shutdown` it announces what it holds, and later moves go at once.
     pub fn merging(
         nats: async_nats::Client,
         interval: Duration,
@@ -256,7 +256,7 @@ impl Announcer {
         if interval.is_zero() {
             return Self::immediate(nats);
         }
-        let notices = Arc::new(Mutex::new(Notices::default()));
+        let notices = Arc::new(Mutex::new(Notices::new(interval)));
         tracker.spawn(announce_merged(
             nats.clone(),
             Arc::clone(&notices),
@@ -275,83 +275,135 @@ impl Announcer {
     async fn announce(&self, moved: Moved) {
         let now = match &self.merging {
             None => moved,
-            Some(notices) => lock(notices).offer(moved),
+            Some(notices) => lock(notices).offer(Instant::now(), moved),
         };
         publish(&self.nats, now).await;
     }
 }
 
-/// At each interval's end, announces the moves merged in it.
+/// Announces merged moves as their chats' intervals end. It looks ten times per interval:
+/// each chat keeps the phase of its own first announcement, so busy chats' notices are
+/// spread over the interval rather than sent all at once (one burst of every chat's frames
+/// a second was measurably worse for the commands' tail latency than the spread moves it
+/// replaced; docs/benchmarks.md, session 23).
 async fn announce_merged(
     nats: async_nats::Client,
     notices: Arc<Mutex<Notices>>,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut ticks = tokio::time::interval(interval);
+    let mut ticks = tokio::time::interval((interval / 10).max(Duration::from_millis(1)));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = ticks.tick() => {}
         }
-        let due = lock(&notices).interval_ended();
+        let due = lock(&notices).due(Instant::now());
         publish(&nats, due).await;
     }
     let rest = lock(&notices).close();
     publish(&nats, rest).await;
 }
 
-/// The merging state: pure, so its rules are tested without a clock.
-#[derive(Debug, Default)]
+/// The merging state: pure (the caller passes the time), so its rules are tested without a
+/// clock.
+#[derive(Debug)]
 struct Notices {
-    /// Moves waiting for the interval's end, each member's highest.
-    pending: Moved,
-    /// Chats announced in the current interval: their further moves wait.
-    spoke: HashSet<Uuid>,
+    interval: Duration,
+    /// Chats that announced within their last interval, or that have moves waiting.
+    chats: HashMap<Uuid, ChatNotices>,
     /// Shut down: nothing waits any more.
     closed: bool,
 }
 
+#[derive(Debug)]
+struct ChatNotices {
+    /// When the chat last announced: its next announcement is an interval later.
+    announced_at: Instant,
+    /// Moves waiting for that, each member's highest.
+    pending: BTreeMap<Uuid, (Option<u64>, Option<u64>)>,
+}
+
 impl Notices {
+    fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            chats: HashMap::new(),
+            closed: false,
+        }
+    }
+
     /// Takes a batch's moves; returns those to announce now. A chat that has announced
-    /// nothing in this interval announces all of the batch's moves at once.
-    fn offer(&mut self, moved: Moved) -> Moved {
+    /// nothing for an interval announces all of the batch's moves at once.
+    fn offer(&mut self, now: Instant, moved: Moved) -> Moved {
         if self.closed {
             return moved;
         }
-        let fresh: HashSet<Uuid> = moved
+        let quiet: HashSet<Uuid> = moved
             .keys()
             .map(|&(chat, _)| chat)
-            .filter(|chat| !self.spoke.contains(chat))
+            .filter(|chat| {
+                self.chats
+                    .get(chat)
+                    .is_none_or(|c| c.pending.is_empty() && now >= c.announced_at + self.interval)
+            })
             .collect();
-        let mut now = Moved::new();
-        for (key, (delivered, read)) in moved {
-            if fresh.contains(&key.0) {
-                now.insert(key, (delivered, read));
-            } else {
-                let merged = self.pending.entry(key).or_default();
+        let mut out = Moved::new();
+        for ((chat, user), (delivered, read)) in moved {
+            if quiet.contains(&chat) {
+                out.insert((chat, user), (delivered, read));
+                continue;
+            }
+            if let Some(c) = self.chats.get_mut(&chat) {
+                let merged = c.pending.entry(user).or_default();
                 merged.0 = merged.0.max(delivered);
                 merged.1 = merged.1.max(read);
             }
         }
-        self.spoke.extend(fresh);
-        now
+        for chat in quiet {
+            self.chats.insert(
+                chat,
+                ChatNotices {
+                    announced_at: now,
+                    pending: BTreeMap::new(),
+                },
+            );
+        }
+        out
     }
 
-    /// The interval ended: what waited is announced now, and its chats count as having spoken
-    /// in the next interval.
-    fn interval_ended(&mut self) -> Moved {
-        let due = std::mem::take(&mut self.pending);
-        self.spoke = due.keys().map(|&(chat, _)| chat).collect();
-        due
+    /// The moves whose chat's interval has ended, announced now (the chat's next interval
+    /// starts); chats with nothing waiting whose interval ended are quiet again.
+    fn due(&mut self, now: Instant) -> Moved {
+        let mut out = Moved::new();
+        let interval = self.interval;
+        self.chats.retain(|&chat, c| {
+            if now < c.announced_at + interval {
+                return true;
+            }
+            if c.pending.is_empty() {
+                return false;
+            }
+            for (user, marks) in std::mem::take(&mut c.pending) {
+                out.insert((chat, user), marks);
+            }
+            c.announced_at = now;
+            true
+        });
+        out
     }
 
     /// Shutting down: what waited is announced now, and nothing waits after it.
     fn close(&mut self) -> Moved {
         self.closed = true;
-        self.spoke.clear();
-        std::mem::take(&mut self.pending)
+        let mut out = Moved::new();
+        for (chat, c) in self.chats.drain() {
+            for (user, marks) in c.pending {
+                out.insert((chat, user), marks);
+            }
+        }
+        out
     }
 }
 
@@ -385,6 +437,8 @@ fn lock(notices: &Mutex<Notices>) -> std::sync::MutexGuard<'_, Notices> {
 mod tests {
     use super::*;
 
+    const INTERVAL: Duration = Duration::from_secs(1);
+
     fn moves(entries: &[(u128, u128, Option<u64>, Option<u64>)]) -> Moved {
         entries
             .iter()
@@ -392,64 +446,88 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn a_quiet_chat_announces_a_whole_batch_at_once() {
-        let mut notices = Notices::default();
-        let batch = moves(&[(1, 10, Some(3), None), (1, 11, Some(2), Some(1))]);
-        assert_eq!(notices.offer(batch.clone()), batch);
-        assert!(notices.interval_ended().is_empty());
+    fn ms(t0: Instant, ms: u64) -> Instant {
+        t0 + Duration::from_millis(ms)
     }
 
     #[test]
-    fn later_moves_in_the_interval_wait_merged_to_each_members_highest() {
-        let mut notices = Notices::default();
-        notices.offer(moves(&[(1, 10, Some(3), None)]));
-        assert!(notices.offer(moves(&[(1, 10, Some(5), None)])).is_empty());
+    fn a_quiet_chat_announces_a_whole_batch_at_once() {
+        let (mut notices, t0) = (Notices::new(INTERVAL), Instant::now());
+        let batch = moves(&[(1, 10, Some(3), None), (1, 11, Some(2), Some(1))]);
+        assert_eq!(notices.offer(t0, batch.clone()), batch);
+        assert!(notices.due(ms(t0, 1000)).is_empty());
+    }
+
+    #[test]
+    fn later_moves_wait_for_the_chats_interval_merged_to_each_members_highest() {
+        let (mut notices, t0) = (Notices::new(INTERVAL), Instant::now());
+        notices.offer(t0, moves(&[(1, 10, Some(3), None)]));
         assert!(
             notices
-                .offer(moves(&[(1, 10, Some(4), Some(2)), (1, 11, None, Some(1))]))
+                .offer(ms(t0, 100), moves(&[(1, 10, Some(5), None)]))
                 .is_empty()
         );
+        let later = moves(&[(1, 10, Some(4), Some(2)), (1, 11, None, Some(1))]);
+        assert!(notices.offer(ms(t0, 200), later).is_empty());
         // Another chat is not held up by this one.
         assert_eq!(
-            notices.offer(moves(&[(2, 10, Some(9), None)])),
+            notices.offer(ms(t0, 300), moves(&[(2, 10, Some(9), None)])),
             moves(&[(2, 10, Some(9), None)])
         );
+        assert!(
+            notices.due(ms(t0, 999)).is_empty(),
+            "the interval has not ended"
+        );
         assert_eq!(
-            notices.interval_ended(),
+            notices.due(ms(t0, 1000)),
             moves(&[(1, 10, Some(5), Some(2)), (1, 11, None, Some(1))])
         );
     }
 
     #[test]
-    fn a_chat_announced_at_an_intervals_end_waits_again_and_a_silent_one_does_not() {
-        let mut notices = Notices::default();
-        notices.offer(moves(&[(1, 10, Some(3), None), (2, 10, Some(3), None)]));
-        notices.offer(moves(&[(1, 10, Some(4), None)]));
-        assert_eq!(notices.interval_ended(), moves(&[(1, 10, Some(4), None)]));
-        // Chat 1 just spoke: its next move waits. Chat 2 said nothing in that interval.
-        assert!(notices.offer(moves(&[(1, 10, Some(5), None)])).is_empty());
-        assert_eq!(
-            notices.offer(moves(&[(2, 10, Some(6), None)])),
-            moves(&[(2, 10, Some(6), None)])
+    fn each_chat_keeps_its_own_phase() {
+        let (mut notices, t0) = (Notices::new(INTERVAL), Instant::now());
+        notices.offer(t0, moves(&[(1, 10, Some(1), None)]));
+        notices.offer(ms(t0, 500), moves(&[(2, 10, Some(1), None)]));
+        notices.offer(
+            ms(t0, 600),
+            moves(&[(1, 10, Some(2), None), (2, 10, Some(2), None)]),
         );
-        assert_eq!(notices.interval_ended(), moves(&[(1, 10, Some(5), None)]));
-        // Nothing moved in chat 1 during the last interval: it is quiet again.
-        assert!(notices.interval_ended().is_empty());
+        assert_eq!(notices.due(ms(t0, 1000)), moves(&[(1, 10, Some(2), None)]));
+        assert_eq!(notices.due(ms(t0, 1500)), moves(&[(2, 10, Some(2), None)]));
+    }
+
+    #[test]
+    fn a_chat_that_announced_at_its_intervals_end_waits_again_then_goes_quiet() {
+        let (mut notices, t0) = (Notices::new(INTERVAL), Instant::now());
+        notices.offer(t0, moves(&[(1, 10, Some(3), None)]));
+        notices.offer(ms(t0, 100), moves(&[(1, 10, Some(4), None)]));
+        assert_eq!(notices.due(ms(t0, 1000)), moves(&[(1, 10, Some(4), None)]));
+        // It just announced: its next move waits a whole interval.
+        assert!(
+            notices
+                .offer(ms(t0, 1100), moves(&[(1, 10, Some(5), None)]))
+                .is_empty()
+        );
+        assert!(notices.due(ms(t0, 1900)).is_empty());
+        assert_eq!(notices.due(ms(t0, 2000)), moves(&[(1, 10, Some(5), None)]));
+        // Nothing moved in its last interval: quiet again, and forgotten.
+        assert!(notices.due(ms(t0, 3000)).is_empty());
+        assert!(notices.chats.is_empty());
         assert_eq!(
-            notices.offer(moves(&[(1, 10, Some(7), None)])),
+            notices.offer(ms(t0, 3100), moves(&[(1, 10, Some(7), None)])),
             moves(&[(1, 10, Some(7), None)])
         );
     }
 
     #[test]
     fn closing_hands_over_what_waits_and_nothing_waits_after() {
-        let mut notices = Notices::default();
-        notices.offer(moves(&[(1, 10, Some(3), None)]));
-        notices.offer(moves(&[(1, 10, Some(4), None)]));
+        let (mut notices, t0) = (Notices::new(INTERVAL), Instant::now());
+        notices.offer(t0, moves(&[(1, 10, Some(3), None)]));
+        notices.offer(ms(t0, 100), moves(&[(1, 10, Some(4), None)]));
         assert_eq!(notices.close(), moves(&[(1, 10, Some(4), None)]));
         assert_eq!(
-            notices.offer(moves(&[(1, 10, Some(5), None)])),
+            notices.offer(ms(t0, 200), moves(&[(1, 10, Some(5), None)])),
             moves(&[(1, 10, Some(5), None)])
         );
     }
