@@ -283,9 +283,9 @@ impl Announcer {
 
 /// Announces merged moves as their chats' intervals end. It looks ten times per interval:
 /// each chat keeps the phase of its own first announcement, so busy chats' notices are
-/// spread over the interval rather than sent all at once (one burst of every chat's frames
-/// a second was measurably worse for the commands' tail latency than the spread moves it
-/// replaced; docs/benchmarks.md, session 23).
+/// spread over the interval rather than sent all at once (with one burst of every chat's
+/// frames a second, the benchmark's commands had a worse tail than with no merging at all;
+/// docs/benchmarks.md, session 23).
 async fn announce_merged(
     nats: async_nats::Client,
     notices: Arc<Mutex<Notices>>,
