@@ -816,7 +816,6 @@ impl Ctx {
             );
         }
         let k = self.sizes.channel_messages as u64;
-        let sent = SendTimes::new((k * self.runs as u64) as usize);
         let mut out = Vec::new();
         let me = std::process::id();
         for run in 0..self.runs as u64 {
@@ -828,12 +827,12 @@ impl Ctx {
             let mut lat = Vec::new();
             let (mut firsts, mut spreads, mut answers) = (Vec::new(), Vec::new(), Vec::new());
             for i in run * k..(run + 1) * k {
-                sent.mark(i, self.clock.now_us());
+                let sent_at = self.clock.now_us();
                 let s = self.api.send(admin, &chat, &format!("b{i}")).await?;
                 if s != 201 {
                     bail!("channel send: {s}");
                 }
-                answers.push(self.clock.now_us().saturating_sub(sent.get(i).unwrap_or(0)) as f64);
+                answers.push(self.clock.now_us().saturating_sub(sent_at) as f64);
                 wait_for(&arrivals, m, Duration::from_secs(30), |a| a.index == i).await;
                 let a = arrivals.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
                 let (first, last, got) = a
@@ -845,7 +844,6 @@ impl Ctx {
                 if got < m {
                     eprintln!("  message {i}: only {got} of {m} sockets within 30 s");
                 }
-                let sent_at = sent.get(i).unwrap_or(0);
                 lat.push(last.saturating_sub(sent_at) as f64);
                 firsts.push(first.saturating_sub(sent_at) as f64);
                 spreads.push(last.saturating_sub(first) as f64);

@@ -50,13 +50,12 @@ impl Default for ProjectorConfig {
             // ~5 events per transaction into ~30-100 and frees the CPU the commands need.
             linger: Duration::from_millis(20),
             out_of_order_delay: Duration::from_millis(100),
-            receipt_notice_interval: Duration::from_millis(RECEIPT_NOTICE_INTERVAL_MS),
+            // Measured (docs/benchmarks.md, session 23, 2): a quarter of a busy group's
+            // `receipt` frames, with the first of a quiet chat's as quick as before.
+            receipt_notice_interval: Duration::from_secs(1),
         }
     }
 }
-
-/// The default of [`ProjectorConfig::receipt_notice_interval`], in milliseconds.
-pub const RECEIPT_NOTICE_INTERVAL_MS: u64 = 1000;
 
 /// One projector: its name (the `projector_checkpoints` key and its durable consumer
 /// `proj-<name>`) and the stream it reads (`parley projections status`).

@@ -5,8 +5,8 @@
 //! `live.receipts.<chat_id>` notice (core NATS) for the gateways' `receipt` frames: one message
 //! per chat and member, never per recipient. A watermark that did not move (a redelivery, an
 //! older ack) announces nothing. A chat's moves are merged over an interval (the
-//! [`Announcer`]): its first moves go at once, later ones at the interval's end, each member's
-//! highest only.
+//! [`Announcer`]): a quiet chat's moves go at once, a busy chat's once an interval has passed
+//! since it last announced, each member's highest only.
 //!
 //! Channels announce nothing: every member's move shown to every member is N² frames (a
 //! 5,000-member channel whose sockets ack one message makes 25 million), which starved the
